@@ -1,0 +1,27 @@
+"""pumer_llava: training-free visual-token pruning and merging for LLaVA-family models.
+
+    from pumer_llava import apply_pumer, remove_pumer
+    apply_pumer(model, ratio=0.25)       # keep 25% of the visual tokens (PuMer recipe)
+    model.generate(**inputs)
+    model.pumer.last_stats               # tokens per layer, FLOPs, selection time
+    remove_pumer(model)
+"""
+
+from .api import apply_pumer, disabled, remove_pumer
+from .config import PumerConfig
+from .hooks.state import ReductionStats
+from .methods import METHODS, Recipe, ScoreContext, list_methods
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "METHODS",
+    "PumerConfig",
+    "Recipe",
+    "ReductionStats",
+    "ScoreContext",
+    "apply_pumer",
+    "disabled",
+    "list_methods",
+    "remove_pumer",
+]

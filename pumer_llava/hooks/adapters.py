@@ -1,0 +1,99 @@
+"""One table of what differs between architectures, keyed by ``config.model_type``.
+
+Everything model-specific that the hooks need is looked up here; no other module tests
+``model_type``. An unknown type raises a ValueError naming it and the supported ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class AttnParts:
+    """The pieces of a decoder layer that importance scoring recomputes."""
+
+    norm: nn.Module  # the pre-attention norm
+    q_proj: nn.Module
+    k_proj: nn.Module
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    scaling: float
+
+
+@dataclass(frozen=True)
+class Adapter:
+    model_type: str
+    class_name: str
+    inner: Callable[[nn.Module], nn.Module]  # sees input_ids, runs the vision tower + LLM
+    language_model: Callable[[nn.Module], nn.Module]
+    layers: Callable[[nn.Module], nn.ModuleList]
+    text_config: Callable[[object], object]
+    image_token_id: Callable[[object], int]
+    visual_tokens_per_image: Callable[[object], int]
+    attn_parts: Callable[[nn.Module, object], AttnParts]
+
+
+def _llama_style_attn(layer: nn.Module, text_config: object) -> AttnParts:
+    attn = layer.self_attn
+    n_heads = text_config.num_attention_heads
+    return AttnParts(
+        norm=layer.input_layernorm,
+        q_proj=attn.q_proj,
+        k_proj=attn.k_proj,
+        num_heads=n_heads,
+        num_kv_heads=getattr(text_config, "num_key_value_heads", None) or n_heads,
+        head_dim=attn.head_dim,
+        scaling=attn.scaling,
+    )
+
+
+def _llava_visual_tokens(config: object) -> int:
+    vc = config.vision_config
+    n = (vc.image_size // vc.patch_size) ** 2
+    return n + (1 if getattr(config, "vision_feature_select_strategy", "default") == "full" else 0)
+
+
+ADAPTERS: dict[str, Adapter] = {
+    "llava": Adapter(
+        model_type="llava",
+        class_name="LlavaForConditionalGeneration",
+        inner=lambda m: m.model,
+        language_model=lambda m: m.model.language_model,
+        layers=lambda m: m.model.language_model.layers,
+        text_config=lambda c: c.text_config,
+        image_token_id=lambda c: c.image_token_id,
+        visual_tokens_per_image=_llava_visual_tokens,
+        attn_parts=_llama_style_attn,
+    ),
+}
+
+# text backbones whose decoder layers match the Llama layout used by _llama_style_attn
+SUPPORTED_TEXT_TYPES = ("llama", "mistral", "qwen2", "vicuna")
+
+
+def get_adapter(model: nn.Module) -> Adapter:
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    supported = ", ".join(f"{a.class_name} (model_type={k!r})" for k, a in ADAPTERS.items())
+    if model_type not in ADAPTERS:
+        raise ValueError(
+            f"unsupported model {type(model).__name__} (model_type={model_type!r}); supported: {supported}"
+        )
+    adapter = ADAPTERS[model_type]
+    if type(model).__name__ != adapter.class_name:
+        raise ValueError(
+            f"unsupported model class {type(model).__name__}; pumer_llava patches the generation class, "
+            f"supported: {supported}"
+        )
+    text_type = getattr(adapter.text_config(config), "model_type", None)
+    if text_type not in SUPPORTED_TEXT_TYPES:
+        raise ValueError(
+            f"unsupported text backbone {text_type!r} inside {type(model).__name__}; "
+            f"supported: {', '.join(SUPPORTED_TEXT_TYPES)}"
+        )
+    return adapter

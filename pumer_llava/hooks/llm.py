@@ -1,0 +1,538 @@
+"""Forward hooks that reduce visual tokens inside the language model.
+
+Flow of one prefill (DESIGN.md section 3):
+
+1. ``inner`` pre-hook (LlavaModel): finds each sample's visual tokens from ``input_ids``,
+   plans the cascade, opens a fresh :class:`CallState`, and makes sure a cache object exists
+   so later forwards can be matched to this reduction.
+2. decoder-layer pre-hooks: at a reducing layer, score, prune and merge the visual tokens,
+   shrink ``hidden_states``, and gather position embeddings, position ids and the mask with
+   the kept indices; every later layer gets the gathered kwargs of its stage (the decoder
+   loop hands every layer the same full-length ones).
+3. ``inner`` forward hook: stores a :class:`Record` keyed by the cache (which full positions
+   each layer's cache holds), writes ``last_stats``, and scatters the reduced last hidden
+   state back to full length when the caller wants logits beyond the last position.
+
+A later forward on the same cache (decode, or the next turn of a conversation) is an
+"extend": each layer's full-length mask is mapped onto the columns its cache holds.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache, DynamicCache
+
+from ..methods import ScoreContext
+from ..reduce import bipartite_merge, decoder_flops, plan_stages
+from ..reduce.scoring import apply_rope, mean_over_rows, query_row_attention
+from .state import CallState, PumerState, Record, ReductionStats
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _now(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def _take(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Gather dim 1 of t (b0, N, ...) with idx (B, N'), broadcasting a batch of 1."""
+    idx = idx.to(t.device)
+    t = t.expand(idx.shape[0], *t.shape[1:])
+    if t.ndim == 2:
+        return t.gather(1, idx)
+    return t.gather(1, idx.view(*idx.shape, *([1] * (t.ndim - 2))).expand(-1, -1, *t.shape[2:]))
+
+
+def _split_visual(is_vis: torch.Tensor, n_vis: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the non-visual and visual tokens of each row, each ascending."""
+    order = torch.argsort(is_vis.to(torch.int8), dim=1, stable=True)  # (B, N)
+    return order[:, : is_vis.shape[1] - n_vis], order[:, is_vis.shape[1] - n_vis :]
+
+
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+    return mask.to(dtype)
+
+
+def _gather_mask(mask: Any, pos: torch.Tensor, valid: torch.Tensor, log_size: torch.Tensor | None, dtype) -> Any:
+    """The prefill mask for the tokens at full positions ``pos`` (B, N')."""
+    bsz, n = pos.shape
+    if mask is None:
+        if log_size is None:
+            return None  # sdpa's is_causal path: still causal after removing tokens
+        idx = torch.arange(n, device=pos.device)
+        allowed = (idx[None, :] <= idx[:, None])[None] & valid[:, None, :].to(pos.device)  # (B, N', N')
+        return _additive(allowed[:, None], dtype) + log_size[:, None, None, :].to(dtype)
+    if mask.ndim == 2:  # flash attention keeps the 2-D padding mask
+        return mask.gather(1, pos.to(mask.device))
+    m = mask.expand(bsz, *mask.shape[1:])
+    p = pos.to(m.device)
+    h = m.shape[1]
+    m = m.gather(2, p[:, None, :, None].expand(bsz, h, n, m.shape[3]))  # rows
+    m = m.gather(3, p[:, None, None, :].expand(bsz, h, n, n))  # columns
+    if log_size is not None:
+        m = _additive(m, dtype) + log_size[:, None, None, :].to(m.device, dtype)
+    return m
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def _query_rows(call: CallState, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, R) indices of the query rows and (B, R) validity, in current coordinates."""
+    if kind == "last_token_attention":
+        n = call.pos.shape[1]
+        last = (call.valid.long() * torch.arange(n, device=call.pos.device)).argmax(1)  # (B,)
+        return last[:, None], torch.ones_like(last[:, None], dtype=torch.bool)
+    text = call.valid & ~call.is_vis
+    after = text & (call.pos > call.last_vis[:, None])
+    # a prompt that ends with its image has no question after it: use all its text
+    rows_mask = torch.where(after.any(1, keepdim=True), after, text)
+    count = rows_mask.sum(1)
+    r = max(int(count.max()), 1)
+    order = torch.argsort((~rows_mask).to(torch.int8), dim=1, stable=True)[:, :r]
+    return order, torch.arange(r, device=order.device)[None, :] < count[:, None]
+
+
+def _attention_scores(state: PumerState, call: CallState, module, hs: torch.Tensor, kw: dict, kind: str):
+    """(B, N) mean attention the query rows give every current token (layer's own q/k/RoPE)."""
+    parts = state.adapter.attn_parts(module, state.adapter.text_config(state.model_config))
+    w = parts.q_proj.weight
+    if w.device.type == "meta":
+        raise RuntimeError(
+            "the reducing layer's weights are offloaded (meta device) when its pre-hook runs; "
+            "pumer_llava cannot score tokens on offloaded layers: keep reducing layers on a device"
+        )
+    dev = w.device
+    x = parts.norm(hs.to(dev))  # (B, N, d)
+    bsz, n, d = x.shape
+    rows, row_valid = _query_rows(call, kind)
+    rows, row_valid = rows.to(dev), row_valid.to(dev)
+    r = rows.shape[1]
+    xq = x.gather(1, rows[..., None].expand(-1, -1, d))  # (B, R, d)
+    q = parts.q_proj(xq).view(bsz, r, parts.num_heads, parts.head_dim).transpose(1, 2)  # (B, H, R, hd)
+    k = parts.k_proj(x).view(bsz, n, parts.num_kv_heads, parts.head_dim).transpose(1, 2)  # (B, Hkv, N, hd)
+    cos, sin = kw["position_embeddings"]
+    cos, sin = cos.to(dev).expand(bsz, -1, -1), sin.to(dev).expand(bsz, -1, -1)
+    q = apply_rope(q, _take(cos, rows), _take(sin, rows))
+    k = apply_rope(k, cos, sin)
+    key_idx = torch.arange(n, device=dev)
+    valid = call.valid.to(dev)
+    allowed = (key_idx[None, None, :] <= rows[:, :, None]) & valid[:, None, :] & row_valid[:, :, None]
+    key_bias = call.size.to(dev).log() if (state.prop_attn and call.merged) else None
+    probs = query_row_attention(q, k, allowed, parts.scaling, key_bias)  # (B, H, R, N)
+    hq, hkv, hd = parts.num_heads * parts.head_dim, parts.num_kv_heads * parts.head_dim, parts.head_dim
+    call.score_flops += bsz * (r * d * hq + n * d * hkv + parts.num_heads * r * n * hd)
+    return mean_over_rows(probs, row_valid).to(hs.device)
+
+
+def _random_scores(state: PumerState, call: CallState, n: int, device) -> torch.Tensor:
+    # Seeded by the sample's own (unpadded) ids: the same prompt gets the same choice
+    # whatever batch it is in, so beams and padded batches agree with single samples.
+    out = []
+    for b in range(call.input_ids.shape[0]):
+        ids = call.input_ids[b][call.valid_full[b]].tolist()
+        g = torch.Generator().manual_seed(hash((state.config.seed, len(ids), tuple(ids))) & (2**62 - 1))
+        out.append(torch.rand(n, generator=g))
+    return torch.stack(out).to(device)
+
+
+def _score(state: PumerState, call: CallState, module, layer: int, stage: int, hs: torch.Tensor, kw: dict):
+    """(B, n_vis) scores of the current visual tokens for ``stage``: higher = keep."""
+    scorer = state.recipe.scorer
+    n_vis = int(call.is_vis[0].sum())
+    _, vis_idx = _split_visual(call.is_vis, n_vis)
+    if callable(scorer):
+        positions = call.pos.gather(1, vis_idx)
+        ctx = ScoreContext(
+            layer=state.layers[stage],
+            stage=stage,
+            hidden=hs.gather(1, vis_idx.to(hs.device)[..., None].expand(-1, -1, hs.shape[-1])),
+            positions=positions,
+            patch_index=positions - call.vis_start[:, None],
+            input_ids=call.input_ids,
+            keep=n_vis - call.plans[stage].prune,
+        )
+        scores = scorer(ctx)
+        if tuple(scores.shape) != tuple(vis_idx.shape):
+            raise ValueError(f"custom scorer returned shape {tuple(scores.shape)}, expected {tuple(vis_idx.shape)}")
+        return scores.to(vis_idx.device).float()
+    if scorer == "random":
+        return _random_scores(state, call, n_vis, vis_idx.device)
+    scores = _attention_scores(state, call, module, hs, kw, scorer)
+    return scores.gather(1, vis_idx.to(scores.device))
+
+
+# ----------------------------------------------------------------------------- reduction
+
+
+def _reduce(state: PumerState, call: CallState, module, layer: int, stage: int, hs: torch.Tensor, scores):
+    plan = call.plans[stage]
+    bsz, n, d = hs.shape
+    nonvis_idx, vis_idx = _split_visual(call.is_vis, plan.n_in)  # (B, N - n_in), (B, n_in)
+    n_keep = plan.n_in - plan.prune
+    top = scores.topk(n_keep, dim=1).indices.sort(dim=1).values
+    kept = vis_idx.gather(1, top.to(vis_idx.device))  # (B, n_keep) current indices
+    size = call.size
+    if plan.merge:
+        parts = state.adapter.attn_parts(module, state.adapter.text_config(state.model_config))
+        dev = parts.k_proj.weight.device
+        xv = _take(hs, kept).to(dev)  # (B, n_keep, d)
+        with torch.no_grad():
+            metric = parts.k_proj(parts.norm(xv)).view(bsz, n_keep, parts.num_kv_heads, parts.head_dim).mean(2)
+        res = bipartite_merge(xv, metric, size.gather(1, kept).to(dev), plan.merge)
+        kept_final = kept.gather(1, res.keep.to(kept.device))
+        hs = hs.scatter(1, kept_final.to(hs.device)[..., None].expand(-1, -1, d), res.x.to(hs.device, hs.dtype))
+        size = size.scatter(1, kept_final, res.size.to(size.device, size.dtype))
+        call.merged = True
+        call.score_flops += bsz * n_keep * d * parts.num_kv_heads * parts.head_dim
+    else:
+        kept_final = kept
+    sel = torch.cat([nonvis_idx, kept_final], dim=1).sort(dim=1).values  # (B, N')
+    hs = _take(hs, sel)
+    call.pos = call.pos.gather(1, sel)
+    call.is_vis = call.is_vis.gather(1, sel)
+    call.valid = call.valid.gather(1, sel)
+    call.size = size.gather(1, sel)
+    call.kept[layer] = call.pos.gather(1, _split_visual(call.is_vis, plan.n_out)[1])
+    return hs
+
+
+def _stage_kwargs(state: PumerState, call: CallState, kwargs: dict, dtype) -> dict:
+    """Gather the full-length kwargs of the decoder loop for the tokens now present."""
+    out = {}
+    pe = kwargs.get("position_embeddings")
+    if pe is not None:
+        out["position_embeddings"] = tuple(_take(t, call.pos) for t in pe)
+    pid = kwargs.get("position_ids")
+    if pid is not None:
+        out["position_ids"] = _take(pid, call.pos)
+    log_size = call.size.log() if (state.prop_attn and call.merged) else None
+    out["attention_mask"] = _gather_mask(kwargs.get("attention_mask"), call.pos, call.valid, log_size, dtype)
+    return out
+
+
+# ----------------------------------------------------------------------------- hooks
+
+
+def layer_pre_hook(state: PumerState, layer: int):
+    def hook(module, args, kwargs):
+        call = state.call
+        if call is None or not call.active:
+            return None
+        if call.mode == "extend":
+            return _extend_layer(call, layer, args, kwargs)
+        hs = args[0] if args else kwargs["hidden_states"]
+        stage = call.stage_of_layer.get(layer)
+        if stage is not None:
+            t0 = _now(hs.device)
+            kw = call.stage_kw or kwargs
+            scores = call.pending_scores.pop(stage, None)
+            if scores is None:
+                scores = _score(state, call, module, layer, stage, hs, kw)
+            hs = _reduce(state, call, module, layer, stage, hs, scores)
+            call.stage_kw = _stage_kwargs(state, call, kwargs, hs.dtype)
+            call.stage_pos.append((call.pos, call.size.log() if (state.prop_attn and call.merged) else None))
+            call.select_seconds += _now(hs.device) - t0
+        later = call.score_at.get(layer)
+        if later is not None:  # FastV-style: score from this layer's input, drop later
+            t0 = _now(hs.device)
+            call.pending_scores[later] = _score(state, call, module, layer, later, hs, call.stage_kw or kwargs)
+            call.select_seconds += _now(hs.device) - t0
+        call.tokens_per_layer[layer] = call.valid.sum(1)
+        call.vis_per_layer[layer] = (call.is_vis & call.valid).sum(1)
+        if call.stage_kw is None:
+            return None
+        if args:
+            args = (hs, *args[1:])
+        else:
+            kwargs["hidden_states"] = hs
+        return args, {**kwargs, **call.stage_kw}
+
+    return hook
+
+
+def _extend_layer(call: CallState, layer: int, args, kwargs):
+    stage = call.record.layer_stage[layer]
+    if stage < 0:
+        return None
+    if stage not in call.ext_mask:
+        hs = args[0] if args else kwargs["hidden_states"]
+        call.ext_mask[stage] = _extend_mask(call, stage, kwargs.get("attention_mask"), hs.dtype)
+    return args, {**kwargs, "attention_mask": call.ext_mask[stage]}
+
+
+def _extend_mask(call: CallState, stage: int, mask: Any, dtype) -> Any:
+    cols = call.ext_cols[stage]  # (B, K) full positions held by this stage's caches + new
+    log_size = call.ext_logsize[stage]
+    bsz, k = cols.shape
+    q = call.new_pos.shape[0]
+    if mask is None:
+        if log_size is None:
+            return None
+        key_valid = call.mask2d.gather(1, cols) if call.mask2d is not None else torch.ones_like(cols, dtype=torch.bool)
+        allowed = (cols[:, None, :] <= call.new_pos[None, :, None]) & key_valid[:, None, :]  # (B, q, K)
+        return _additive(allowed[:, None], dtype) + log_size[:, None, None, :].to(dtype)
+    if mask.ndim == 2:
+        return mask.gather(1, cols.to(mask.device))
+    m = mask.expand(bsz, *mask.shape[1:])
+    m = m.gather(3, cols.to(m.device)[:, None, None, :].expand(bsz, m.shape[1], m.shape[2], k))
+    if log_size is not None:
+        m = _additive(m, dtype) + log_size[:, None, None, :].to(m.device, dtype)
+    return m
+
+
+def _resolve_use_cache(state: PumerState, kwargs: dict) -> bool:
+    use_cache = kwargs.get("use_cache")
+    if use_cache is None:
+        use_cache = getattr(state.adapter.text_config(state.model_config), "use_cache", True)
+    return bool(use_cache)
+
+
+def inner_pre_hook(state: PumerState):
+    def hook(module, args, kwargs):
+        state.call = None
+        if not state.enabled:
+            return None
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        cache = kwargs.get("past_key_values")
+        if isinstance(cache, Cache) and getattr(cache, "is_compileable", False):
+            raise ValueError(
+                f"pumer_llava does not support {type(cache).__name__} (a static, fixed-length cache): reduced "
+                "layers hold fewer tokens than the cache preallocates. Use the default DynamicCache "
+                "(generate(..., cache_implementation=None))."
+            )
+        record = state.records.get(cache) if cache is not None else None
+        image_id = state.adapter.image_token_id(state.model_config)
+        if input_ids is None:
+            if record is not None:
+                q = kwargs["inputs_embeds"].shape[1]
+                state.call = _open_extend(state, record, cache, q, kwargs)
+            elif kwargs.get("pixel_values") is not None:
+                raise ValueError("pumer_llava finds the visual tokens from input_ids: pass input_ids, not inputs_embeds")
+            return None
+        vis = input_ids == image_id
+        has_images = bool(vis.any())
+        if record is not None:
+            if has_images:
+                raise NotImplementedError(
+                    "new image tokens in a forward that continues a reduced cache: start a new conversation "
+                    "(a fresh cache) for a new image"
+                )
+            state.call = _open_extend(state, record, cache, input_ids.shape[1], kwargs)
+            return None
+        if not has_images:
+            return None
+        if cache is not None and cache.get_seq_length() > 0:
+            raise ValueError(
+                "image tokens arrive on a cache that pumer_llava did not build (made before apply_pumer or "
+                "under disabled()): start from an empty cache"
+            )
+        call = _open_prefill(state, input_ids, vis, kwargs)
+        state.call = call
+        if call.mode == "prefill" and cache is None and _resolve_use_cache(state, kwargs):
+            # own the cache object, so the next forward on it can be recognised
+            cache = DynamicCache(config=state.adapter.text_config(state.model_config))
+            kwargs["past_key_values"] = cache
+        call.cache = cache
+        return args, kwargs
+
+    return hook
+
+
+def _open_prefill(state: PumerState, input_ids: torch.Tensor, vis: torch.Tensor, kwargs: dict) -> CallState:
+    bsz, n0 = input_ids.shape
+    mask2d = kwargs.get("attention_mask")
+    valid = mask2d.bool() if (mask2d is not None and mask2d.ndim == 2) else torch.ones_like(vis)
+    valid = valid.to(vis.device)
+    counts = vis.sum(1)
+    if bool((counts != counts[0]).any()):
+        raise NotImplementedError(
+            f"samples in this batch carry different numbers of visual tokens ({counts.tolist()}); "
+            "batch samples with the same number of images"
+        )
+    total = int(counts[0])
+    cfg = state.config
+    keep = cfg.keep_tokens if cfg.keep_tokens is not None else max(1, round(total * cfg.ratio))
+    if keep > total:
+        raise ValueError(f"keep_tokens={keep} is larger than the visual span of this input ({total} tokens)")
+    last_vis = n0 - 1 - vis.flip(1).to(torch.int8).argmax(1)
+    call = CallState(
+        mode="prefill" if keep < total else "off",
+        input_ids=input_ids,
+        pos=torch.arange(n0, device=vis.device).expand(bsz, n0),
+        is_vis=vis,
+        is_vis_full=vis,
+        size=torch.ones(bsz, n0, device=vis.device),
+        valid=valid,
+        valid_full=valid,
+        vis_start=vis.to(torch.int8).argmax(1),
+        last_vis=last_vis,
+        logits_to_keep=state.pending_logits_to_keep,
+        n_total=total,
+    )
+    if call.mode == "off":
+        state.last_stats = _stats_unreduced(state, call)
+        return call
+    call.plans = plan_stages(total, keep, len(state.layers), state.merge_share)
+    call.stage_of_layer = {layer: s for s, layer in enumerate(state.layers)}
+    if state.recipe.score_offset:
+        call.score_at = {layer + state.recipe.score_offset: s for s, layer in enumerate(state.layers)}
+    return call
+
+
+def _open_extend(state: PumerState, record: Record, cache, q: int, kwargs: dict) -> CallState:
+    if cache.get_seq_length() != record.n_full:
+        raise RuntimeError(
+            f"the cache holds {cache.get_seq_length()} positions in its first layer but pumer_llava recorded "
+            f"{record.n_full}: it was changed outside generate (cropped or reordered), which a reduced cache "
+            "cannot follow"
+        )
+    dev = record.stage_cols[0].device if record.stage_cols else torch.device("cpu")
+    new_pos = torch.arange(record.n_full, record.n_full + q, device=dev)
+    bsz = record.stage_cols[0].shape[0] if record.stage_cols else 1
+    mask2d = kwargs.get("attention_mask")
+    call = CallState(mode="extend", record=record, new_pos=new_pos)
+    call.mask2d = mask2d.bool().to(dev) if (mask2d is not None and mask2d.ndim == 2) else None
+    for s, cols in enumerate(record.stage_cols):
+        call.ext_cols[s] = torch.cat([cols, new_pos.expand(bsz, q)], dim=1)
+        ls = record.stage_logsize[s]
+        call.ext_logsize[s] = None if ls is None else torch.cat([ls, ls.new_zeros(bsz, q)], dim=1)
+    return call
+
+
+def inner_post_hook(state: PumerState):
+    def hook(module, args, kwargs, output):
+        call = state.call
+        if call is None or not call.active:
+            return None
+        call.active = False
+        if call.mode == "extend":
+            rec = call.record
+            rec.stage_cols = [call.ext_cols[s] for s in range(len(rec.stage_cols))]
+            rec.stage_logsize = [call.ext_logsize[s] for s in range(len(rec.stage_logsize))]
+            rec.n_full += call.new_pos.shape[0]
+            return None
+        if call.mode != "prefill":
+            return None
+        n_layers = len(state.adapter.layers(state.model))
+        layer_stage, s = [], -1
+        for layer in range(n_layers):
+            if layer in call.stage_of_layer:
+                s = call.stage_of_layer[layer]
+            layer_stage.append(s)
+        if call.cache is not None:
+            state.records[call.cache] = Record(
+                layer_stage=layer_stage,
+                stage_cols=[p for p, _ in call.stage_pos],
+                stage_logsize=[ls for _, ls in call.stage_pos],
+                n_full=call.input_ids.shape[1],
+            )
+        state.last_stats = _stats_reduced(state, call)
+        return _scatter_back(call, output)
+
+    return hook
+
+
+def _scatter_back(call: CallState, output):
+    """Put the reduced last hidden state back at its full-length positions (zeros elsewhere)."""
+    h = output.last_hidden_state  # (B, N', d)
+    bsz, n0 = call.input_ids.shape
+    k = call.logits_to_keep
+    if isinstance(k, int) and 0 < k <= h.shape[1]:
+        tail = torch.arange(n0 - k, n0, device=call.pos.device)
+        if bool((call.pos[:, -k:] == tail).all()):
+            return None  # the caller only reads the last k positions, which are all kept
+    full = h.new_zeros(bsz, n0, h.shape[-1])
+    full.scatter_(1, call.pos.to(h.device)[..., None].expand(-1, -1, h.shape[-1]), h)
+    output.last_hidden_state = full
+    return output
+
+
+def top_pre_hook(state: PumerState):
+    def hook(module, args, kwargs):
+        state.pending_logits_to_keep = kwargs.get("logits_to_keep", 0)
+        return None
+
+    return hook
+
+
+def top_post_hook(state: PumerState):
+    def hook(module, args, kwargs, output):
+        call = state.call
+        labels = kwargs.get("labels")
+        if labels is None or call is None or call.mode != "prefill" or output.logits is None:
+            return None
+        if output.logits.shape[1] != labels.shape[1]:
+            return None
+        # Logits at removed positions are not the model's prediction: never score them.
+        present = torch.zeros_like(labels, dtype=torch.bool)
+        present.scatter_(1, call.pos.to(labels.device), True)
+        masked = labels.clone()
+        masked[:, 1:] = masked[:, 1:].masked_fill(~present[:, :-1], -100)
+        output.loss = module.loss_function(
+            logits=output.logits, labels=masked, vocab_size=state.adapter.text_config(state.model_config).vocab_size
+        )
+        return output
+
+    return hook
+
+
+# ----------------------------------------------------------------------------- stats
+
+
+def _dims(state: PumerState) -> tuple[int, int]:
+    tc = state.adapter.text_config(state.model_config)
+    return tc.hidden_size, tc.intermediate_size
+
+
+def _stats_unreduced(state: PumerState, call: CallState) -> ReductionStats:
+    n_layers = len(state.adapter.layers(state.model))
+    valid_n = call.valid.sum(1).tolist()
+    d, m = _dims(state)
+    flops = sum(decoder_flops([n] * n_layers, d, m) for n in valid_n)
+    bsz = len(valid_n)
+    return ReductionStats(
+        visual_tokens_total=[call.n_total] * bsz,
+        visual_tokens_per_layer=[[call.n_total] * bsz for _ in range(n_layers)],
+        tokens_per_layer=[list(valid_n) for _ in range(n_layers)],
+        kept_positions={},
+        kept_patches={},
+        flops=flops,
+        flops_unreduced=flops,
+        select_seconds=0.0,
+        reducing_layers=[],
+    )
+
+
+def _stats_reduced(state: PumerState, call: CallState) -> ReductionStats:
+    # layers before the first hooked one see the unreduced sequence
+    n_layers = len(state.adapter.layers(state.model))
+    full_tokens, full_vis = call.valid_full.sum(1), (call.is_vis_full & call.valid_full).sum(1)
+    tokens = torch.stack([call.tokens_per_layer.get(i, full_tokens) for i in range(n_layers)]).tolist()  # (L, B)
+    vis = torch.stack([call.vis_per_layer.get(i, full_vis) for i in range(n_layers)]).tolist()
+    d, m = _dims(state)
+    bsz = call.input_ids.shape[0]
+    valid_n = call.valid_full.sum(1).tolist()
+    flops = sum(decoder_flops([tokens[layer][b] for layer in range(len(tokens))], d, m) for b in range(bsz))
+    flops_full = sum(decoder_flops([valid_n[b]] * len(tokens), d, m) for b in range(bsz))
+    kept = {layer: p.tolist() for layer, p in call.kept.items()}
+    patches = {layer: (p - call.vis_start[:, None]).tolist() for layer, p in call.kept.items()}
+    return ReductionStats(
+        visual_tokens_total=[call.n_total] * bsz,
+        visual_tokens_per_layer=vis,
+        tokens_per_layer=tokens,
+        kept_positions=kept,
+        kept_patches=patches,
+        flops=flops + call.score_flops,
+        flops_unreduced=flops_full,
+        select_seconds=call.select_seconds,
+        reducing_layers=list(state.layers),
+    )

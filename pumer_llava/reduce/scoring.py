@@ -1,0 +1,58 @@
+"""Importance scores from the attention a few query rows give every key.
+
+The layer's own attention weights are never materialised (``sdpa`` and flash attention
+return none): the hooks recompute only the query rows that matter (the question's tokens
+for PuMer, the last prompt token for FastV, the [CLS] for VisPruner) with the layer's own
+norm, q/k projections and RoPE, and this module turns them into probabilities.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding in the half-split layout used by Llama, Qwen2 and Mistral.
+
+    x: (B, H, T, hd); cos, sin: (B, T, hd).
+    """
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, hd)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def query_row_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    allowed: torch.Tensor,
+    scaling: float,
+    key_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Softmax attention probabilities of R query rows over N keys, in float32.
+
+    q: (B, H, R, hd) queries (RoPE applied); k: (B, Hkv, N, hd) keys (RoPE applied), with
+    H a multiple of Hkv (grouped-query attention: head h reads kv head h // (H / Hkv), as
+    transformers' ``repeat_kv`` does); allowed: (B, R, N) bool, which keys each row may see
+    (causality and padding); key_bias: (B, N) additive logit bias, e.g. log token sizes for
+    proportional attention. Rows with no allowed key come out as zeros.
+    Returns (B, H, R, N).
+    """
+    n_rep = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(n_rep, dim=1) if n_rep > 1 else k  # (B, H, N, hd)
+    logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scaling  # (B, H, R, N)
+    if key_bias is not None:
+        logits = logits + key_bias.float()[:, None, None, :]
+    neg = torch.finfo(logits.dtype).min
+    logits = logits.masked_fill(~allowed[:, None], neg)
+    probs = logits.softmax(dim=-1)
+    return probs * allowed.any(-1)[:, None, :, None]  # zero rows that see nothing
+
+
+def mean_over_rows(probs: torch.Tensor, row_valid: torch.Tensor) -> torch.Tensor:
+    """Average attention over heads and valid query rows.
+
+    probs: (B, H, R, N); row_valid: (B, R) bool. Returns (B, N).
+    """
+    per_row = probs.mean(dim=1)  # (B, R, N)
+    w = row_valid.to(per_row.dtype)
+    return (per_row * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp_min(1.0)

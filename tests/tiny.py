@@ -1,0 +1,80 @@
+"""Tiny LLaVA models built from a config (no download), shared by the tests."""
+
+from __future__ import annotations
+
+import torch
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, Qwen2Config
+
+IMAGE_TOKEN = 3
+PAD = 0
+VOCAB = 64
+IMAGE_SIZE, PATCH = 32, 8
+N_VIS = (IMAGE_SIZE // PATCH) ** 2  # 16 visual tokens per image
+
+
+def text_config(kind: str, layers: int = 6):
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+        pad_token_id=PAD,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    if kind == "llama":
+        return LlamaConfig(num_key_value_heads=4, **common)
+    if kind == "qwen2":  # grouped-query attention, q/k/v biases
+        return Qwen2Config(num_key_value_heads=2, **common)
+    raise ValueError(kind)
+
+
+def tiny_llava(kind: str = "llama", attn: str = "sdpa", layers: int = 6, seed: int = 0) -> LlavaForConditionalGeneration:
+    torch.manual_seed(seed)
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=IMAGE_SIZE,
+        patch_size=PATCH,
+        projection_dim=32,
+    )
+    cfg = LlavaConfig(
+        vision_config=vision,
+        text_config=text_config(kind, layers),
+        image_token_id=IMAGE_TOKEN,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    cfg._attn_implementation = attn
+    model = LlavaForConditionalGeneration(cfg)
+    model.set_attn_implementation(attn) if hasattr(model, "set_attn_implementation") else None
+    # larger random weights make attention peaky, so different selections give different logits
+    with torch.no_grad():
+        for p in model.model.language_model.parameters():
+            if p.ndim == 2:
+                p.mul_(3.0)
+    model.generation_config.pad_token_id = PAD
+    model.generation_config.eos_token_id = None
+    return model.eval()
+
+
+def make_inputs(prefix_lens=(3,), suffix_lens=(5,), seed: int = 0, images: int = 1):
+    """Left-padded batch: [pad..] prefix <image>*N_VIS suffix, one image per sample."""
+    g = torch.Generator().manual_seed(seed)
+    seqs = []
+    for pre, suf in zip(prefix_lens, suffix_lens):
+        a = torch.randint(4, VOCAB, (pre,), generator=g)
+        b = torch.randint(4, VOCAB, (suf,), generator=g)
+        seqs.append(torch.cat([a, torch.full((N_VIS * images,), IMAGE_TOKEN), b]))
+    n = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), n), PAD)
+    mask = torch.zeros(len(seqs), n, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, n - len(s) :] = s
+        mask[i, n - len(s) :] = 1
+    pixel = torch.randn(len(seqs) * images, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g)
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixel}
