@@ -52,11 +52,11 @@ def tiny_llava(kind: str = "llama", attn: str = "sdpa", layers: int = 6, seed: i
     cfg._attn_implementation = attn
     model = LlavaForConditionalGeneration(cfg)
     model.set_attn_implementation(attn) if hasattr(model, "set_attn_implementation") else None
-    # larger random weights make attention peaky, so different selections give different logits
+    # sharper attention, so that different selections give clearly different logits
     with torch.no_grad():
-        for p in model.model.language_model.parameters():
-            if p.ndim == 2:
-                p.mul_(3.0)
+        for layer in model.model.language_model.layers:
+            layer.self_attn.q_proj.weight.mul_(4.0)
+            layer.self_attn.k_proj.weight.mul_(4.0)
     model.generation_config.pad_token_id = PAD
     model.generation_config.eos_token_id = None
     return model.eval()

@@ -47,15 +47,17 @@ def bipartite_merge(x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor, r
     src_a, unm_a = order[:, :r], order[:, r:]  # indices into A
     dst_b = node_idx.gather(1, src_a)  # (B, r) indices into B
 
-    xs = x.float() * size.float()[..., None]  # (B, n, d) size-weighted values
+    acc = torch.promote_types(x.dtype, torch.float32)  # half inputs are averaged in float32
+    xf, sf = x.to(acc), size.to(acc)
+    xs = xf * sf[..., None]  # (B, n, d) size-weighted values
     xb = xs[:, b_idx].clone()  # (B, nb, d)
-    sb = size.float()[:, b_idx].clone()  # (B, nb)
+    sb = sf[:, b_idx].clone()  # (B, nb)
     src_x = xs[:, a_idx].gather(1, src_a[..., None].expand(-1, -1, d))
     xb.scatter_add_(1, dst_b[..., None].expand(-1, -1, d), src_x)
-    sb.scatter_add_(1, dst_b, size.float()[:, a_idx].gather(1, src_a))
+    sb.scatter_add_(1, dst_b, sf[:, a_idx].gather(1, src_a))
 
-    x_new = x.float().clone()
-    size_new = size.float().clone()
+    x_new = xf.clone()
+    size_new = sf.clone()
     x_new[:, b_idx] = xb / sb[..., None]
     size_new[:, b_idx] = sb
     keep = torch.cat([a_idx[unm_a], b_idx.expand(bsz, -1)], dim=1).sort(dim=1).values  # (B, n - r)

@@ -1,0 +1,286 @@
+"""Equivalence properties of the patched model, one body over several text backbones.
+
+Every test runs on tiny LLaVA models built from a config (tests/tiny.py), no download.
+"""
+
+import pytest
+import torch
+
+from pumer_llava import Recipe, apply_pumer, disabled, remove_pumer
+from pumer_llava.reduce import plan_stages
+from tiny import N_VIS, make_inputs, tiny_llava
+
+BACKBONES = ["llama", "qwen2"]  # qwen2: grouped-query attention, q/k/v biases
+ATTN = ["sdpa", "eager"]
+GEN = dict(do_sample=False, max_new_tokens=6)
+
+
+def _alone(inp, i):
+    keep = inp["attention_mask"][i].bool()
+    return {
+        "input_ids": inp["input_ids"][i : i + 1, keep],
+        "attention_mask": inp["attention_mask"][i : i + 1, keep],
+        "pixel_values": inp["pixel_values"][i : i + 1],
+    }
+
+
+def _count_layer_inputs(model):
+    seen, handles = {}, []
+    for i, layer in enumerate(model.model.language_model.layers):
+        def pre(mod, args, kwargs, i=i):
+            seen[i] = args[0].shape[1]
+        handles.append(layer.register_forward_pre_hook(pre, with_kwargs=True))
+    return seen, handles
+
+
+@pytest.mark.parametrize("attn", ATTN)
+@pytest.mark.parametrize("kind", BACKBONES)
+def test_ratio_one_and_remove_equal_unpatched(kind, attn):
+    model = tiny_llava(kind, attn)
+    inp = make_inputs((3, 6), (5, 2))
+    with torch.no_grad():
+        ref = model(**inp).logits
+        ref_gen = model.generate(**inp, **GEN)
+        apply_pumer(model, ratio=1.0)
+        out = model(**inp).logits
+        assert (out - ref).abs().max().item() <= 1e-5
+        assert torch.equal(model.generate(**inp, **GEN), ref_gen)
+        assert model.pumer.last_stats.visual_tokens_per_layer[-1] == [N_VIS, N_VIS]
+
+        apply_pumer(model, ratio=0.25)
+        reduced = model(**inp).logits
+        assert (reduced[:, -1] - ref[:, -1]).abs().max().item() > 1e-3  # reduction changes the answer
+        remove_pumer(model)
+        assert not hasattr(model, "pumer")
+        assert (model(**inp).logits - ref).abs().max().item() <= 1e-5
+        assert torch.equal(model.generate(**inp, **GEN), ref_gen)
+
+
+@pytest.mark.parametrize("method", ["pumer", "fastv", "random"])
+@pytest.mark.parametrize("kind", BACKBONES)
+def test_every_layer_holds_the_scheduled_count(kind, method):
+    model = tiny_llava(kind)
+    inp = make_inputs((3, 6), (5, 2))
+    apply_pumer(model, ratio=0.25, method=method)
+    layers = model.pumer.layers
+    plans = plan_stages(N_VIS, 4, len(layers), model.pumer.merge_share)
+    seen, handles = _count_layer_inputs(model)
+    with torch.no_grad():
+        model(**inp)
+    for h in handles:
+        h.remove()
+    stats = model.pumer.last_stats
+    n_text = inp["input_ids"].shape[1] - N_VIS  # padded length minus the visual span
+    expect_vis, stage = [], -1
+    for i in range(len(seen)):
+        if i in layers:
+            stage = layers.index(i)
+        expect_vis.append(N_VIS if stage < 0 else plans[stage].n_out)
+    # the hidden states each layer really received (measured independently of last_stats)
+    assert [seen[i] for i in range(len(seen))] == [n_text + v for v in expect_vis]
+    assert stats.visual_tokens_per_layer == [[v, v] for v in expect_vis]
+    assert stats.visual_tokens_final == [4, 4]
+    valid = inp["attention_mask"].sum(1).tolist()
+    assert stats.tokens_per_layer[-1] == [n - (N_VIS - 4) for n in valid]
+    assert 0 < stats.flops_ratio < 1 and stats.select_seconds > 0
+    final_layer = layers[-1]
+    assert all(len(p) == 4 for p in stats.kept_patches[final_layer])
+    assert all(0 <= x < N_VIS for p in stats.kept_patches[final_layer] for x in p)
+
+
+@pytest.mark.parametrize("kind", BACKBONES)
+def test_keep_tokens_is_an_absolute_budget(kind):
+    model = tiny_llava(kind)
+    apply_pumer(model, keep_tokens=5)
+    with torch.no_grad():
+        model(**make_inputs())
+    assert model.pumer.last_stats.visual_tokens_final == [5]
+
+
+def _fixed_scores(kept_by_stage):
+    """A recipe whose scores reproduce recorded pruning decisions (for recomputation tests)."""
+
+    def scorer(ctx):
+        want = torch.tensor(kept_by_stage[ctx.stage])  # (B, keep) positions
+        return (ctx.positions[:, :, None] == want[:, None, :]).any(-1).float()
+
+    return scorer
+
+
+@pytest.mark.parametrize("attn", ATTN)
+@pytest.mark.parametrize("kind", BACKBONES)
+def test_cached_decoding_equals_recomputation(kind, attn):
+    model = tiny_llava(kind, attn)
+    inp = make_inputs((3, 6), (5, 2))
+    n_layers = len(model.model.language_model.layers)
+    with torch.no_grad():
+        # 1) PuMer's pruning decisions, replayed by a fixed scorer so recomputation makes the same ones
+        apply_pumer(model, ratio=0.25, merge_share=0.0)
+        model(**inp)
+        kept = model.pumer.last_stats.kept_positions
+        replay = Recipe(name="replay", scorer=_fixed_scores([kept[l] for l in sorted(kept)]), default_layers=lambda d: tuple(sorted(kept)))
+        # 2) merge-only PuMer: merging reads only visual tokens, which later text cannot change
+        for kwargs in (dict(method=replay, ratio=0.25), dict(method="pumer", ratio=0.25, merge_share=1.0)):
+            apply_pumer(model, **kwargs)
+            cached = model.generate(**inp, **GEN, output_scores=True, return_dict_in_generate=True)
+            layers = model.pumer.layers
+            plans = plan_stages(N_VIS, 4, len(layers), model.pumer.merge_share)
+            # each layer's cache holds the scheduled tokens + the decoded ones
+            total = inp["input_ids"].shape[1] + GEN["max_new_tokens"] - 1
+            stage = -1
+            for i in range(n_layers):
+                if i in layers:
+                    stage = layers.index(i)
+                removed = 0 if stage < 0 else N_VIS - plans[stage].n_out
+                assert cached.past_key_values.layers[i].keys.shape[-2] == total - removed
+            recomputed = model.generate(**inp, **GEN, output_scores=True, return_dict_in_generate=True, use_cache=False)
+            assert torch.equal(cached.sequences, recomputed.sequences)
+            for a, b in zip(cached.scores, recomputed.scores):
+                torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["pumer", "fastv", "random"])
+@pytest.mark.parametrize("kind", BACKBONES)
+def test_padded_batch_equals_single_samples(kind, method):
+    model = tiny_llava(kind)
+    inp = make_inputs((2, 7, 4), (6, 2, 3), seed=3)
+    apply_pumer(model, ratio=0.25, method=method)
+    with torch.no_grad():
+        batch = model.generate(**inp, **GEN)[:, -GEN["max_new_tokens"] :]
+        batch_kept = model.pumer.last_stats.kept_patches
+        for i in range(3):
+            one = model.generate(**_alone(inp, i), **GEN)[:, -GEN["max_new_tokens"] :]
+            assert torch.equal(batch[i], one[0]), (i, batch[i], one[0])
+            for layer, per_sample in model.pumer.last_stats.kept_patches.items():
+                assert batch_kept[layer][i] == per_sample[0]
+
+
+@pytest.mark.parametrize("kind", BACKBONES)
+def test_query_row_score_equals_eager_attention_weights(kind):
+    """The recomputed text->image attention equals eager's attention weights (tol 1e-5)."""
+    model = tiny_llava(kind, "eager")
+    inp = make_inputs((3, 6), (5, 2))
+    layer = 2
+    captured = {}
+
+    def scorer(ctx):
+        captured["patch"] = ctx.patch_index.clone()
+        return torch.zeros(ctx.positions.shape)
+
+    with torch.no_grad():
+        out = model(**inp, output_attentions=True)
+        attn = out.attentions[layer]  # (B, H, N, N)
+        ids, mask = inp["input_ids"], inp["attention_mask"].bool()
+        vis = ids == 3
+        want = []
+        for b in range(ids.shape[0]):
+            last_vis = vis[b].nonzero().max()
+            rows = (torch.arange(ids.shape[1]) > last_vis) & mask[b] & ~vis[b]
+            want.append(attn[b][:, rows][:, :, vis[b]].mean(dim=(0, 1)))
+        want = torch.stack(want)
+        apply_pumer(model, ratio=0.5, layers=[layer], merge_share=0.0)
+        from pumer_llava.hooks import llm
+
+        got = {}
+        orig = llm._attention_scores
+
+        def spy(state, call, module, hs, kw, kind_):
+            s = orig(state, call, module, hs, kw, kind_)
+            got["scores"] = s.gather(1, call.is_vis.nonzero()[:, 1].view(s.shape[0], -1))
+            return s
+
+        llm._attention_scores = spy
+        try:
+            model(**inp)
+        finally:
+            llm._attention_scores = orig
+    torch.testing.assert_close(got["scores"], want, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", BACKBONES)
+def test_proportional_attention_matters_only_with_sizes(kind):
+    model = tiny_llava(kind, "eager")
+    inp = make_inputs((3, 6), (5, 2))
+    with torch.no_grad():
+        outs = {}
+        for share in (0.0, 1.0):
+            for prop in (False, True):
+                apply_pumer(model, ratio=0.25, merge_share=share, prop_attn=prop)
+                outs[share, prop] = model(**inp).logits[:, -1]
+    torch.testing.assert_close(outs[0.0, False], outs[0.0, True], atol=0, rtol=0)  # prune only: sizes all 1
+    assert (outs[1.0, False] - outs[1.0, True]).abs().max().item() > 1e-4
+
+
+@pytest.mark.parametrize("kind", BACKBONES)
+def test_labels_give_a_loss_and_full_length_logits(kind):
+    model = tiny_llava(kind)
+    inp = make_inputs((3, 6), (5, 2))
+    labels = inp["input_ids"].masked_fill(inp["input_ids"] == 3, -100).masked_fill(inp["attention_mask"] == 0, -100)
+    with torch.no_grad():
+        ref = model(**inp, labels=labels)
+        apply_pumer(model, ratio=0.25)
+        out = model(**inp, labels=labels)
+    assert out.logits.shape == ref.logits.shape
+    assert torch.isfinite(out.loss)
+    # text after the image is kept, so its logits sit at the same positions as unreduced
+    present = torch.zeros_like(labels, dtype=torch.bool)
+    for b, pos in enumerate(model.pumer.last_stats.kept_positions[model.pumer.layers[-1]]):
+        present[b, pos] = True
+    present |= inp["input_ids"] != 3
+    masked = labels.clone()
+    masked[:, 1:] = masked[:, 1:].masked_fill(~present[:, :-1], -100)
+    want = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1), masked[:, 1:].flatten(), ignore_index=-100)
+    torch.testing.assert_close(out.loss, want)
+    tail = inp["input_ids"].shape[1] - 2
+    assert (out.logits[:, tail:] != 0).all()
+
+
+@pytest.mark.parametrize("kind", BACKBONES)
+def test_beam_search_with_cache_equals_without(kind):
+    model = tiny_llava(kind)
+    inp = make_inputs((3, 6), (5, 2))
+    apply_pumer(model, ratio=0.25, merge_share=1.0)
+    with torch.no_grad():
+        a = model.generate(**inp, num_beams=3, do_sample=False, max_new_tokens=5)
+        b = model.generate(**inp, num_beams=3, do_sample=False, max_new_tokens=5, use_cache=False)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kind", BACKBONES)
+def test_continuing_a_conversation_from_the_cache(kind):
+    """Turn 2 on turn 1's reduced cache equals recomputing the whole conversation."""
+    model = tiny_llava(kind)
+    inp = make_inputs((3,), (5,))
+    apply_pumer(model, ratio=0.25, merge_share=1.0)  # decisions independent of the text
+    with torch.no_grad():
+        t1 = model.generate(**inp, **GEN, return_dict_in_generate=True)
+        follow = torch.tensor([[7, 8, 9, 10]])
+        ids2 = torch.cat([t1.sequences, follow], dim=1)
+        inp2 = {"input_ids": ids2, "attention_mask": torch.ones_like(ids2)}
+        cont = model.generate(**inp2, past_key_values=t1.past_key_values, **GEN)
+        fresh = model.generate(**inp2, pixel_values=inp["pixel_values"], **GEN)
+    assert torch.equal(cont, fresh)
+
+
+def test_manual_decoding_loop_uses_the_returned_cache():
+    model = tiny_llava("llama")
+    inp = make_inputs((3,), (5,))
+    apply_pumer(model, ratio=0.25, merge_share=1.0)
+    with torch.no_grad():
+        out = model(**inp)
+        nxt = out.logits[:, -1:].argmax(-1)
+        step = model(input_ids=nxt, past_key_values=out.past_key_values)
+        ids = torch.cat([inp["input_ids"], nxt], 1)
+        full = model(input_ids=ids, pixel_values=inp["pixel_values"], use_cache=False)
+    torch.testing.assert_close(step.logits[:, -1], full.logits[:, -1], atol=1e-4, rtol=1e-4)
+
+
+def test_disabled_context_runs_unreduced():
+    model = tiny_llava("llama")
+    inp = make_inputs((3,), (5,))
+    with torch.no_grad():
+        ref = model(**inp).logits
+        apply_pumer(model, ratio=0.25)
+        with disabled(model):
+            assert torch.equal(model(**inp).logits, ref)
+        assert not torch.equal(model(**inp).logits, ref)

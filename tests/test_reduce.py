@@ -1,0 +1,86 @@
+"""The pure math of reduce/, on random tensors."""
+
+import pytest
+import torch
+
+from pumer_llava.reduce import bipartite_merge, decoder_flops, plan_stages
+from pumer_llava.reduce.scoring import apply_rope, mean_over_rows, query_row_attention
+
+
+@pytest.mark.parametrize("n,r", [(9, 3), (10, 5), (7, 3), (2, 1), (1, 1), (8, 0)])
+def test_merge_preserves_weighted_sum_and_size(n, r):
+    g = torch.Generator().manual_seed(n * 10 + r)
+    x = torch.randn(3, n, 5, generator=g, dtype=torch.float64)
+    size = torch.rand(3, n, generator=g, dtype=torch.float64) + 0.5
+    res = bipartite_merge(x, x, size, r)
+    r_eff = min(r, n // 2)
+    assert res.x.shape == (3, n - r_eff, 5)
+    torch.testing.assert_close((res.x * res.size[..., None]).sum(1), (x * size[..., None]).sum(1))
+    torch.testing.assert_close(res.size.sum(1), size.sum(1))
+    assert torch.equal(res.keep, res.keep.sort(1).values)  # order kept
+    # src and dst are disjoint from each other; survivors are exactly "not a source"
+    for b in range(3):
+        src = set(res.src[b].tolist())
+        assert src.isdisjoint(res.keep[b].tolist()) and set(res.dst[b].tolist()) <= set(res.keep[b].tolist())
+        assert len(src) == r_eff
+
+
+def test_merge_joins_the_most_similar_pair():
+    x = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [0.0, -1.0], [1.0, 0.01]]])  # tokens 0 and 3 are near-identical
+    res = bipartite_merge(x, x, torch.ones(1, 4), 1)
+    assert res.src.tolist() == [[0]] and res.dst.tolist() == [[3]]
+    torch.testing.assert_close(res.x[0, -1], torch.tensor([1.0, 0.005]))
+    assert res.size.tolist() == [[1.0, 1.0, 2.0]]
+
+
+@pytest.mark.parametrize("total,keep,stages,share", [(576, 64, 3, 0.5), (576, 144, 3, 0.0), (16, 4, 3, 1.0), (64, 7, 2, 0.5), (10, 10, 2, 0.5), (5, 1, 4, 0.5)])
+def test_plan_lands_on_budget(total, keep, stages, share):
+    plans = plan_stages(total, keep, stages, share)
+    assert len(plans) == stages and plans[0].n_in == total and plans[-1].n_out == keep
+    for a, b in zip(plans, plans[1:]):
+        assert a.n_out == b.n_in
+    for p in plans:
+        assert p.prune >= 0 and 0 <= p.merge <= p.n_out
+    if share == 0.0:
+        assert all(p.merge == 0 for p in plans)
+
+
+def test_plan_rejects_bad_budget():
+    with pytest.raises(ValueError, match="keep must be in"):
+        plan_stages(10, 11, 1, 0.5)
+    with pytest.raises(ValueError, match="merge_share"):
+        plan_stages(10, 5, 1, 1.5)
+
+
+def test_query_row_attention_matches_full_softmax():
+    g = torch.Generator().manual_seed(0)
+    b, h, hkv, n, hd = 2, 4, 2, 7, 8
+    q_all = torch.randn(b, h, n, hd, generator=g)
+    k = torch.randn(b, hkv, n, hd, generator=g)
+    full = (q_all @ k.repeat_interleave(2, 1).transpose(-1, -2)) * hd**-0.5
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    full = full.masked_fill(~causal, float("-inf")).softmax(-1)
+    rows = torch.tensor([[4, 6], [5, 6]])
+    q = torch.stack([q_all[i, :, rows[i]] for i in range(b)])
+    allowed = torch.arange(n)[None, None, :] <= rows[:, :, None]
+    probs = query_row_attention(q, k, allowed, hd**-0.5)
+    want = torch.stack([full[i, :, rows[i]] for i in range(b)])
+    torch.testing.assert_close(probs, want)
+    valid = torch.tensor([[True, False], [True, True]])
+    torch.testing.assert_close(mean_over_rows(probs, valid)[0], want[0, :, 0].mean(0))
+
+
+def test_rope_matches_transformers():
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    g = torch.Generator().manual_seed(1)
+    q, k = torch.randn(2, 3, 5, 8, generator=g), torch.randn(2, 3, 5, 8, generator=g)
+    cos, sin = torch.randn(2, 5, 8, generator=g), torch.randn(2, 5, 8, generator=g)
+    q2, k2 = apply_rotary_pos_emb(q, k, cos, sin)
+    torch.testing.assert_close(apply_rope(q, cos, sin), q2)
+    torch.testing.assert_close(apply_rope(k, cos, sin), k2)
+
+
+def test_flops_formula():
+    assert decoder_flops([10], 4, 8) == 4 * 10 * 16 + 2 * 100 * 4 + 2 * 10 * 4 * 8
+    assert decoder_flops([10, 5], 4, 8) == decoder_flops([10], 4, 8) + decoder_flops([5], 4, 8)
