@@ -1,0 +1,123 @@
+"""The public API: validation before patching, replace-not-stack, exact removal."""
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+from pumer_llava import PumerConfig, apply_pumer, disabled, list_methods, remove_pumer
+from tiny import N_VIS, make_inputs, text_config, tiny_llava
+
+
+def _hook_counts(model):
+    return [
+        (len(m._forward_pre_hooks), len(m._forward_hooks), len(getattr(m, "_forward_pre_hooks_with_kwargs", {})))
+        for m in model.modules()
+    ]
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(ratio=0.0), r"ratio must be in \(0, 1\]"),
+        (dict(ratio=1.5), r"ratio must be in \(0, 1\]"),
+        (dict(ratio=float("nan")), r"ratio must be in \(0, 1\]"),
+        (dict(ratio="half"), "ratio must be a number"),
+        (dict(keep_tokens=N_VIS + 1), rf"larger than the visual span of one image \({N_VIS} tokens\)"),
+        (dict(keep_tokens=0), "keep_tokens must be a positive int"),
+        (dict(ratio=0.5, keep_tokens=4), "not both"),
+        (dict(layers=[9]), r"outside the model: .* accepts layers 0\.\.5"),
+        (dict(layers=[3, 1]), "strictly increasing"),
+        (dict(method="fastv", layers=[0]), r"accepts layers 1\.\.5"),
+        (dict(method="tome"), "unknown method 'tome'; known methods: fastv, pumer, random"),
+        (dict(merge_share=2.0), r"merge_share must be in \[0, 1\]"),
+        (dict(prop_attn="yes"), "prop_attn must be"),
+    ],
+)
+def test_bad_arguments_raise_before_touching_the_model(kwargs, match):
+    model = tiny_llava("llama")
+    before = _hook_counts(model)
+    with pytest.raises(ValueError, match=match):
+        apply_pumer(model, **kwargs)
+    assert _hook_counts(model) == before and not hasattr(model, "pumer")
+
+
+def test_a_failed_reapply_keeps_the_previous_setup():
+    model = tiny_llava("llama")
+    apply_pumer(model, ratio=0.5)
+    before = _hook_counts(model)
+    with pytest.raises(ValueError):
+        apply_pumer(model, ratio=2.0)
+    assert _hook_counts(model) == before and model.pumer.config.ratio == 0.5
+
+
+def test_unsupported_model_lists_the_supported_ones():
+    model = LlamaForCausalLM(text_config("llama", 2))
+    with pytest.raises(ValueError, match=r"unsupported model LlamaForCausalLM .*supported: LlavaForConditionalGeneration"):
+        apply_pumer(model)
+
+
+def test_flex_attention_is_refused():
+    model = tiny_llava("llama")
+    model.config.text_config._attn_implementation = "flex_attention"
+    with pytest.raises(ValueError, match="attention implementation 'flex_attention' is not supported; supported: eager, sdpa"):
+        apply_pumer(model)
+
+
+def test_static_cache_is_refused_at_generate_time_and_in_config():
+    model = tiny_llava("llama")
+    apply_pumer(model, ratio=0.25)
+    with pytest.raises(ValueError, match="static, fixed-length cache"):
+        model.generate(**make_inputs(), max_new_tokens=2, cache_implementation="static")
+    model2 = tiny_llava("llama")
+    model2.generation_config.cache_implementation = "static"
+    with pytest.raises(ValueError, match="cache_implementation='static'"):
+        apply_pumer(model2)
+
+
+def test_apply_twice_replaces_and_remove_leaves_nothing():
+    model = tiny_llava("llama")
+    pristine = _hook_counts(model)
+    attrs = set(model.__dict__)
+    apply_pumer(model, ratio=0.5)
+    once = _hook_counts(model)
+    apply_pumer(model, ratio=0.25, method="fastv")
+    assert _hook_counts(model) != pristine
+    assert sum(map(sum, _hook_counts(model))) <= sum(map(sum, once))  # replaced, not stacked
+    assert model.pumer.config.method == "fastv" and model.pumer.config.ratio == 0.25
+    remove_pumer(model)
+    assert _hook_counts(model) == pristine and set(model.__dict__) == attrs
+    remove_pumer(model)  # removing twice is harmless
+
+
+def test_config_round_trip_and_state_dict():
+    model = tiny_llava("llama")
+    apply_pumer(model, ratio=0.3, merge_share=0.25)
+    d = model.pumer.config.to_dict()
+    assert PumerConfig.from_dict(d) == model.pumer.config
+    full = model.pumer.to_dict()
+    assert full["layers"] == list(model.pumer.layers) and full["merge_share"] == 0.25 and full["prop_attn"] is True
+    with pytest.raises(ValueError, match="unknown PumerConfig fields"):
+        PumerConfig.from_dict({**d, "bogus": 1})
+    assert list_methods() == ["fastv", "pumer", "random"]
+
+
+def test_disabled_needs_a_patched_model_and_restores():
+    model = tiny_llava("llama")
+    with pytest.raises(ValueError, match="needs a model patched"):
+        with disabled(model):
+            pass
+    apply_pumer(model)
+    with pytest.raises(RuntimeError):
+        with disabled(model):
+            raise RuntimeError("boom")
+    assert model.pumer.enabled
+
+
+def test_batches_with_different_visual_counts_are_refused_clearly():
+    model = tiny_llava("llama")
+    apply_pumer(model)
+    inp = make_inputs((3, 3), (5, 5))
+    inp["input_ids"][1, 3] = 10  # one visual token fewer in sample 1
+    with pytest.raises(NotImplementedError, match="different numbers of visual tokens"):
+        with torch.no_grad():
+            model(input_ids=inp["input_ids"], attention_mask=inp["attention_mask"])
