@@ -1,0 +1,937 @@
+"""lmms-eval model ``pumer_llava``: a LLaVA-family HF model with visual-token reduction.
+
+Usage::
+
+    lmms-eval --model pumer_llava \\
+        --model_args pretrained=llava-hf/llava-1.5-7b-hf,ratio=0.25,method=pumer,load_in_4bit=true \\
+        --tasks pope --batch_size 8 --output_path results/
+
+Registered through the ``lmms_eval.models`` entry point (``MANIFEST`` below), so no
+file is copied into lmms-eval. The keyword arguments of :class:`PumerLlava` are the
+``--model_args`` surface, as in lmms-eval's own ``llava_hf``: every ``apply_pumer``
+argument (``ratio``, ``method``, ``keep_tokens``, ``layers``, ``merge_share``,
+``prop_attn``, ``seed``) plus loading and generation defaults. ``ratio=1.0`` or
+``method=none`` evaluates the unreduced model. ``layers`` takes ``[2,8,16]`` or
+``2;8;16`` (a bare comma would split ``--model_args``).
+
+What differs from ``llava_hf`` on purpose:
+
+- ``generate_until`` really batches (left padding, requests sorted by prompt length
+  as lmms-eval's ``Collator`` does, grouped by generation kwargs), and uses the
+  processor's chat template when it has one.
+- An exception never becomes a silent empty answer: a failing batch is retried one
+  sample at a time; each failing sample is logged with its task and doc id and
+  counted, and the run raises once failures exceed ``max_failure_rate`` of the
+  requests (default 0.05; 0 = the first failure raises). Note that lmms-eval's CLI
+  catches that exception, prints it and exits 0 without a results file: check for
+  the results file (``eval/lmms/check_results.py`` does).
+- The reduction is recorded: the resolved config and per-sample visual-token counts
+  (``model.pumer.last_stats``) go to a sidecar JSON ``<stamp>_pumer_stats.json`` next
+  to lmms-eval's ``<stamp>_results.json`` (lmms-eval 0.7.3 gives a model no way to
+  add a section to the results JSON), and their means go into the results JSON's
+  ``throughput`` section through lmms-eval's ``log_metrics`` (``avg_pumer_*`` keys).
+
+The argument parsing, the failure counting and the stats bookkeeping are plain
+functions and classes that work without lmms-eval installed (tested in
+``tests/test_lmms_plugin.py``); only :class:`PumerLlava` needs lmms-eval.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from .config import PumerConfig
+
+DEFAULT_IMAGE_TOKEN = "<image>"
+UNREDUCED_METHODS = ("none", "off", "unreduced")
+DEFAULT_RATIO = 0.25  # apply_pumer's default
+
+# llava_hf's fallback for tokenizers without a chat template (LLaVA-1.5 / Vicuna format).
+VICUNA_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.index0 == 0 %}A chat between a curious user and an artificial "
+    "intelligence assistant. The assistant gives helpful, detailed, and polite answers to the user's questions. "
+    "USER: {{ message['content'] }} {% elif message['role'] == 'user' %}USER: {{ message['content'] }} "
+    "{% else %} ASSISTANT: {{ message['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+# ----------------------------------------------------------------------------- arguments
+
+
+def _none(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null"))
+
+
+def parse_bool(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "on"):
+        return True
+    if isinstance(value, str) and value.strip().lower() in ("false", "0", "no", "off"):
+        return False
+    raise ValueError(f"{name} must be true or false, got {value!r}")
+
+
+def parse_opt_bool(name: str, value: Any) -> bool | None:
+    return None if _none(value) else parse_bool(name, value)
+
+
+def parse_int(name: str, value: Any, minimum: int | None = None) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, str):
+        try:
+            value = int(value.strip())
+        except ValueError:
+            raise ValueError(f"{name} must be an integer, got {value!r}") from None
+    if not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def parse_opt_int(name: str, value: Any, minimum: int | None = None) -> int | None:
+    return None if _none(value) else parse_int(name, value, minimum)
+
+
+def parse_float(name: str, value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def parse_opt_float(name: str, value: Any) -> float | None:
+    return None if _none(value) else parse_float(name, value)
+
+
+def parse_layers(value: Any) -> tuple[int, ...] | None:
+    """``None``, an int, a list/tuple of ints, or a string ``"[2,8,16]"`` / ``"2;8;16"`` / ``"2 8 16"``.
+
+    A bare comma cannot be used inside ``--model_args`` (it separates arguments), so
+    ``;``, ``:``, ``/``, ``|`` and spaces separate layers too; brackets keep commas.
+    """
+    if _none(value):
+        return None
+    if isinstance(value, (list, tuple)):
+        items = list(value)
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        items = [value]
+    elif isinstance(value, str):
+        s = value.strip().strip("[]()")
+        for sep in ";:/|":
+            s = s.replace(sep, ",")
+        items = [x for x in s.replace(" ", ",").split(",") if x]
+        if not items:
+            raise ValueError(f"layers must name at least one decoder layer, got {value!r}")
+    else:
+        raise ValueError(f"layers must be decoder layer indices like [2,8,16] or 2;8;16, got {value!r}")
+    try:
+        return tuple(parse_int("layers", x, minimum=0) for x in items)
+    except ValueError:
+        raise ValueError(f"layers must be 0-based decoder layer indices like [2,8,16] or 2;8;16, got {value!r}") from None
+
+
+def parse_reduction(
+    ratio: Any = None,
+    method: Any = "pumer",
+    keep_tokens: Any = None,
+    layers: Any = None,
+    merge_share: Any = None,
+    prop_attn: Any = None,
+    seed: Any = 0,
+) -> PumerConfig | None:
+    """The reduction asked for on the command line, validated; ``None`` means unreduced.
+
+    ``method=none`` (or ``off``) or ``ratio=1.0`` gives the unreduced model. Give
+    ``ratio`` or ``keep_tokens``, not both; neither means ``ratio=0.25``. Raises
+    ValueError before anything is loaded.
+    """
+    if _none(method):
+        method = "none"
+    if not isinstance(method, str):
+        raise ValueError(f"method must be a name, got {method!r}")
+    method = method.strip().lower()
+    keep = parse_opt_int("keep_tokens", keep_tokens, minimum=1)
+    r = parse_opt_float("ratio", ratio)
+    if r is None and keep is None:
+        r = DEFAULT_RATIO
+    cfg_layers = parse_layers(layers)
+    share = parse_opt_float("merge_share", merge_share)
+    prop = parse_opt_bool("prop_attn", prop_attn)
+    seed_i = parse_int("seed", 0 if _none(seed) else seed)
+    if method in UNREDUCED_METHODS:
+        if keep is not None:
+            raise ValueError(f"method={method} evaluates the unreduced model: keep_tokens={keep} makes no sense with it")
+        return None
+    from .methods import list_methods
+
+    if method not in list_methods():
+        raise ValueError(
+            f"unknown method {method!r}; known: {', '.join(list_methods())}, or none for the unreduced model"
+        )
+    config = PumerConfig(
+        method=method, ratio=r, keep_tokens=keep, layers=cfg_layers, merge_share=share, prop_attn=prop, seed=seed_i
+    )
+    return None if config.removes_nothing else config
+
+
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+@dataclass
+class PluginArgs:
+    """Every ``--model_args`` value after parsing and validation."""
+
+    pretrained: str
+    reduction: PumerConfig | None
+    revision: str = "main"
+    device: str = "auto"
+    dtype: str = "auto"
+    attn_implementation: str | None = None
+    load_in_4bit: bool = False
+    batch_size: int = 1
+    max_new_tokens: int = 128
+    chat_template: str | None = None
+    use_cache: bool = True
+    trust_remote_code: bool = False
+    device_map: str = ""
+    max_failure_rate: float = 0.05
+    stats_path: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["reduction"] = self.reduction.to_dict() if self.reduction is not None else None
+        return d
+
+
+_ATTN = ("eager", "sdpa", "flash_attention_2", "flash_attention_3")
+
+
+def parse_model_args(
+    pretrained: Any = None,
+    ratio: Any = None,
+    method: Any = "pumer",
+    keep_tokens: Any = None,
+    layers: Any = None,
+    merge_share: Any = None,
+    prop_attn: Any = None,
+    seed: Any = 0,
+    revision: Any = "main",
+    device: Any = None,
+    dtype: Any = "auto",
+    attn_implementation: Any = None,
+    load_in_4bit: Any = False,
+    batch_size: Any = 1,
+    max_batch_size: Any = None,
+    max_new_tokens: Any = 128,
+    chat_template: Any = None,
+    use_cache: Any = True,
+    trust_remote_code: Any = False,
+    device_map: Any = "",
+    max_failure_rate: Any = 0.05,
+    stats_path: Any = None,
+    **unknown: Any,
+) -> PluginArgs:
+    """Validate ``--model_args`` (already split by lmms-eval, values as it converts them).
+
+    Raises ValueError naming the argument and what is accepted; nothing is loaded here.
+    """
+    if unknown:
+        known = [p for p in parse_model_args.__code__.co_varnames[: parse_model_args.__code__.co_argcount]]
+        raise ValueError(f"unknown model_args {sorted(unknown)}; pumer_llava accepts: {', '.join(known)}")
+    if _none(pretrained) or not isinstance(pretrained, str):
+        raise ValueError(f"pretrained must name a model folder or hub id, got {pretrained!r}")
+    reduction = parse_reduction(ratio, method, keep_tokens, layers, merge_share, prop_attn, seed)
+    dtype_s = "auto" if _none(dtype) else str(dtype).strip().lower().replace("torch.", "")
+    if dtype_s not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    attn = None if _none(attn_implementation) else str(attn_implementation).strip()
+    if attn is not None and attn not in _ATTN:
+        raise ValueError(f"attn_implementation must be one of {', '.join(_ATTN)} (or unset), got {attn!r}")
+    dev = "auto" if _none(device) else str(device).strip()
+    if not (dev == "auto" or dev == "cpu" or dev.startswith("cuda") or dev == "mps" or dev.startswith("xpu")):
+        raise ValueError(f"device must be auto, cpu, cuda, cuda:N, mps or xpu, got {device!r}")
+    rate = parse_float("max_failure_rate", max_failure_rate)
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"max_failure_rate must be in [0, 1] (0 = the first failure stops the run), got {rate}")
+    if not _none(max_batch_size):
+        parse_int("max_batch_size", max_batch_size, minimum=1)  # accepted for lmms-eval's CLI, unused
+    bs = batch_size
+    if isinstance(bs, str) and bs.strip().startswith("auto"):
+        raise ValueError("batch_size=auto is not supported by pumer_llava: give an integer")
+    return PluginArgs(
+        pretrained=pretrained,
+        reduction=reduction,
+        revision="main" if _none(revision) else str(revision),
+        device=dev,
+        dtype=dtype_s,
+        attn_implementation=attn,
+        load_in_4bit=parse_bool("load_in_4bit", load_in_4bit),
+        batch_size=parse_int("batch_size", bs, minimum=1),
+        max_new_tokens=parse_int("max_new_tokens", max_new_tokens, minimum=1),
+        chat_template=None if _none(chat_template) else str(chat_template),
+        use_cache=parse_bool("use_cache", use_cache),
+        trust_remote_code=parse_bool("trust_remote_code", trust_remote_code),
+        device_map="" if _none(device_map) else str(device_map),
+        max_failure_rate=rate,
+        stats_path=None if _none(stats_path) else str(stats_path),
+    )
+
+
+# ------------------------------------------------------------------------------ failures
+
+
+class TooManyFailures(RuntimeError):
+    """Raised when more requests failed than ``max_failure_rate`` allows."""
+
+
+@dataclass
+class FailureTracker:
+    """Counts failed requests of one lmms-eval call and stops the run past the threshold.
+
+    ``total`` is the number of requests of the call; at most ``floor(rate * total)``
+    may fail (so ``rate=0`` raises on the first failure).
+    """
+
+    total: int
+    max_rate: float
+    failures: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def allowed(self) -> int:
+        return int(math.floor(self.max_rate * self.total + 1e-9))
+
+    @property
+    def count(self) -> int:
+        return len(self.failures)
+
+    def record(self, sample_id: str, error: BaseException, log=None) -> None:
+        """Log and count one failed request; raise :class:`TooManyFailures` past the threshold."""
+        msg = f"{type(error).__name__}: {error}"
+        self.failures.append({"sample": sample_id, "error": msg})
+        if log is not None:
+            log(f"pumer_llava: request {sample_id} failed ({self.count}/{self.total}, {self.allowed} allowed): {msg}")
+        if self.count > self.allowed:
+            raise TooManyFailures(
+                f"{self.count} of {self.total} requests failed, more than max_failure_rate={self.max_rate} "
+                f"allows ({self.allowed}); first failures: "
+                + "; ".join(f"{f['sample']}: {f['error']}" for f in self.failures[:3])
+            ) from error
+
+
+def run_chunks(chunks, run_batch, tracker: FailureTracker, on_fail, log_error=None, log_warning=None) -> dict:
+    """Run ``run_batch(items) -> answers`` on each chunk of ``(key, item)`` pairs.
+
+    A failing chunk is retried one item at a time, so one bad sample does not take its
+    batch-mates down; every item that still fails is reported to ``on_fail(item, exc)``
+    (which returns its sample id), counted by ``tracker`` (which raises
+    :class:`TooManyFailures` past the threshold) and gets the answer ``None``.
+    Returns ``{key: answer}``.
+    """
+    answers: dict[Any, Any] = {}
+
+    def fail(key, item, exc):
+        tracker.record(on_fail(item, exc), exc, log=log_error)
+        answers[key] = None
+
+    for chunk in chunks:
+        try:
+            outs = run_batch([item for _, item in chunk])
+            if len(outs) != len(chunk):
+                raise RuntimeError(f"{len(outs)} answers for {len(chunk)} requests")
+            for (key, _), ans in zip(chunk, outs):
+                answers[key] = ans
+            continue
+        except TooManyFailures:
+            raise
+        except Exception as exc:
+            if len(chunk) == 1:
+                fail(chunk[0][0], chunk[0][1], exc)
+                continue
+            if log_warning is not None:
+                log_warning(f"pumer_llava: a batch of {len(chunk)} failed ({exc!r}); retrying one at a time")
+        for key, item in chunk:
+            try:
+                answers[key] = run_batch([item])[0]
+            except TooManyFailures:
+                raise
+            except Exception as exc:
+                fail(key, item, exc)
+    return answers
+
+
+# --------------------------------------------------------------------------------- stats
+
+
+def sample_id(task: str, split: str, doc_id: Any) -> str:
+    return f"{task}/{split}/{doc_id}"
+
+
+@dataclass
+class StatsRecorder:
+    """Per-sample visual-token counts and the reduction config of one evaluation run."""
+
+    model_args: dict[str, Any]
+    reduction: dict[str, Any] | None
+    samples: dict[str, dict[str, Any]] = field(default_factory=dict)
+    failures: list[dict[str, Any]] = field(default_factory=list)
+    batches: list[dict[str, Any]] = field(default_factory=list)
+    gen_tokens: int = 0
+    gen_seconds: float = 0.0
+
+    def add_batch(self, ids: list[str], visual_in: list[int], stats: Any, kind: str) -> None:
+        """Record one batch. ``stats`` is ``model.pumer.last_stats`` (or None when unreduced).
+
+        ``visual_in`` are the image tokens of each sample's input, counted from the ids.
+        """
+        d = stats.to_dict() if stats is not None and hasattr(stats, "to_dict") else stats
+        per_layer = (d or {}).get("visual_tokens_per_layer") or []
+        final = (d or {}).get("visual_tokens_final") or (list(per_layer[-1]) if per_layer else None)
+        totals = (d or {}).get("visual_tokens_total")
+        for i, sid in enumerate(ids):
+            rec = {"request": kind, "visual_tokens_in": int(visual_in[i])}
+            if d is not None:
+                rec["visual_tokens_total"] = int(totals[i]) if totals else int(visual_in[i])
+                rec["visual_tokens_final"] = int(final[i]) if final else int(visual_in[i])
+                rec["visual_tokens_per_layer"] = [int(layer[i]) for layer in per_layer]
+            else:
+                rec["visual_tokens_total"] = int(visual_in[i])
+                rec["visual_tokens_final"] = int(visual_in[i])
+            self.samples[sid] = rec
+        if d is not None:
+            self.batches.append(
+                {
+                    "size": len(ids),
+                    "flops_ratio": d.get("flops_ratio"),
+                    "select_seconds": d.get("select_seconds"),
+                    "reducing_layers": d.get("reducing_layers"),
+                }
+            )
+
+    def summary(self) -> dict[str, float]:
+        """Numeric means (for lmms-eval's throughput section)."""
+        recs = list(self.samples.values())
+        out: dict[str, float] = {"pumer_samples": float(len(recs)), "pumer_failures": float(len(self.failures))}
+        if recs:
+            vin = sum(r["visual_tokens_in"] for r in recs) / len(recs)
+            vfin = sum(r["visual_tokens_final"] for r in recs) / len(recs)
+            out["pumer_visual_tokens_in"] = vin
+            out["pumer_visual_tokens_final"] = vfin
+            out["pumer_visual_keep_ratio"] = vfin / vin if vin else 1.0
+        ratios = [b["flops_ratio"] for b in self.batches if isinstance(b.get("flops_ratio"), (int, float))]
+        if ratios:
+            out["pumer_flops_ratio"] = sum(ratios) / len(ratios)
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "reduction": self.reduction,
+            "model_args": self.model_args,
+            "summary": self.summary(),
+            "generated_tokens": self.gen_tokens,
+            "generate_seconds": self.gen_seconds,
+            "failures": self.failures,
+            "samples": self.samples,
+        }
+
+    def write(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+
+def _argv_value(flag: str, argv: list[str] | None = None) -> str | None:
+    p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    p.add_argument(flag, default=None)
+    try:
+        ns, _ = p.parse_known_args(sys.argv[1:] if argv is None else argv)
+    except SystemExit:
+        return None
+    return getattr(ns, flag.lstrip("-").replace("-", "_"))
+
+
+def output_path_from_argv(argv: list[str] | None = None) -> str | None:
+    """lmms-eval's ``--output_path`` from the command line (the model is not told it)."""
+    return _argv_value("--output_path", argv)
+
+
+def default_stats_path(output_path: str, pretrained: str, stamp: str | None = None) -> Path:
+    """``<output_path>/<model folder lmms-eval uses>/<stamp>_pumer_stats.json``."""
+    try:  # lmms-eval names the folder after the sanitized ``pretrained``
+        from lmms_eval.utils import sanitize_model_name
+
+        folder = sanitize_model_name(pretrained)
+    except Exception:
+        folder = pretrained.replace("/", "__")
+    if stamp is None:
+        try:  # the clock lmms-eval stamps its results with (its --timezone, Asia/Singapore by default)
+            from lmms_eval.utils import get_datetime_str
+
+            stamp = get_datetime_str(timezone=_argv_value("--timezone") or "Asia/Singapore")
+        except Exception:
+            stamp = datetime.now().strftime("%Y%m%d_%H%M%S")
+    return Path(output_path) / folder / f"{stamp}_pumer_stats.json"
+
+
+# ------------------------------------------------------------------------------ prompts
+
+
+def build_prompt(context: str, n_images: int, processor: Any, chat_template: str | None = None) -> str:
+    """The model's prompt for one request: image tokens then the task's text, in a chat turn.
+
+    The processor's chat template (list content: one ``{"type": "image"}`` per image and
+    the text) is used when it has one, as LLaVA-HF checkpoints ship it; else the
+    tokenizer's template with ``<image>`` prepended (llava_hf's way); else Vicuna's.
+    If the task already placed image tokens in the context, they are left where they are.
+    """
+    tokenizer = getattr(processor, "tokenizer", processor)
+    image_token = getattr(processor, "image_token", None) or getattr(tokenizer, "image_token", None) or DEFAULT_IMAGE_TOKEN
+    placed = image_token in context or DEFAULT_IMAGE_TOKEN in context
+    if chat_template is None and getattr(processor, "chat_template", None):
+        content = ([] if placed else [{"type": "image"}] * n_images) + [{"type": "text", "text": context}]
+        return processor.apply_chat_template(
+            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+        )
+    if not placed and n_images:
+        context = " ".join([image_token] * n_images) + "\n" + context
+    template = chat_template or getattr(tokenizer, "chat_template", None) or VICUNA_CHAT_TEMPLATE
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": context}], tokenize=False, add_generation_prompt=True, chat_template=template
+    )
+
+
+def apply_until(text: str, until: list[str]) -> str:
+    """Cut ``text`` at the first occurrence of any stop string."""
+    for stop in until:
+        if stop:
+            text = text.split(stop)[0]
+    return text
+
+
+def flatten_visuals(visuals: Any) -> list:
+    if visuals is None:
+        return []
+    if not isinstance(visuals, (list, tuple)):
+        return [visuals]
+    return list(visuals)
+
+
+# ------------------------------------------------------------------------- lmms-eval side
+
+
+def _model_class_for(model_type: str):
+    import transformers
+
+    names = {
+        "llava": "LlavaForConditionalGeneration",
+        "llava_next": "LlavaNextForConditionalGeneration",
+        "llava_onevision": "LlavaOnevisionForConditionalGeneration",
+    }
+    if model_type not in names or not hasattr(transformers, names[model_type]):
+        raise ValueError(f"pumer_llava evaluates LLaVA-family models ({', '.join(names)}); got model_type={model_type!r}")
+    return getattr(transformers, names[model_type])
+
+
+try:  # the model class needs lmms-eval; the helpers above do not
+    from lmms_eval.api.model import lmms as _LmmsBase
+    from lmms_eval.models.registry_v2 import ModelManifest
+
+    HAVE_LMMS_EVAL = True
+except Exception:  # pragma: no cover - exercised only without lmms-eval
+    _LmmsBase = object
+    ModelManifest = None
+    HAVE_LMMS_EVAL = False
+
+
+class PumerLlava(_LmmsBase):
+    """LLaVA-family HF model with ``apply_pumer`` visual-token reduction, for lmms-eval.
+
+    Usage::
+
+        lmms-eval --model pumer_llava \\
+            --model_args pretrained=llava-hf/llava-1.5-7b-hf,ratio=0.25,method=pumer \\
+            --tasks pope --batch_size 8 --output_path results/
+
+    Reduction: ratio, method (pumer, fastv, random, ... or none), keep_tokens, layers
+    ([2,8,16] or 2;8;16), merge_share, prop_attn, seed. Loading: pretrained, revision,
+    device (auto/cpu/cuda[:N]), dtype (auto/float32/float16/bfloat16),
+    attn_implementation, load_in_4bit, device_map, trust_remote_code. Generation:
+    batch_size, max_new_tokens (default when the task gives none), chat_template,
+    use_cache. Bookkeeping: max_failure_rate (default 0.05), stats_path (default
+    next to the results file).
+    """
+
+    is_simple = True
+
+    def __init__(
+        self,
+        pretrained: str = "llava-hf/llava-1.5-7b-hf",
+        ratio: float | str | None = None,
+        method: str = "pumer",
+        keep_tokens: int | str | None = None,
+        layers: str | list[int] | None = None,
+        merge_share: float | str | None = None,
+        prop_attn: bool | str | None = None,
+        seed: int | str = 0,
+        revision: str = "main",
+        device: str | None = None,
+        dtype: str = "auto",
+        attn_implementation: str | None = None,
+        load_in_4bit: bool | str = False,
+        batch_size: int | str = 1,
+        max_batch_size: int | str | None = None,
+        max_new_tokens: int | str = 128,
+        chat_template: str | None = None,
+        use_cache: bool | str = True,
+        trust_remote_code: bool | str = False,
+        device_map: str = "",
+        max_failure_rate: float | str = 0.05,
+        stats_path: str | None = None,
+        **unknown: Any,
+    ) -> None:
+        given = {k: v for k, v in locals().items() if k not in ("self", "unknown", "__class__")}
+        self.args = parse_model_args(**given, **unknown)  # raises ValueError before anything is loaded
+        if not HAVE_LMMS_EVAL:
+            raise ImportError("PumerLlava needs lmms-eval 0.7.3: see eval/lmms/INSTALL_NOTES.md")
+        super().__init__()
+        import torch
+        from loguru import logger
+
+        self._log = logger
+        a = self.args
+        torch_dtype = "auto" if a.dtype == "auto" else getattr(torch, a.dtype)
+        if a.device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        else:
+            device = a.device
+        self._device = torch.device(device)
+
+        from transformers import AutoConfig, AutoProcessor
+
+        config = AutoConfig.from_pretrained(a.pretrained, revision=a.revision, trust_remote_code=a.trust_remote_code)
+        model_cls = _model_class_for(getattr(config, "model_type", "llava"))
+        load_kw: dict[str, Any] = dict(
+            revision=a.revision, dtype=torch_dtype, trust_remote_code=a.trust_remote_code
+        )
+        if a.attn_implementation is not None:
+            load_kw["attn_implementation"] = a.attn_implementation
+        if a.load_in_4bit:
+            from transformers import BitsAndBytesConfig
+
+            compute = torch.float16 if torch_dtype == "auto" else torch_dtype
+            load_kw["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_compute_dtype=compute,
+                # the vision tower, projector and head stay in full precision (DESIGN.md 6)
+                llm_int8_skip_modules=["model.vision_tower", "model.multi_modal_projector", "lm_head"],
+            )
+            load_kw["device_map"] = a.device_map or {"": str(self._device)}
+        elif a.device_map:
+            load_kw["device_map"] = a.device_map
+        self._model = model_cls.from_pretrained(a.pretrained, **load_kw)
+        if "device_map" not in load_kw:
+            self._model.to(self._device)
+        self._model.eval()
+
+        self._processor = AutoProcessor.from_pretrained(
+            a.pretrained, revision=a.revision, trust_remote_code=a.trust_remote_code
+        )
+        self._tokenizer = self._processor.tokenizer
+        self._tokenizer.padding_side = "left"  # batched generation: the prompt ends at the same index
+        if self._tokenizer.pad_token_id is None:
+            self._tokenizer.pad_token = self._tokenizer.eos_token
+        self._config = self._model.config
+        self.batch_size_per_gpu = a.batch_size
+        self.chat_template = a.chat_template
+        self.use_cache = a.use_cache
+        self._rank, self._world_size = 0, 1
+
+        if a.reduction is not None:
+            from . import apply_pumer
+
+            r = a.reduction
+            apply_pumer(
+                self._model,
+                ratio=r.ratio,
+                method=r.method,
+                keep_tokens=r.keep_tokens,
+                layers=r.layers,
+                merge_share=r.merge_share,
+                prop_attn=r.prop_attn,
+                seed=r.seed,
+            )
+            resolved = self._model.pumer.to_dict()
+        else:
+            resolved = {"method": "none", "ratio": 1.0}
+        self.stats = StatsRecorder(model_args={k: v for k, v in a.to_dict().items() if k != "reduction"}, reduction=resolved)
+        self._stats_path = self._resolve_stats_path()
+        self._log.info(f"pumer_llava: {a.pretrained} on {self._device}, reduction {resolved}")
+
+    # lmms-eval's model protocol --------------------------------------------------------
+
+    @property
+    def config(self):
+        return self._config
+
+    @property
+    def tokenizer(self):
+        return self._tokenizer
+
+    @property
+    def model(self):
+        return self._model
+
+    @property
+    def eot_token_id(self):
+        return self._tokenizer.eos_token_id
+
+    @property
+    def batch_size(self):
+        return self.batch_size_per_gpu
+
+    @property
+    def device(self):
+        return self._device
+
+    @property
+    def rank(self):
+        return self._rank
+
+    @property
+    def world_size(self):
+        return self._world_size
+
+    def tok_encode(self, string: str, left_truncate_len=None, add_special_tokens=None) -> list[int]:
+        add = False if add_special_tokens is None else add_special_tokens
+        ids = self._tokenizer.encode(string, add_special_tokens=add)
+        return ids[-left_truncate_len:] if left_truncate_len else ids
+
+    def tok_decode(self, tokens):
+        return self._tokenizer.decode(tokens)
+
+    # helpers -----------------------------------------------------------------------------
+
+    def _resolve_stats_path(self) -> Path | None:
+        if self.args.stats_path:
+            return Path(self.args.stats_path)
+        out = output_path_from_argv()
+        return default_stats_path(out, self.args.pretrained) if out else None
+
+    def _flush_stats(self) -> None:
+        from lmms_eval.models.model_utils.gen_metrics import log_metrics
+
+        speed = self.stats.gen_tokens / self.stats.gen_seconds if self.stats.gen_seconds > 0 else 0.0
+        log_metrics(
+            total_elapsed_time=self.stats.gen_seconds,
+            total_gen_tokens=self.stats.gen_tokens,
+            avg_speed=speed,
+            additional_metrics=self.stats.summary(),
+        )
+        if self._stats_path is not None:
+            path = self.stats.write(self._stats_path)
+            self._log.info(f"pumer_llava: reduction config and per-sample visual tokens written to {path}")
+        else:
+            self._log.warning("pumer_llava: no --output_path and no stats_path: per-sample stats are not written")
+
+    def _doc(self, task: str, split: str, doc_id: Any):
+        return self.task_dict[task][split][doc_id]
+
+    def _visual_counts(self, input_ids) -> list[int]:
+        image_id = getattr(self._model.config, "image_token_id", None)
+        if image_id is None:
+            image_id = getattr(self._model.config, "image_token_index", None)
+        if image_id is None:
+            return [0] * input_ids.shape[0]
+        return (input_ids == image_id).sum(-1).tolist()
+
+    def _last_stats(self):
+        state = getattr(self._model, "pumer", None)
+        return None if state is None else state.last_stats
+
+    def _encode(self, prompts: list[str], visuals: list):
+        kw: dict[str, Any] = dict(text=prompts, return_tensors="pt", padding=True)
+        if visuals:
+            kw["images"] = visuals
+        inputs = self._processor(**kw)
+        return inputs.to(self._device)
+
+    def _cast(self, inputs):
+        import torch
+
+        dtype = next(p.dtype for p in self._model.parameters() if p.is_floating_point())
+        if "pixel_values" in inputs and dtype in (torch.float16, torch.bfloat16, torch.float32):
+            inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+        return inputs
+
+    # generate_until -----------------------------------------------------------------------
+
+    def _generate_batch(self, items: list[tuple], gen_kwargs: dict) -> list[str]:
+        import torch
+
+        prompts, visuals = [], []
+        for context, _, doc_to_visual, doc_id, task, split in items:
+            vis = [v.convert("RGB") if hasattr(v, "convert") else v for v in flatten_visuals(doc_to_visual(self._doc(task, split, doc_id)))]
+            if any(isinstance(v, str) for v in vis):
+                raise ValueError("pumer_llava evaluates images; this request carries a video or path")
+            prompts.append(build_prompt(context, len(vis), self._processor, self.chat_template))
+            visuals.extend(vis)
+        inputs = self._cast(self._encode(prompts, visuals))
+        until = gen_kwargs.get("until") or []
+        until = [until] if isinstance(until, str) else list(until)
+        temperature = float(gen_kwargs.get("temperature", 0) or 0)
+        do_sample = bool(gen_kwargs.get("do_sample", False)) or temperature > 0
+        gen = dict(
+            max_new_tokens=int(gen_kwargs.get("max_new_tokens", self.args.max_new_tokens)),
+            do_sample=do_sample,
+            num_beams=int(gen_kwargs.get("num_beams", 1) or 1),
+            use_cache=self.use_cache,
+            pad_token_id=self._tokenizer.pad_token_id,
+        )
+        if do_sample:
+            gen["temperature"] = temperature
+            if gen_kwargs.get("top_p") is not None:
+                gen["top_p"] = float(gen_kwargs["top_p"])
+        else:
+            gen.update(temperature=None, top_p=None, top_k=None)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = self._model.generate(**inputs, **gen)
+        self.stats.gen_seconds += time.perf_counter() - start
+        new = out[:, inputs["input_ids"].shape[1] :]
+        eos = self._tokenizer.eos_token_id
+        pad = self._tokenizer.pad_token_id
+        self.stats.gen_tokens += int(((new != pad) & (new != eos)).sum()) if pad is not None else int(new.numel())
+        texts = self._tokenizer.batch_decode(new, skip_special_tokens=True)
+        ids = [sample_id(t, s, d) for _, _, _, d, t, s in items]
+        self.stats.add_batch(ids, self._visual_counts(inputs["input_ids"]), self._last_stats(), "generate_until")
+        return [apply_until(t, until).strip() for t in texts]
+
+    def _run_batches(self, chunks, total: int, run_batch) -> dict:
+        tracker = FailureTracker(total=total, max_rate=self.args.max_failure_rate)
+
+        def failed(item, exc):
+            sid = sample_id(item[4], item[5], item[3])
+            self.stats.failures.append({"sample": sid, "error": f"{type(exc).__name__}: {exc}"})
+            return sid
+
+        return run_chunks(chunks, run_batch, tracker, failed, log_error=self._log.error, log_warning=self._log.warning)
+
+    def generate_until(self, requests) -> list[str]:
+        from tqdm import tqdm
+
+        args = [req.args for req in requests]
+        # Sort by prompt length (longest first, as lmms-eval's Collator does) inside groups
+        # of equal generation kwargs, so batches pad little and share one generate() call.
+        groups: dict[str, list[int]] = {}
+        for i, a in enumerate(args):
+            groups.setdefault(json.dumps(a[1], sort_keys=True, default=str), []).append(i)
+        chunks = []
+        for idx in groups.values():
+            idx.sort(key=lambda i: (-len(self.tok_encode(args[i][0])), args[i][0]))
+            for s in range(0, len(idx), self.batch_size):
+                chunks.append([(i, args[i]) for i in idx[s : s + self.batch_size]])
+        pbar = tqdm(total=len(chunks), disable=(self.rank != 0), desc="pumer_llava generate")
+
+        def run(items):
+            gen_kwargs = dict(items[0][1])
+            out = self._generate_batch(items, gen_kwargs)
+            pbar.update(1)
+            return out
+
+        try:
+            answers = self._run_batches(chunks, len(requests), run)
+        finally:
+            pbar.close()
+            self._flush_stats()
+        res = []
+        for i, a in enumerate(args):
+            text = answers.get(i)
+            res.append("" if text is None else text)  # a counted, logged failure
+            self.cache_hook.add_partial("generate_until", (a[0], a[1]), res[-1])
+        return res
+
+    # loglikelihood --------------------------------------------------------------------------
+
+    def _loglikelihood_one(self, item: tuple) -> tuple[float, bool]:
+        import torch
+
+        context, target, doc_to_visual, doc_id, task, split = item
+        doc = self._doc(task, split, doc_id)
+        continuation = target if isinstance(target, str) else target(doc)
+        if isinstance(continuation, list):
+            continuation = continuation[0]
+        vis = [v.convert("RGB") if hasattr(v, "convert") else v for v in flatten_visuals(doc_to_visual(doc))]
+        prompt = build_prompt(context, len(vis), self._processor, self.chat_template)
+        ctx = self._encode([prompt], vis)
+        full = self._cast(self._encode([prompt + continuation], vis))
+        n_ctx = ctx["input_ids"].shape[1]
+        ids = full["input_ids"]
+        if ids.shape[1] <= n_ctx or not torch.equal(ids[0, :n_ctx], ctx["input_ids"][0]):
+            raise ValueError(f"the continuation {continuation!r} does not tokenize as an extension of the prompt")
+        with torch.inference_mode():
+            logits = self._model(**full).logits  # (1, N, V): the core scatters reduced logits back
+        if logits.shape[1] != ids.shape[1]:
+            raise RuntimeError(f"logits cover {logits.shape[1]} of {ids.shape[1]} positions: cannot score the continuation")
+        cont = ids[:, n_ctx:]  # (1, C)
+        logp = torch.log_softmax(logits[:, n_ctx - 1 : -1].float(), dim=-1)  # (1, C, V)
+        ll = logp.gather(-1, cont[..., None]).squeeze(-1).sum().item()
+        greedy = bool((logp.argmax(-1) == cont).all())
+        self.stats.add_batch([sample_id(task, split, doc_id)], self._visual_counts(ids), self._last_stats(), "loglikelihood")
+        return ll, greedy
+
+    def loglikelihood(self, requests) -> list[tuple[float, bool]]:
+        """One request per forward (the continuation positions need full-length logits)."""
+        from tqdm import tqdm
+
+        args = [req.args for req in requests]
+        chunks = [[(i, a)] for i, a in enumerate(args)]
+        pbar = tqdm(total=len(chunks), disable=(self.rank != 0), desc="pumer_llava loglikelihood")
+
+        def run(items):
+            out = [self._loglikelihood_one(items[0])]
+            pbar.update(1)
+            return out
+
+        try:
+            answers = self._run_batches(chunks, len(requests), run)
+        finally:
+            pbar.close()
+            self._flush_stats()
+        return [(-math.inf, False) if answers.get(i) is None else answers[i] for i in range(len(args))]
+
+    def generate_until_multi_round(self, requests) -> list[str]:
+        raise NotImplementedError(
+            "pumer_llava does not implement generate_until_multi_round (multi-round tasks); "
+            "evaluate single-round tasks, or open an issue if you need it"
+        )
+
+
+def manifest():
+    """The ``lmms_eval.models`` entry point: registers ``--model pumer_llava``."""
+    if ModelManifest is None:  # pragma: no cover
+        raise ImportError("lmms-eval is not installed")
+    return ModelManifest(model_id="pumer_llava", simple_class_path="pumer_llava.lmms_eval_plugin.PumerLlava")

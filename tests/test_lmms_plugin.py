@@ -1,0 +1,393 @@
+"""The lmms-eval model ``pumer_llava`` (issue 4).
+
+The argument parsing, failure counting, stats and prompt helpers are plain functions
+and run without lmms-eval; the model class tests skip cleanly when lmms-eval 0.7.3
+is not importable (install recipe: eval/lmms/INSTALL_NOTES.md).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from PIL import Image
+
+from pumer_llava import lmms_eval_plugin as plug
+from pumer_llava.config import PumerConfig
+
+# ------------------------------------------------------------------ argument parsing
+
+
+def test_strings_from_the_command_line_are_converted():
+    a = plug.parse_model_args(
+        pretrained="some/model",
+        ratio="0.5",
+        method="PuMer",
+        layers="[1,3]",
+        merge_share="0.25",
+        prop_attn="false",
+        seed="7",
+        batch_size="8",
+        max_new_tokens="16",
+        load_in_4bit="true",
+        dtype="torch.float16",
+        max_failure_rate="0.1",
+    )
+    assert a.reduction == PumerConfig(method="pumer", ratio=0.5, layers=(1, 3), merge_share=0.25, prop_attn=False, seed=7)
+    assert (a.batch_size, a.max_new_tokens, a.load_in_4bit, a.dtype, a.max_failure_rate) == (8, 16, True, "float16", 0.1)
+
+
+def test_values_as_lmms_eval_converts_them():
+    # lmms-eval's handle_arg_string turns "1" into int 1, "0.25" into float, "true" into bool
+    a = plug.parse_model_args(pretrained="m", ratio=0.25, keep_tokens=None, seed=3, use_cache=False, batch_size=4)
+    assert a.reduction.ratio == 0.25 and a.reduction.seed == 3 and a.use_cache is False and a.batch_size == 4
+    assert plug.parse_model_args(pretrained="m", keep_tokens=64).reduction == PumerConfig(ratio=None, keep_tokens=64)
+
+
+@pytest.mark.parametrize("value, expected", [("[2,8,16]", (2, 8, 16)), ("2;8;16", (2, 8, 16)), ("2 8", (2, 8)),
+                                             ("4", (4,)), (4, (4,)), ([1, 2], (1, 2)), ("none", None), (None, None)])
+def test_layers_forms(value, expected):
+    assert plug.parse_layers(value) == expected
+
+
+@pytest.mark.parametrize("kw", [dict(ratio=1.0), dict(ratio="1"), dict(method="none"), dict(method="off", ratio=0.5)])
+def test_unreduced_forms(kw):
+    assert plug.parse_model_args(pretrained="m", **kw).reduction is None
+
+
+def test_default_is_pumer_at_a_quarter():
+    assert plug.parse_model_args(pretrained="m").reduction == PumerConfig(method="pumer", ratio=0.25)
+
+
+@pytest.mark.parametrize(
+    "kw, words",
+    [
+        (dict(ratio=1.5), "ratio"),
+        (dict(ratio="lots"), "ratio"),
+        (dict(ratio=0.5, keep_tokens=64), "not both"),
+        (dict(keep_tokens=0), "keep_tokens"),
+        (dict(method="tome"), "unknown method"),
+        (dict(method="none", keep_tokens=8), "unreduced"),
+        (dict(layers="a;b"), "layers"),
+        (dict(layers="[3,1]"), "increasing"),
+        (dict(merge_share=2), "merge_share"),
+        (dict(prop_attn="maybe"), "prop_attn"),
+        (dict(seed="x"), "seed"),
+        (dict(dtype="int8"), "dtype"),
+        (dict(attn_implementation="paged"), "attn_implementation"),
+        (dict(device="tpu"), "device"),
+        (dict(batch_size=0), "batch_size"),
+        (dict(batch_size="auto"), "batch_size"),
+        (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(max_failure_rate=1.5), "max_failure_rate"),
+        (dict(load_in_4bit="maybe"), "load_in_4bit"),
+        (dict(ratios=0.5), "unknown model_args"),
+    ],
+)
+def test_bad_args_raise_clear_value_errors(kw, words):
+    with pytest.raises(ValueError, match=words):
+        plug.parse_model_args(pretrained="m", **kw)
+
+
+def test_pretrained_is_required():
+    with pytest.raises(ValueError, match="pretrained"):
+        plug.parse_model_args(pretrained=None)
+
+
+# ---------------------------------------------------------------------- failures
+
+
+def test_tracker_allows_floor_of_rate_times_total():
+    t = plug.FailureTracker(total=40, max_rate=0.05)
+    assert t.allowed == 2
+    t.record("a", ValueError("x"))
+    t.record("b", ValueError("y"))
+    with pytest.raises(plug.TooManyFailures, match="3 of 40"):
+        t.record("c", ValueError("z"))
+
+
+def test_tracker_rate_zero_raises_on_first_failure_and_logs_the_id():
+    logged = []
+    t = plug.FailureTracker(total=10, max_rate=0.0)
+    with pytest.raises(plug.TooManyFailures, match="doc-7"):
+        t.record("doc-7", RuntimeError("boom"), log=logged.append)
+    assert "doc-7" in logged[0] and "boom" in logged[0]
+
+
+def _chunks(items, n):
+    pairs = list(enumerate(items))
+    return [pairs[i : i + n] for i in range(0, len(pairs), n)]
+
+
+def test_failing_sample_is_isolated_counted_and_answered_none():
+    calls = []
+
+    def run(items):
+        calls.append(list(items))
+        if "bad" in items:
+            raise RuntimeError("cannot")
+        return [x.upper() for x in items]
+
+    failed = []
+    tracker = plug.FailureTracker(total=6, max_rate=0.5)
+    out = plug.run_chunks(_chunks(["a", "b", "bad", "c", "d", "e"], 3), run, tracker, lambda item, exc: failed.append(item) or item)
+    assert out == {0: "A", 1: "B", 2: None, 3: "C", 4: "D", 5: "E"}
+    assert failed == ["bad"] and tracker.count == 1
+    assert calls[0] == ["a", "b", "bad"] and ["a"] in calls and ["bad"] in calls  # retried one at a time
+
+
+def test_failures_past_the_threshold_stop_the_run():
+    def run(items):
+        raise RuntimeError("always")
+
+    tracker = plug.FailureTracker(total=4, max_rate=0.25)
+    with pytest.raises(plug.TooManyFailures):
+        plug.run_chunks(_chunks(["a", "b", "c", "d"], 2), run, tracker, lambda item, exc: item)
+    assert tracker.count == 2
+
+
+def test_wrong_number_of_answers_is_a_failure():
+    tracker = plug.FailureTracker(total=2, max_rate=1.0)
+    out = plug.run_chunks(_chunks(["a", "b"], 2), lambda items: ["only one"], tracker, lambda item, exc: item)
+    # the batch answered 1 of 2: retried one at a time, where one answer each is right
+    assert out == {0: "only one", 1: "only one"} and tracker.count == 0
+
+
+# ------------------------------------------------------------------------ stats
+
+
+def test_stats_recorder_per_sample_counts_and_summary(tmp_path):
+    rec = plug.StatsRecorder(model_args={"pretrained": "m"}, reduction={"method": "pumer", "ratio": 0.25})
+    stats = SimpleNamespace(
+        to_dict=lambda: {
+            "visual_tokens_total": [64, 64],
+            "visual_tokens_per_layer": [[64, 64], [32, 32], [16, 16]],
+            "visual_tokens_final": [16, 16],
+            "flops_ratio": 0.5,
+            "select_seconds": 0.01,
+            "reducing_layers": [1, 2],
+        }
+    )
+    rec.add_batch(["t/test/0", "t/test/1"], [64, 64], stats, "generate_until")
+    rec.add_batch(["t/test/2"], [64], None, "loglikelihood")  # unreduced: counted from the ids
+    s = rec.summary()
+    assert s["pumer_samples"] == 3 and s["pumer_failures"] == 0
+    assert s["pumer_visual_tokens_final"] == pytest.approx(32.0) and s["pumer_flops_ratio"] == 0.5
+    assert rec.samples["t/test/1"]["visual_tokens_per_layer"] == [64, 32, 16]
+    assert rec.samples["t/test/2"]["visual_tokens_final"] == 64
+    d = json.loads(rec.write(tmp_path / "x" / "s.json").read_text())
+    assert d["reduction"]["method"] == "pumer" and set(d["samples"]) == {"t/test/0", "t/test/1", "t/test/2"}
+
+
+def test_output_path_and_sidecar_location():
+    argv = ["eval", "--model", "pumer_llava", "--output_path", "res/", "--tasks", "x"]
+    assert plug.output_path_from_argv(argv) == "res/"
+    assert plug.output_path_from_argv(["--tasks", "x"]) is None
+    p = plug.default_stats_path("res", "llava-hf/llava-1.5-7b-hf", stamp="20260101_000000")
+    assert p.name == "20260101_000000_pumer_stats.json" and p.parent.parent.name == "res"
+
+
+# ---------------------------------------------------------------------- prompts
+
+
+def _word_tokenizer(chat_template=None):
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<s>", "</s>", "<unk>", "<image>", "user:", "assistant:", "what", "color", "is", "it", "?",
+             "red", "blue", "green", "a", "the", "yes", "no"]
+    tok = Tokenizer(WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"}, padding_side="left",
+    )
+    if chat_template:
+        fast.chat_template = chat_template
+    return fast
+
+
+LIST_TEMPLATE = (
+    "{%- for message in messages -%}{{ 'USER: ' }}"
+    "{%- for item in message['content'] | selectattr('type', 'equalto', 'image') -%}{{ '<image>\n' }}{%- endfor -%}"
+    "{%- for item in message['content'] | selectattr('type', 'equalto', 'text') -%}{{ item['text'] }}{%- endfor -%}"
+    "{%- endfor -%}{%- if add_generation_prompt -%}{{ ' ASSISTANT:' }}{%- endif -%}"
+)
+STRING_TEMPLATE = "{% for m in messages %}USER: {{ m['content'] }}{% endfor %}{% if add_generation_prompt %} ASSISTANT:{% endif %}"
+
+
+class _Proc:
+    """The two attributes build_prompt reads from a processor."""
+
+    def __init__(self, tokenizer, chat_template):
+        self.tokenizer, self.chat_template, self.image_token = tokenizer, chat_template, "<image>"
+
+    def apply_chat_template(self, messages, **kw):
+        return self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, **kw)
+
+
+def test_prompt_uses_the_processors_chat_template():
+    proc = _Proc(_word_tokenizer(), LIST_TEMPLATE)
+    assert plug.build_prompt("what color is it ?", 1, proc) == "USER: <image>\nwhat color is it ? ASSISTANT:"
+    assert plug.build_prompt("<image> what color ?", 1, proc) == "USER: <image> what color ? ASSISTANT:"
+
+
+def test_prompt_falls_back_to_the_tokenizer_template_then_vicuna():
+    proc = _Proc(_word_tokenizer(STRING_TEMPLATE), None)
+    assert plug.build_prompt("what ?", 2, proc) == "USER: <image> <image>\nwhat ? ASSISTANT:"
+    vic = plug.build_prompt("what ?", 1, _Proc(_word_tokenizer(), None))
+    assert vic.startswith("A chat between") and "USER: <image>\nwhat ?" in vic and vic.endswith("ASSISTANT:")
+
+
+def test_until_cuts_at_the_first_stop():
+    assert plug.apply_until("red. and more\nx", ["\n", "."]) == "red"
+    assert plug.apply_until("red", []) == "red"
+
+
+# ------------------------------------------------------- the model inside lmms-eval
+
+needs_lmms_eval = pytest.mark.skipif(
+    not plug.HAVE_LMMS_EVAL, reason="lmms-eval 0.7.3 not importable (install recipe: eval/lmms/INSTALL_NOTES.md)"
+)
+
+
+@needs_lmms_eval
+def test_manifest_registers_a_simple_model():
+    from lmms_eval.models.registry_v2 import ModelRegistryV2
+
+    reg = ModelRegistryV2()
+    reg.register_manifest(plug.manifest())
+    assert reg.get_model_class("pumer_llava") is plug.PumerLlava
+    assert plug.PumerLlava.is_simple
+
+
+@pytest.fixture(scope="module")
+def tiny_llava(tmp_path_factory):
+    """A random LLaVA (CLIP tower with [CLS] + Llama) with a word-level processor, saved offline."""
+    from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor)
+
+    tok = _word_tokenizer()
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=32, patch_size=8, projection_dim=32)
+    text = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
+                         vision_feature_layer=-2, vision_feature_select_strategy="default", image_seq_length=16)
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    proc = LlavaProcessor(
+        image_processor=CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        tokenizer=tok, patch_size=8, vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        chat_template=LIST_TEMPLATE,
+    )
+    path = tmp_path_factory.mktemp("tiny-llava")
+    model.save_pretrained(path)
+    proc.save_pretrained(path)
+    return str(path)
+
+
+QUESTIONS = ["what color is it ?", "is it red ?", "what is the color ?", "is the it blue ?", "what ?"]
+
+
+def _docs():
+    imgs = []
+    for i in range(len(QUESTIONS)):
+        g = torch.Generator().manual_seed(i)
+        arr = (torch.rand(32, 32, 3, generator=g) * 255).to(torch.uint8).numpy()
+        imgs.append(Image.fromarray(arr))
+    return [{"image": im, "question": q, "answer": "red"} for im, q in zip(imgs, QUESTIONS)]
+
+
+def _requests(kind="generate_until", bad=()):
+    from lmms_eval.api.instance import Instance
+
+    def visual(doc):
+        if doc["question"] in bad:
+            raise OSError("unreadable image")
+        return [doc["image"]]
+
+    out = []
+    for i, q in enumerate(QUESTIONS):
+        second = {"max_new_tokens": 3, "temperature": 0, "until": ["\n"]} if kind == "generate_until" else " red"
+        out.append(Instance(request_type=kind, arguments=(q, second, visual, i, "toy", "test"), idx=0,
+                            metadata={"task": "toy", "doc_id": i, "repeats": 1}))
+    return out
+
+
+def _lm(path, tmp_path, **kw):
+    lm = plug.PumerLlava(pretrained=path, device="cpu", stats_path=str(tmp_path / "stats.json"), **kw)
+    lm.task_dict = {"toy": {"test": _docs()}}
+    return lm
+
+
+def test_bad_model_args_raise_before_loading(tmp_path):
+    with pytest.raises(ValueError, match="ratio"):
+        plug.PumerLlava(pretrained=str(tmp_path / "does-not-exist"), ratio=3)
+    with pytest.raises(ValueError, match="unknown model_args"):
+        plug.PumerLlava(pretrained=str(tmp_path / "does-not-exist"), ration=0.5)
+
+
+@needs_lmms_eval
+def test_generate_batched_equals_one_by_one_and_records_stats(tiny_llava, tmp_path):
+    lm8 = _lm(tiny_llava, tmp_path, ratio=0.25, batch_size=4, layers="1;2")
+    out8 = lm8.generate_until(_requests())
+    lm1 = _lm(tiny_llava, tmp_path, ratio="0.25", batch_size=1, layers="[1,2]")
+    out1 = lm1.generate_until(_requests())
+    assert out8 == out1 and len(out8) == len(QUESTIONS)
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    assert stats["reduction"]["method"] == "pumer" and stats["reduction"]["layers"] == [1, 2]
+    assert len(stats["samples"]) == len(QUESTIONS) and not stats["failures"]
+    s = stats["samples"]["toy/test/0"]
+    assert s["visual_tokens_in"] == 16 and s["visual_tokens_final"] == 4  # 16 patches, a quarter kept
+
+
+@needs_lmms_eval
+def test_unreduced_model_is_the_plain_model(tiny_llava, tmp_path):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    lm = _lm(tiny_llava, tmp_path, method="none", batch_size=2)
+    assert not hasattr(lm.model, "pumer")
+    out = lm.generate_until(_requests())
+    proc = AutoProcessor.from_pretrained(tiny_llava)
+    model = LlavaForConditionalGeneration.from_pretrained(tiny_llava).eval()
+    doc = _docs()[0]
+    inp = proc(images=[doc["image"]], text=[f"USER: <image>\n{QUESTIONS[0]} ASSISTANT:"], return_tensors="pt")
+    ref = model.generate(**inp, max_new_tokens=3, do_sample=False)
+    text = proc.tokenizer.decode(ref[0, inp["input_ids"].shape[1]:], skip_special_tokens=True).split("\n")[0].strip()
+    assert out[0] == text
+
+
+@needs_lmms_eval
+def test_loglikelihood_reduced_and_unreduced(tiny_llava, tmp_path):
+    for kw in (dict(method="none"), dict(ratio=0.5)):
+        lm = _lm(tiny_llava, tmp_path, **kw)
+        res = lm.loglikelihood(_requests("loglikelihood"))
+        assert len(res) == len(QUESTIONS)
+        assert all(math.isfinite(ll) and ll < 0 and isinstance(g, bool) for ll, g in res)
+
+
+@needs_lmms_eval
+def test_failures_are_counted_and_past_the_threshold_raise(tiny_llava, tmp_path):
+    lm = _lm(tiny_llava, tmp_path, batch_size=3, max_failure_rate=0.2)  # 1 of 5 allowed
+    out = lm.generate_until(_requests(bad=(QUESTIONS[1],)))
+    assert out[1] == "" and all(isinstance(o, str) for o in out)
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    assert [f["sample"] for f in stats["failures"]] == ["toy/test/1"]
+    lm = _lm(tiny_llava, tmp_path, batch_size=3, max_failure_rate=0.2)
+    with pytest.raises(plug.TooManyFailures, match="2 of 5"):
+        lm.generate_until(_requests(bad=(QUESTIONS[1], QUESTIONS[3])))
+
+
+@needs_lmms_eval
+def test_multi_round_is_refused_clearly(tiny_llava, tmp_path):
+    lm = _lm(tiny_llava, tmp_path, method="none")
+    with pytest.raises(NotImplementedError, match="multi_round"):
+        lm.generate_until_multi_round([])
