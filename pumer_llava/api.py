@@ -46,17 +46,19 @@ def apply_pumer(
     merge_share: float | None = None,
     prop_attn: bool | None = None,
     seed: int = 0,
+    important_ratio: float | None = None,
 ) -> nn.Module:
     """Turn visual-token reduction on for ``model`` (in place) and return it.
 
     ratio:       fraction of each sample's visual tokens still in the sequence after the
                  last reducing layer, in (0, 1] (default 0.25; 1.0 removes nothing).
     keep_tokens: the budget as an absolute number of visual tokens instead of ``ratio``.
-    method:      "pumer" (default), "fastv", "random" (see ``list_methods()``), or a Recipe.
+    method:      "pumer" (default), "vispruner", "fastv", "random" (``list_methods()``), or a Recipe.
     layers:      decoder layers (0-based) that reduce; default: the method's for this depth.
     merge_share: share of each stage's removal done by merging (0 prune only, 1 merge only).
     prop_attn:   proportional attention for merged tokens (needs an additive-mask backend).
     seed:        seed of the random baseline.
+    important_ratio: VisPruner's share of its budget kept by [CLS] attention (default 0.5).
 
     Applying again replaces the previous setup. Every argument is checked before the
     model is touched; a bad one raises ValueError saying what is accepted.
@@ -73,6 +75,7 @@ def apply_pumer(
         merge_share=merge_share,
         prop_attn=prop_attn,
         seed=seed,
+        important_ratio=important_ratio,
     )
     decoder_layers = adapter.layers(model)
     depth = len(decoder_layers)
@@ -83,6 +86,17 @@ def apply_pumer(
             f"keep_tokens={keep_tokens} is larger than the visual span of one image ({per_image} tokens): "
             f"accepted 1..{per_image}, or use ratio"
         )
+    if recipe.pre_llm:
+        if adapter.vision_parts is None:
+            raise ValueError(f"method {recipe.name!r} needs the vision tower's attention, which {adapter.class_name} does not expose")
+        vparts = adapter.vision_parts(model)
+        if not vparts.has_cls:
+            raise ValueError(
+                f"method {recipe.name!r} reads the [CLS] token's attention, but this model keeps the [CLS] among its "
+                "visual tokens (vision_feature_select_strategy='full'): use pumer or fastv"
+            )
+    elif important_ratio is not None:
+        raise ValueError(f"important_ratio applies to vispruner only, not to method {recipe.name!r}")
     text_config = adapter.text_config(model.config)
     attn = getattr(text_config, "_attn_implementation", None) or getattr(model.config, "_attn_implementation", None)
     if attn not in _ATTN_OK and attn is not None:
@@ -110,7 +124,10 @@ def apply_pumer(
     inner = adapter.inner(model)
     handles.append(inner.register_forward_pre_hook(llm.inner_pre_hook(state), with_kwargs=True))
     handles.append(inner.register_forward_hook(llm.inner_post_hook(state), with_kwargs=True))
-    first = min(resolved[0] + min(recipe.score_offset, 0), resolved[0])
+    if recipe.pre_llm:
+        handles.append(vparts.layer.register_forward_pre_hook(llm.vision_pre_hook(state), with_kwargs=True))
+        handles.append(adapter.language_model(model).register_forward_pre_hook(llm.lm_pre_hook(state), with_kwargs=True))
+    first = min(resolved[0] + min(recipe.score_offset, 0), resolved[0]) if resolved else depth
     for i in range(first, depth):
         handles.append(decoder_layers[i].register_forward_pre_hook(llm.layer_pre_hook(state, i), with_kwargs=True))
     model.pumer = state
@@ -127,6 +144,7 @@ def remove_pumer(model: nn.Module) -> nn.Module:
     state.handles.clear()
     state.records.clear()
     state.call = None
+    state.importance = None
     del model.pumer
     return model
 

@@ -24,6 +24,8 @@ class PumerConfig:
     prop_attn:   proportional attention: a merged token standing for ``s`` tokens gets
                  ``log s`` added to its attention logits; ``None`` takes the default.
     seed:        seed of the ``random`` baseline.
+    important_ratio: VisPruner's share of the budget kept for importance ([CLS] attention);
+                 the rest is kept for diversity. In [0, 1]; ``None`` takes 0.5 (the paper's).
     """
 
     method: str = "pumer"
@@ -33,6 +35,7 @@ class PumerConfig:
     merge_share: float | None = None
     prop_attn: bool | None = None
     seed: int = 0
+    important_ratio: float | None = None
 
     def __post_init__(self) -> None:
         if self.layers is not None and not isinstance(self.layers, tuple):
@@ -69,6 +72,11 @@ class PumerConfig:
                 raise ValueError(f"merge_share must be in [0, 1] (0 = prune only, 1 = merge only), got {self.merge_share}")
         if self.prop_attn is not None and not isinstance(self.prop_attn, bool):
             raise ValueError(f"prop_attn must be True, False or None, got {self.prop_attn!r}")
+        if self.important_ratio is not None:
+            if isinstance(self.important_ratio, bool) or not isinstance(self.important_ratio, (int, float)):
+                raise ValueError(f"important_ratio must be a number in [0, 1], got {self.important_ratio!r}")
+            if not 0.0 <= self.important_ratio <= 1.0:
+                raise ValueError(f"important_ratio must be in [0, 1], got {self.important_ratio}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
 

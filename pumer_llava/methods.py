@@ -68,6 +68,9 @@ class Recipe:
     merge_share:    default share of each stage's removal done by merging.
     prop_attn:      default for proportional attention.
     min_layer:      smallest reducing layer the recipe accepts.
+    pre_llm:        "vision_cls" reduces before the first decoder layer from visual cues
+                    (VisPruner); the in-LLM cascade (``default_layers``) may follow it.
+    important_ratio: default share of the pre-LLM budget kept by importance.
     """
 
     name: str
@@ -77,6 +80,8 @@ class Recipe:
     merge_share: float = 0.0
     prop_attn: bool = False
     min_layer: int = 0
+    pre_llm: str | None = None
+    important_ratio: float = 0.5
     description: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -97,6 +102,14 @@ METHODS: dict[str, Recipe] = {
         score_offset=-1,
         min_layer=1,
         description="attention from the last prompt token at layer K-1, drop at K (FastV)",
+    ),
+    "vispruner": Recipe(
+        name="vispruner",
+        scorer="text_attention",
+        default_layers=lambda depth: (),
+        pre_llm="vision_cls",
+        description="before the LLM: keep tokens by the vision tower's [CLS] attention, then the most "
+        "diverse of the rest (VisPruner)",
     ),
     "random": Recipe(
         name="random",

@@ -28,7 +28,7 @@ def _hook_counts(model):
         (dict(layers=[9]), r"outside the model: .* accepts layers 0\.\.5"),
         (dict(layers=[3, 1]), "strictly increasing"),
         (dict(method="fastv", layers=[0]), r"accepts layers 1\.\.5"),
-        (dict(method="tome"), "unknown method 'tome'; known methods: fastv, pumer, random"),
+        (dict(method="tome"), "unknown method .tome.; known methods: fastv, pumer, random, vispruner"),
         (dict(merge_share=2.0), r"merge_share must be in \[0, 1\]"),
         (dict(prop_attn="yes"), "prop_attn must be"),
     ],
@@ -98,7 +98,7 @@ def test_config_round_trip_and_state_dict():
     assert full["layers"] == list(model.pumer.layers) and full["merge_share"] == 0.25 and full["prop_attn"] is True
     with pytest.raises(ValueError, match="unknown PumerConfig fields"):
         PumerConfig.from_dict({**d, "bogus": 1})
-    assert list_methods() == ["fastv", "pumer", "random"]
+    assert list_methods() == ["fastv", "pumer", "random", "vispruner"]
 
 
 def test_disabled_needs_a_patched_model_and_restores():

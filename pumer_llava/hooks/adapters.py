@@ -26,6 +26,20 @@ class AttnParts:
 
 
 @dataclass(frozen=True)
+class VisionParts:
+    """The vision-tower layer whose [CLS] attention VisPruner reads, and its pieces."""
+
+    layer: nn.Module
+    norm: nn.Module
+    q_proj: nn.Module
+    k_proj: nn.Module
+    num_heads: int
+    head_dim: int
+    scaling: float
+    has_cls: bool
+
+
+@dataclass(frozen=True)
 class Adapter:
     model_type: str
     class_name: str
@@ -36,6 +50,7 @@ class Adapter:
     image_token_id: Callable[[object], int]
     visual_tokens_per_image: Callable[[object], int]
     attn_parts: Callable[[nn.Module, object], AttnParts]
+    vision_parts: Callable[[nn.Module], VisionParts] | None = None
 
 
 def _llama_style_attn(layer: nn.Module, text_config: object) -> AttnParts:
@@ -49,6 +64,34 @@ def _llama_style_attn(layer: nn.Module, text_config: object) -> AttnParts:
         num_kv_heads=getattr(text_config, "num_key_value_heads", None) or n_heads,
         head_dim=attn.head_dim,
         scaling=attn.scaling,
+    )
+
+
+def _clip_vision_parts(model: nn.Module) -> VisionParts:
+    """The encoder layer whose output LLaVA feeds the projector (``vision_feature_layer``).
+
+    ``hidden_states[h]`` is the output of encoder layer ``h - 1`` (index 0 is the embeddings),
+    so the attention that produced the selected features lives in that layer.
+    """
+    tower = model.model.vision_tower
+    layers = getattr(tower, "vision_model", tower).encoder.layers  # 5.x flattens CLIPVisionModel
+    h = model.config.vision_feature_layer
+    if not isinstance(h, int):
+        raise ValueError(f"VisPruner needs a single vision_feature_layer, got {h!r}")
+    idx = (len(layers) + h) if h < 0 else h - 1
+    if not 0 <= idx < len(layers):
+        raise ValueError(f"vision_feature_layer={h} selects no encoder layer's output")
+    layer = layers[idx]
+    attn = layer.self_attn
+    return VisionParts(
+        layer=layer,
+        norm=layer.layer_norm1,
+        q_proj=attn.q_proj,
+        k_proj=attn.k_proj,
+        num_heads=attn.num_heads,
+        head_dim=attn.head_dim,
+        scaling=attn.scale,
+        has_cls=getattr(model.config, "vision_feature_select_strategy", "default") == "default",
     )
 
 
@@ -69,6 +112,7 @@ ADAPTERS: dict[str, Adapter] = {
         image_token_id=lambda c: c.image_token_id,
         visual_tokens_per_image=_llava_visual_tokens,
         attn_parts=_llama_style_attn,
+        vision_parts=_clip_vision_parts,
     ),
 }
 

@@ -26,7 +26,8 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache
 
 from ..methods import ScoreContext
-from ..reduce import bipartite_merge, decoder_flops, plan_stages
+from ..reduce import StagePlan, bipartite_merge, decoder_flops, plan_stages
+from ..reduce.diversity import remove_duplicates
 from ..reduce.scoring import apply_rope, mean_over_rows, query_row_attention
 from .state import CallState, PumerState, Record, ReductionStats
 
@@ -195,13 +196,20 @@ def _reduce(state: PumerState, call: CallState, module, layer: int, stage: int, 
         call.score_flops += bsz * n_keep * d * parts.num_kv_heads * parts.head_dim
     else:
         kept_final = kept
-    sel = torch.cat([nonvis_idx, kept_final], dim=1).sort(dim=1).values  # (B, N')
+    call.size = size
+    return _keep(call, hs, nonvis_idx, kept_final, plan.n_out, layer)
+
+
+def _keep(call: CallState, hs: torch.Tensor, nonvis_idx, kept_vis, n_out: int, key: int) -> torch.Tensor:
+    """Keep all non-visual tokens and the visual ones at ``kept_vis`` (current indices)."""
+    sel = torch.cat([nonvis_idx, kept_vis], dim=1).sort(dim=1).values  # (B, N')
     hs = _take(hs, sel)
     call.pos = call.pos.gather(1, sel)
+    call.idx = call.idx.gather(1, sel)
     call.is_vis = call.is_vis.gather(1, sel)
     call.valid = call.valid.gather(1, sel)
-    call.size = size.gather(1, sel)
-    call.kept[layer] = call.pos.gather(1, _split_visual(call.is_vis, plan.n_out)[1])
+    call.size = call.size.gather(1, sel)
+    call.kept[key] = call.pos.gather(1, _split_visual(call.is_vis, n_out)[1])
     return hs
 
 
@@ -210,12 +218,12 @@ def _stage_kwargs(state: PumerState, call: CallState, kwargs: dict, dtype) -> di
     out = {}
     pe = kwargs.get("position_embeddings")
     if pe is not None:
-        out["position_embeddings"] = tuple(_take(t, call.pos) for t in pe)
+        out["position_embeddings"] = tuple(_take(t, call.idx) for t in pe)
     pid = kwargs.get("position_ids")
     if pid is not None:
-        out["position_ids"] = _take(pid, call.pos)
+        out["position_ids"] = _take(pid, call.idx)
     log_size = call.size.log() if (state.prop_attn and call.merged) else None
-    out["attention_mask"] = _gather_mask(kwargs.get("attention_mask"), call.pos, call.valid, log_size, dtype)
+    out["attention_mask"] = _gather_mask(kwargs.get("attention_mask"), call.idx, call.valid, log_size, dtype)
     return out
 
 
@@ -239,7 +247,7 @@ def layer_pre_hook(state: PumerState, layer: int):
                 scores = _score(state, call, module, layer, stage, hs, kw)
             hs = _reduce(state, call, module, layer, stage, hs, scores)
             call.stage_kw = _stage_kwargs(state, call, kwargs, hs.dtype)
-            call.stage_pos.append((call.pos, call.size.log() if (state.prop_attn and call.merged) else None))
+            call.stage_pos.append((call.idx, call.size.log() if (state.prop_attn and call.merged) else None))
             call.select_seconds += _now(hs.device) - t0
         later = call.score_at.get(layer)
         if later is not None:  # FastV-style: score from this layer's input, drop later
@@ -368,6 +376,7 @@ def _open_prefill(state: PumerState, input_ids: torch.Tensor, vis: torch.Tensor,
         mode="prefill" if keep < total else "off",
         input_ids=input_ids,
         pos=torch.arange(n0, device=vis.device).expand(bsz, n0),
+        idx=torch.arange(n0, device=vis.device).expand(bsz, n0),
         is_vis=vis,
         is_vis_full=vis,
         size=torch.ones(bsz, n0, device=vis.device),
@@ -381,7 +390,12 @@ def _open_prefill(state: PumerState, input_ids: torch.Tensor, vis: torch.Tensor,
     if call.mode == "off":
         state.last_stats = _stats_unreduced(state, call)
         return call
-    call.plans = plan_stages(total, keep, len(state.layers), state.merge_share)
+    pre = 1 if state.recipe.pre_llm else 0
+    plans = plan_stages(total, keep, len(state.layers) + pre, state.merge_share)
+    if pre:  # removal before the LLM is pruning only: fold its merge share into pruning
+        p0 = plans.pop(0)
+        call.pre_plan = StagePlan(n_in=p0.n_in, prune=p0.prune + p0.merge, merge=0)
+    call.plans = plans
     call.stage_of_layer = {layer: s for s, layer in enumerate(state.layers)}
     if state.recipe.score_offset:
         call.score_at = {layer + state.recipe.score_offset: s for s, layer in enumerate(state.layers)}
@@ -389,18 +403,30 @@ def _open_prefill(state: PumerState, input_ids: torch.Tensor, vis: torch.Tensor,
 
 
 def _open_extend(state: PumerState, record: Record, cache, q: int, kwargs: dict) -> CallState:
-    if cache.get_seq_length() != record.n_full:
+    if cache.get_seq_length() != record.n_lm:
         raise RuntimeError(
             f"the cache holds {cache.get_seq_length()} positions in its first layer but pumer_llava recorded "
-            f"{record.n_full}: it was changed outside generate (cropped or reordered), which a reduced cache "
+            f"{record.n_lm}: it was changed outside generate (cropped or reordered), which a reduced cache "
             "cannot follow"
         )
-    dev = record.stage_cols[0].device if record.stage_cols else torch.device("cpu")
-    new_pos = torch.arange(record.n_full, record.n_full + q, device=dev)
-    bsz = record.stage_cols[0].shape[0] if record.stage_cols else 1
+    if record.pre_cols is not None and q > 1:
+        raise NotImplementedError(
+            "continuing a conversation on a cache reduced before the language model (VisPruner) is not "
+            "supported: generate() slices the new turn by the cache length, which no longer counts the "
+            "removed tokens. Re-run the whole conversation as a new prompt"
+        )
+    ref = record.stage_cols[0] if record.stage_cols else record.pre_cols
+    dev = ref.device
+    bsz = ref.shape[0]
+    new_pos = torch.arange(record.n_lm, record.n_lm + q, device=dev)
+    new_full = torch.arange(record.n_full, record.n_full + q, device=dev)
     mask2d = kwargs.get("attention_mask")
-    call = CallState(mode="extend", record=record, new_pos=new_pos)
-    call.mask2d = mask2d.bool().to(dev) if (mask2d is not None and mask2d.ndim == 2) else None
+    call = CallState(mode="extend", record=record, new_pos=new_pos, new_full=new_full)
+    if mask2d is not None and mask2d.ndim == 2:
+        mask2d = mask2d.bool().to(dev)
+        if record.pre_cols is not None:
+            mask2d = mask2d.gather(1, torch.cat([record.pre_cols, new_full.expand(bsz, q)], dim=1))
+        call.mask2d = mask2d
     for s, cols in enumerate(record.stage_cols):
         call.ext_cols[s] = torch.cat([cols, new_pos.expand(bsz, q)], dim=1)
         ls = record.stage_logsize[s]
@@ -418,7 +444,11 @@ def inner_post_hook(state: PumerState):
             rec = call.record
             rec.stage_cols = [call.ext_cols[s] for s in range(len(rec.stage_cols))]
             rec.stage_logsize = [call.ext_logsize[s] for s in range(len(rec.stage_logsize))]
-            rec.n_full += call.new_pos.shape[0]
+            q = call.new_pos.shape[0]
+            rec.n_full += q
+            rec.n_lm += q
+            if rec.pre_cols is not None:
+                rec.pre_cols = torch.cat([rec.pre_cols, call.new_full.expand(rec.pre_cols.shape[0], q)], dim=1)
             return None
         if call.mode != "prefill":
             return None
@@ -434,6 +464,8 @@ def inner_post_hook(state: PumerState):
                 stage_cols=[p for p, _ in call.stage_pos],
                 stage_logsize=[ls for _, ls in call.stage_pos],
                 n_full=call.input_ids.shape[1],
+                n_lm=call.pre_cols.shape[1] if call.pre_cols is not None else call.input_ids.shape[1],
+                pre_cols=call.pre_cols,
             )
         state.last_stats = _stats_reduced(state, call)
         return _scatter_back(call, output)
@@ -454,6 +486,102 @@ def _scatter_back(call: CallState, output):
     full.scatter_(1, call.pos.to(h.device)[..., None].expand(-1, -1, h.shape[-1]), h)
     output.last_hidden_state = full
     return output
+
+
+def vision_pre_hook(state: PumerState):
+    """VisPruner's importance: the [CLS] query's attention over the patches, head mean.
+
+    Recomputed from the selected layer's own norm and q/k projections, so the tower may run
+    under sdpa (no attention weights) and nothing depends on ``output_attentions``.
+    """
+
+    def hook(module, args, kwargs):
+        if not state.enabled:
+            return None
+        parts = state.adapter.vision_parts(state.model)
+        h = args[0] if args else kwargs["hidden_states"]  # (n_img, 1 + P, dv)
+        with torch.no_grad():
+            x = parts.norm(h)
+            n_img, n, _ = x.shape
+            q = parts.q_proj(x[:, :1]).view(n_img, 1, parts.num_heads, parts.head_dim).transpose(1, 2)
+            k = parts.k_proj(x).view(n_img, n, parts.num_heads, parts.head_dim).transpose(1, 2)
+            allowed = torch.ones(n_img, 1, n, dtype=torch.bool, device=x.device)
+            probs = query_row_attention(q, k, allowed, parts.scaling)  # (n_img, H, 1, 1 + P)
+        # kept until the tower runs again: generate(use_cache=False) encodes the image once and
+        # re-runs prefill on the same features at every step
+        state.importance = probs.mean(1)[:, 0, 1:]  # (n_img, P): drop [CLS] itself
+        return None
+
+    return hook
+
+
+def _importance_per_sample(state: PumerState, call: CallState) -> torch.Tensor:
+    if state.importance is None:
+        raise RuntimeError(
+            "VisPruner found no [CLS] attention for this prefill: the vision tower did not run under this "
+            "model's hooks (were image features passed in precomputed?)"
+        )
+    imp = state.importance  # (n_img, P)
+    bsz, total = call.input_ids.shape[0], call.n_total
+    if imp.numel() == bsz * total:
+        return imp.reshape(bsz, total)
+    if (bsz * total) % imp.numel() == 0 and total % imp.shape[1] == 0:  # inputs expanded after encoding (beams)
+        per = imp.reshape(-1, total)
+        return per.repeat_interleave(bsz // per.shape[0], dim=0)
+    raise RuntimeError(f"[CLS] attention for {tuple(imp.shape)} patches does not match {bsz} x {total} visual tokens")
+
+
+def lm_pre_hook(state: PumerState):
+    """Before the first decoder layer: VisPruner's reduction, and mapping decode masks onto it."""
+
+    def hook(module, args, kwargs):
+        call = state.call
+        if call is None or not call.active:
+            return None
+        if call.mode == "extend":
+            if call.record.pre_cols is None:
+                return None
+            kwargs["attention_mask"] = call.mask2d
+            if kwargs.get("position_ids") is None:
+                kwargs["position_ids"] = call.new_full[None]
+            return args, kwargs
+        if call.mode != "prefill" or call.pre_plan is None:
+            return None
+        emb = kwargs["inputs_embeds"]  # (B, N0, d)
+        t0 = _now(emb.device)
+        plan = call.pre_plan
+        importance = _importance_per_sample(state, call).to(emb.device)  # (B, T)
+        nonvis_idx, vis_idx = _split_visual(call.is_vis, plan.n_in)
+        n_keep = plan.n_out
+        n_imp = round(n_keep * state.important_ratio)
+        imp = importance.topk(n_imp, dim=1).indices  # local visual indices
+        rest_mask = torch.ones_like(importance, dtype=torch.bool).scatter(1, imp, False)
+        rest = rest_mask.nonzero()[:, 1].view(emb.shape[0], -1)  # (B, T - n_imp), ascending
+        feats = _take(emb, vis_idx.gather(1, rest.to(vis_idx.device)))
+        diverse = rest.gather(1, remove_duplicates(feats, n_keep - n_imp).to(rest.device))
+        kept_local = torch.cat([imp, diverse], dim=1).to(vis_idx.device)
+        emb = _keep(call, emb, nonvis_idx, vis_idx.gather(1, kept_local), n_keep, -1)
+        call.pre_cols = call.pos
+        call.lm_counts = (call.valid.sum(1), (call.is_vis & call.valid).sum(1))
+        call.idx = torch.arange(call.pos.shape[1], device=call.pos.device).expand_as(call.pos)
+        kwargs["inputs_embeds"] = emb
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.ndim == 2:
+            kwargs["attention_mask"] = mask.gather(1, call.pos.to(mask.device))
+        elif mask is None:
+            # Kept tokens keep their original positions, so the ids now have gaps; with no mask and no
+            # cache, transformers would read the gaps as packed sequences and mask across them.
+            kwargs["attention_mask"] = torch.ones(call.pos.shape, dtype=torch.long, device=emb.device)
+        pid = kwargs.get("position_ids")
+        if pid is None:
+            kwargs["position_ids"] = call.pos.to(emb.device)
+        else:
+            kwargs["position_ids"] = _take(pid, call.pos)
+        call.select_seconds += _now(emb.device) - t0
+        call.score_flops += emb.shape[0] * feats.shape[1] ** 2 * feats.shape[2]
+        return args, kwargs
+
+    return hook
 
 
 def top_pre_hook(state: PumerState):
@@ -515,7 +643,7 @@ def _stats_unreduced(state: PumerState, call: CallState) -> ReductionStats:
 def _stats_reduced(state: PumerState, call: CallState) -> ReductionStats:
     # layers before the first hooked one see the unreduced sequence
     n_layers = len(state.adapter.layers(state.model))
-    full_tokens, full_vis = call.valid_full.sum(1), (call.is_vis_full & call.valid_full).sum(1)
+    full_tokens, full_vis = call.lm_counts or (call.valid_full.sum(1), (call.is_vis_full & call.valid_full).sum(1))
     tokens = torch.stack([call.tokens_per_layer.get(i, full_tokens) for i in range(n_layers)]).tolist()  # (L, B)
     vis = torch.stack([call.vis_per_layer.get(i, full_vis) for i in range(n_layers)]).tolist()
     d, m = _dims(state)

@@ -21,7 +21,7 @@ class ReductionStats:
     visual_tokens_total:      per sample, visual tokens in the input.
     visual_tokens_per_layer:  per decoder layer, per sample, visual tokens that layer saw.
     tokens_per_layer:         per decoder layer, per sample, sequence length without padding.
-    kept_positions:           reducing layer -> per sample, positions (in the padded input
+    kept_positions:           reducing layer (-1: before the first decoder layer) -> per sample, positions (in the padded input
                               sequence) of the visual tokens still present from that layer on.
     kept_patches:             the same as indices into the sample's visual span (0 .. T-1),
                               i.e. which image patches survive: draw them on the image.
@@ -68,14 +68,19 @@ class ReductionStats:
 class Record:
     """What a KV cache holds after a reduced prefill, so later forwards can extend it.
 
-    Layers of stage s keep, in their cache, the tokens at full positions ``stage_cols[s]``
-    (B, N_s), in order; decode tokens are appended to every stage.
+    Coordinates: "full" positions index the caller's input ids (and the 2-D mask generate
+    keeps growing); "LM" positions index what the language model received, which differs
+    only when tokens were removed before it (VisPruner): ``pre_cols`` (B, N_lm) maps LM
+    positions to full ones. Layers of stage s keep, in their cache, the tokens at LM
+    positions ``stage_cols[s]`` (B, N_s), in order; decode tokens are appended everywhere.
     """
 
-    layer_stage: list[int]  # per decoder layer: stage index, -1 before the first reduction
+    layer_stage: list[int]  # per decoder layer: stage index, -1 before the first in-LLM reduction
     stage_cols: list[torch.Tensor]
     stage_logsize: list[torch.Tensor | None]  # (B, N_s) log token sizes, None if all 1
-    n_full: int  # full-length positions seen so far (prefill + appended)
+    n_full: int  # full positions seen so far (prefill + appended)
+    n_lm: int  # LM positions seen so far = what the first layer's cache holds
+    pre_cols: torch.Tensor | None = None
 
 
 @dataclass
@@ -90,9 +95,13 @@ class CallState:
     # prefill
     input_ids: torch.Tensor | None = None  # (B, N0)
     plans: list[StagePlan] = field(default_factory=list)
+    pre_plan: StagePlan | None = None  # removal before the first decoder layer
+    lm_counts: tuple[torch.Tensor, torch.Tensor] | None = None  # (tokens, visual) per sample at the LM input
     stage_of_layer: dict[int, int] = field(default_factory=dict)  # reducing layer -> stage
     score_at: dict[int, int] = field(default_factory=dict)  # scoring layer -> stage (offset < 0)
     pos: torch.Tensor | None = None  # (B, N) full positions of the tokens present
+    idx: torch.Tensor | None = None  # (B, N) their LM positions (== pos unless reduced before the LLM)
+    pre_cols: torch.Tensor | None = None  # (B, N_lm) full positions of the LM input
     is_vis: torch.Tensor | None = None  # (B, N) bool
     size: torch.Tensor | None = None  # (B, N) float, tokens each one stands for
     valid: torch.Tensor | None = None  # (B, N) bool, not padding
@@ -110,7 +119,8 @@ class CallState:
     score_flops: float = 0.0
     merged: bool = False
     # extend
-    new_pos: torch.Tensor | None = None  # (q,) full positions of the new tokens
+    new_pos: torch.Tensor | None = None  # (q,) LM positions of the new tokens
+    new_full: torch.Tensor | None = None  # (q,) their full positions
     mask2d: torch.Tensor | None = None  # (B, n_full + q) bool
     ext_cols: dict[int, torch.Tensor] = field(default_factory=dict)
     ext_logsize: dict[int, torch.Tensor | None] = field(default_factory=dict)
@@ -133,6 +143,7 @@ class PumerState:
     last_stats: ReductionStats | None = None
     call: CallState | None = None
     records: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary)
+    importance: torch.Tensor | None = None  # VisPruner: [CLS] attention of the last images encoded
     pending_logits_to_keep: Any = 0
 
     @property
@@ -148,10 +159,17 @@ class PumerState:
         return self.recipe.merge_share if self.config.merge_share is None else self.config.merge_share
 
     @property
+    def important_ratio(self) -> float:
+        r = self.config.important_ratio
+        return self.recipe.important_ratio if r is None else r
+
+    @property
     def prop_attn(self) -> bool:
         return self.recipe.prop_attn if self.config.prop_attn is None else self.config.prop_attn
 
     def to_dict(self) -> dict[str, Any]:
         d = self.config.to_dict()
         d.update(layers=list(self.layers), merge_share=self.merge_share, prop_attn=self.prop_attn)
+        if self.recipe.pre_llm:
+            d.update(pre_llm=self.recipe.pre_llm, important_ratio=self.important_ratio)
         return d
