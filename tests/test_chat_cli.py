@@ -1,0 +1,294 @@
+"""pumer-chat driven as a user drives it: one-shot and interactive runs as subprocesses.
+
+A tiny LLaVA (tests/tiny.py) with a word-level tokenizer, a chat template and a
+PIL image processor is saved to a folder once per module; the program loads it
+with --model. Answers of the subprocess are checked against the same model run
+in-process through the public API.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from pumer_llava import apply_pumer
+from pumer_llava.cli.chat import ChatSession, load_model, main
+from tiny import IMAGE_SIZE, IMAGE_TOKEN, PAD, PATCH, VOCAB, tiny_llava
+
+ROOT = Path(__file__).resolve().parents[1]
+CMD = [sys.executable, "-m", "pumer_llava.cli.chat", "--threads", "1"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+N_VIS = (IMAGE_SIZE // PATCH) ** 2  # 16
+
+# USER: <image>\n{question} ASSISTANT: {answer}</s>, turns joined by a space (the proxy model's format)
+TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if not loop.first %}{{ ' ' }}{% endif -%}"
+    "{%- if message['role'] == 'user' -%}{{ 'USER: ' }}"
+    "{%- for item in message['content'] | selectattr('type', 'equalto', 'image') -%}{{ '<image>\n' }}{%- endfor -%}"
+    "{%- for item in message['content'] | selectattr('type', 'equalto', 'text') -%}{{ item['text'] }}{%- endfor -%}"
+    "{%- else -%}{{ 'ASSISTANT: ' }}{%- for item in message['content'] -%}{{ item['text'] }}{%- endfor -%}"
+    "{{ '</s>' }}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ ' ASSISTANT:' }}{%- endif -%}"
+)
+WORDS = (
+    "user: assistant: what color shape is the object at row column ? red blue green yellow circle square "
+    "triangle cross how many are there a an of left right one two three yes no it this image and"
+).split()
+
+
+def _processor():
+    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordLevel
+    from transformers import CLIPImageProcessorPil, LlavaProcessor, PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<image>", "<unk>"]  # ids 0..3 as tests/tiny.py uses them
+    words = WORDS + [f"w{i}" for i in range(VOCAB - len(specials) - len(WORDS))]  # every id is a word
+    vocab = {w: i for i, w in enumerate(specials + words)}
+    assert vocab["<image>"] == IMAGE_TOKEN and vocab["<pad>"] == PAD and len(vocab) == VOCAB
+    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.Replace("?", " ?"), normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"}, padding_side="left",
+    )
+    images = CLIPImageProcessorPil(
+        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    )
+    return LlavaProcessor(
+        image_processor=images, tokenizer=fast, patch_size=PATCH, vision_feature_select_strategy="default",
+        num_additional_image_tokens=1, chat_template=TEMPLATE,
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-chat")
+    model = tiny_llava("llama", layers=4)  # no eos: every answer runs to --max-new-tokens
+    model.save_pretrained(path)
+    _processor().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    d = tmp_path_factory.mktemp("images")
+    g = torch.Generator().manual_seed(1)
+    paths = []
+    for i in range(2):
+        arr = (torch.rand(48, 64, 3, generator=g) * 255).to(torch.uint8).numpy()
+        paths.append(d / f"img{i}.png")
+        Image.fromarray(arr).save(paths[-1])
+    (d / "broken.png").write_text("not a png")
+    return paths + [d / "broken.png"]
+
+
+def _run(args, stdin=None, timeout=180):
+    return subprocess.run(CMD + [str(a) for a in args], input=stdin, capture_output=True, text=True, env=ENV,
+                          cwd=ROOT, timeout=timeout)
+
+
+def _reference_answer(tiny_dir, image, question, max_new_tokens, ratio=None):
+    """Greedy answer of the same model in-process, through the public API."""
+    model, processor = load_model(str(tiny_dir), "cpu", "float32")
+    if ratio is not None:
+        apply_pumer(model, ratio=ratio)
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    text = processor.apply_chat_template(msgs, add_generation_prompt=True)
+    inp = processor(images=[Image.open(image).convert("RGB")], text=[text], return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inp, max_new_tokens=max_new_tokens, do_sample=False)
+    return processor.tokenizer.decode(out[0, inp["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def test_one_shot_prints_the_answer_and_its_cost(tiny_dir, images):
+    q = "what color is the object at row 2 column 3 ?"
+    r = _run(["--model", tiny_dir, "--image", images[0], "--prompt", q, "--ratio", "0.25", "--max-new-tokens", 4])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == _reference_answer(tiny_dir, images[0], q, 4, ratio=0.25)
+    assert len(r.stdout.split()) == 4
+    assert f"visual tokens 4/{N_VIS} kept (25%)" in r.stderr
+    assert "prefill" in r.stderr and "tok/s" in r.stderr
+
+
+def test_compare_answers_with_and_without_the_reduction(tiny_dir, images):
+    q = "is there a red circle ?"
+    r = _run(["--model", tiny_dir, "--image", images[1], "--prompt", q, "--compare", "--max-new-tokens", 3,
+              "--method", "fastv", "--keep-tokens", 6])
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    red = next(i for i, x in enumerate(lines) if x.startswith("reduced (fastv, keep 6 tokens): "))
+    full = next(i for i, x in enumerate(lines) if x.startswith("full (no reduction): "))
+    assert f"visual tokens 6/{N_VIS} kept" in lines[red + 1] and "prefill" in lines[red + 1]
+    assert f"visual tokens {N_VIS}/{N_VIS} kept" in lines[full + 1]
+    assert lines[full].split(": ", 1)[1].strip() == _reference_answer(tiny_dir, images[1], q, 3)
+    assert "reduced vs. full: prefill" in r.stdout and "decoder FLOPs" in r.stdout
+
+
+def test_interactive_session_goes_on_after_bad_input(tiny_dir, images):
+    good, other, broken = images
+    script = "\n".join([
+        "what color is it ?",
+        "is it red ?",
+        "/stats",
+        "/image /no/such/picture.png",
+        f"/image {broken}",
+        f"/image {other}",
+        "/frobnicate",
+        "/ratio 7",
+        "/ratio many",
+        "/method nope",
+        "how many are there ?",
+        "/method random",
+        "/ratio 0.5",
+        "what shape is it ?",
+        "/stats",
+        "/reset",
+        "/help",
+        "/quit",
+        "never read",
+    ]) + "\n"
+    r = _run(["--model", tiny_dir, "--image", good, "--max-new-tokens", 3], stdin=script)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert "Traceback" not in r.stderr
+    assert "reduction: pumer, ratio 0.25" in out
+    answers = [x for x in out.splitlines() if x.startswith("bot> ")]
+    assert len(answers) == 4 and all(len(a.split()) == 4 for a in answers)  # "bot>" + 3 words
+    lines = [x for x in out.splitlines() if x.startswith("[visual tokens")]
+    assert len(lines) == 4
+    assert lines[0].startswith(f"[visual tokens 4/{N_VIS} kept (25%) | prefill")
+    assert "on turn 1, cache reused" in lines[1]  # second turn continues the cache
+    assert lines[2].startswith(f"[visual tokens 4/{N_VIS} kept")  # new image: reduced again
+    assert lines[3].startswith(f"[visual tokens 8/{N_VIS} kept (50%)")
+    stats = out.split("last turn (turn 2 of this conversation)", 1)[1]
+    for key in ("per layer", f"L0: {N_VIS}", ": 4", "prefill", "decode", "tokens/s", "peak memory", "MiB"):
+        assert key in stats.split("you>")[0], key
+    assert "new text on the cache" in stats.split("you>")[0]
+    assert "error: no such image file: /no/such/picture.png" in out
+    assert f"error: {broken} is not an image PIL can read" in out
+    assert f"image: {other} (new conversation)" in out
+    assert "unknown command /frobnicate" in out
+    assert "error: ratio must be in (0, 1]" in out and "got 7.0" in out
+    assert "error: ratio must be a number" in out
+    assert "error: unknown method 'nope'; known methods:" in out and "pumer" in out
+    assert "reduction: random, ratio 0.5 (new conversation)" in out
+    assert "last turn (turn 1 of this conversation)" in out and "image + prompt" in out
+    assert "/image PATH" in out  # /help
+    assert "never read" not in out.split("you> /quit", 1)[1]
+
+
+def test_a_folder_that_is_not_llava_exits_with_the_reason(tiny_dir, images, tmp_path):
+    from transformers import LlamaConfig
+
+    LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(
+        tmp_path / "llama")
+    r = _run(["--model", tmp_path / "llama", "--image", images[0], "--prompt", "hi"], timeout=120)
+    assert r.returncode != 0
+    assert "is a 'llama' checkpoint, not a LLaVA" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+@pytest.fixture
+def in_process(monkeypatch):
+    """main() called in this process: restore the transformers logging it quiets."""
+    import transformers
+
+    level = transformers.logging.get_verbosity()
+    yield monkeypatch
+    transformers.logging.set_verbosity(level)
+    transformers.utils.logging.enable_progress_bar()
+
+
+def test_a_bad_start_image_leaves_the_chat_running(tiny_dir, images, in_process, capsys):
+    import io
+
+    in_process.setattr(sys, "stdin", io.StringIO(f"hello\n/image {images[1]}\nwhat color is it ?\n"))
+    assert main(["--model", str(tiny_dir), "--image", "/no/such/start.png", "--max-new-tokens", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "error: no such image file: /no/such/start.png" in out
+    assert "image: none (use /image PATH)" in out
+    assert "no image loaded: /image PATH first" in out
+    assert f"[visual tokens 4/{N_VIS} kept (25%)" in out  # after /image, questions are answered
+
+
+def test_other_fatal_errors_are_one_line(tiny_dir, images, tmp_path, in_process, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["--model", str(tmp_path / "empty"), "--image", str(images[0]), "--prompt", "hi"]) == 1
+    assert "has no config.json" in capsys.readouterr().err
+    # one-shot: a bad image ends the run before the model loads
+    assert main(["--model", str(tiny_dir), "--image", str(images[2]), "--prompt", "hi"]) == 1
+    assert "not an image PIL can read" in capsys.readouterr().err
+    assert main(["--model", str(tiny_dir), "--image", str(images[0]), "--compare"]) == 1
+    assert "--compare needs --prompt" in capsys.readouterr().err
+    assert main(["--model", str(tiny_dir), "--image", str(images[0]), "--prompt", "hi", "--ratio", "2"]) == 1
+    assert "ratio must be in (0, 1]" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", [None, "random"])  # random keeps the same tokens whatever the text
+def test_continued_turns_equal_recomputing_the_conversation(tiny_dir, images, method):
+    model, processor = load_model(str(tiny_dir), "cpu", "float32")
+    s = ChatSession(model, processor, max_new_tokens=3)
+    if method:
+        s.set_reduction(method=method, ratio=0.25)
+    s.set_image(str(images[0]))
+    s.ask("what color is it ?")
+    s.ask("is it red ?")
+    # the ids the cache was built from are the chat template's rendering of the conversation
+    text = processor.apply_chat_template(s.messages)
+    full = processor(images=[s.image], text=[text], return_tensors="pt")["input_ids"]
+    assert torch.equal(s.sequences, full[:, :-1])  # the last answer has no </s> yet (no eos here)
+    # turn 2 on turn 1's cache answers as a fresh run over the whole conversation would
+    n2 = s.sequences.shape[1] - 3
+    inp = processor(images=[s.image], text=[text], return_tensors="pt")
+    with torch.no_grad():
+        fresh = model.generate(input_ids=full[:, :n2], pixel_values=inp["pixel_values"], max_new_tokens=3,
+                               do_sample=False)
+    assert torch.equal(fresh, s.sequences)
+
+
+def test_continuation_closes_an_answer_cut_short(tiny_dir):
+    model, processor = load_model(str(tiny_dir), "cpu", "float32")
+    s = ChatSession(model, processor)
+    s.messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what color is it ?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "red"}]},
+    ]
+    s.ended_with_eos = True  # the cache already holds </s>
+    assert s._continuation_text("is it red ?") == " USER: is it red ? ASSISTANT:"
+    s.ended_with_eos = False  # cut by max_new_tokens: close the answer as the template does
+    assert s._continuation_text("is it red ?") == "</s> USER: is it red ? ASSISTANT:"
+
+
+# ------------------------------------------------------------------- the shipped model
+
+
+def _embedded_ready():
+    try:
+        from pumer_llava.embedded import EMBEDDED_MODEL_DIR
+    except ImportError:
+        return False
+    return (EMBEDDED_MODEL_DIR / "model.safetensors").exists() and (ROOT / "demo" / "examples.jsonl").exists()
+
+
+@pytest.mark.skipif(not _embedded_ready(), reason="embedded checkpoint not shipped yet")
+def test_embedded_model_answers_an_example_with_and_without_reduction():
+    examples = [json.loads(x) for x in (ROOT / "demo" / "examples.jsonl").read_text().splitlines() if x.strip()]
+    ex = examples[0]
+    r = _run(["--image", ROOT / "demo" / ex["image"], "--prompt", ex["question"], "--compare", "--ratio", "0.25",
+              "--max-new-tokens", 4])
+    assert r.returncode == 0, r.stderr
+    answers = {x.split(": ", 1)[0]: x.split(": ", 1)[1].split() for x in r.stdout.splitlines()
+               if x.startswith(("reduced (", "full ("))}
+    assert answers["reduced (pumer, ratio 0.25)"][:1] == [ex["answer"]], r.stdout
+    assert answers["full (no reduction)"][:1] == [ex["answer"]], r.stdout
+    assert "visual tokens 16/64 kept" in r.stdout
