@@ -326,6 +326,9 @@ def inner_pre_hook(state: PumerState):
             elif kwargs.get("pixel_values") is not None:
                 raise ValueError("pumer_llava finds the visual tokens from input_ids: pass input_ids, not inputs_embeds")
             return None
+        if record is not None and input_ids.shape[1] == 1:  # a decode step: no device sync to look for images
+            state.call = _open_extend(state, record, cache, 1, kwargs)
+            return None
         vis = input_ids == image_id
         has_images = bool(vis.any())
         if record is not None:
