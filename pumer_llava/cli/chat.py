@@ -17,6 +17,7 @@ Only the public API is used: apply_pumer, remove_pumer, disabled, model.pumer.la
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -431,6 +432,8 @@ class ChatSession:
         """Answer ``question`` (streamed to ``out``), continuing the conversation's cache."""
         import torch
 
+        from .. import disabled
+
         if self.image is None:
             raise CliError("no image loaded: /image PATH first")
         model = self.model
@@ -452,10 +455,10 @@ class ChatSession:
             inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "past_key_values": self.cache}
             prompt_tokens = int(new_ids.shape[1])
         streamer = _make_streamer(self.tokenizer, out)
-        patched = "pumer" in model.__dict__
+        patched = getattr(model, "pumer", None) is not None
         _reset_peak(device)
         try:
-            with torch.no_grad(), (_disabled(model) if patched and not reduce else _nothing()):
+            with torch.no_grad(), (disabled(model) if patched and not reduce else contextlib.nullcontext()):
                 t0 = time.perf_counter()
                 result = model.generate(
                     **inputs,
@@ -515,20 +518,6 @@ class ChatSession:
             s.flops_ratio = last.flops_ratio
             s.select_s = last.select_seconds
         return s
-
-
-def _disabled(model):
-    from .. import disabled
-
-    return disabled(model)
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 # -------------------------------------------------------------------------- front ends
@@ -698,6 +687,8 @@ def run_once(session: ChatSession, prompt: str, compare: bool, out: TextIO, err:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .. import list_methods
+
     p = argparse.ArgumentParser(
         prog="pumer-chat",
         description="Chat with a LLaVA model in the terminal, its visual tokens pruned and merged by pumer_llava.",
@@ -710,7 +701,7 @@ def build_parser() -> argparse.ArgumentParser:
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--ratio", type=float, help="fraction of the visual tokens kept, in (0, 1] (default 0.25)")
     budget.add_argument("--keep-tokens", type=int, help="number of visual tokens kept, instead of --ratio")
-    p.add_argument("--method", default="pumer", help="reduction method: pumer (default), fastv, random, ...")
+    p.add_argument("--method", default="pumer", help=f"reduction method: {', '.join(list_methods())} (default pumer)")
     p.add_argument("--no-pumer", action="store_true", help="run the model unreduced (/ratio turns it on)")
     quant = p.add_mutually_exclusive_group()
     quant.add_argument("--load-in-4bit", action="store_true", help="bitsandbytes nf4 weights for the language model")
@@ -768,7 +759,13 @@ def _run(args, out: TextIO, err: TextIO) -> int:
     if not interactive:
         session.set_image(image)  # a bad image ends a one-shot run
         return run_once(session, args.prompt, args.compare, out, err)
-    chat = Chat(session, out, echo=not sys.stdin.isatty())
+    tty = sys.stdin.isatty()
+    if tty:
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
+    chat = Chat(session, out, echo=not tty)
     try:
         session.set_image(image)
     except CliError as e:  # the chat goes on: /image PATH
