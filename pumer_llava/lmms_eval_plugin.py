@@ -161,6 +161,7 @@ def parse_reduction(
     merge_share: Any = None,
     prop_attn: Any = None,
     seed: Any = 0,
+    important_ratio: Any = None,
 ) -> PumerConfig | None:
     """The reduction asked for on the command line, validated; ``None`` means unreduced.
 
@@ -181,6 +182,7 @@ def parse_reduction(
     share = parse_opt_float("merge_share", merge_share)
     prop = parse_opt_bool("prop_attn", prop_attn)
     seed_i = parse_int("seed", 0 if _none(seed) else seed)
+    imp = parse_opt_float("important_ratio", important_ratio)
     if method in UNREDUCED_METHODS:
         if keep is not None:
             raise ValueError(f"method={method} evaluates the unreduced model: keep_tokens={keep} makes no sense with it")
@@ -192,7 +194,8 @@ def parse_reduction(
             f"unknown method {method!r}; known: {', '.join(list_methods())}, or none for the unreduced model"
         )
     config = PumerConfig(
-        method=method, ratio=r, keep_tokens=keep, layers=cfg_layers, merge_share=share, prop_attn=prop, seed=seed_i
+        method=method, ratio=r, keep_tokens=keep, layers=cfg_layers, merge_share=share, prop_attn=prop, seed=seed_i,
+        important_ratio=imp,
     )
     return None if config.removes_nothing else config
 
@@ -238,6 +241,7 @@ def parse_model_args(
     merge_share: Any = None,
     prop_attn: Any = None,
     seed: Any = 0,
+    important_ratio: Any = None,
     revision: Any = "main",
     device: Any = None,
     dtype: Any = "auto",
@@ -263,7 +267,7 @@ def parse_model_args(
         raise ValueError(f"unknown model_args {sorted(unknown)}; pumer_llava accepts: {', '.join(known)}")
     if _none(pretrained) or not isinstance(pretrained, str):
         raise ValueError(f"pretrained must name a model folder or hub id, got {pretrained!r}")
-    reduction = parse_reduction(ratio, method, keep_tokens, layers, merge_share, prop_attn, seed)
+    reduction = parse_reduction(ratio, method, keep_tokens, layers, merge_share, prop_attn, seed, important_ratio)
     dtype_s = "auto" if _none(dtype) else str(dtype).strip().lower().replace("torch.", "")
     if dtype_s not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -576,7 +580,7 @@ class PumerLlava(_LmmsBase):
             --tasks pope --batch_size 8 --output_path results/
 
     Reduction: ratio, method (pumer, fastv, random, ... or none), keep_tokens, layers
-    ([2,8,16] or 2;8;16), merge_share, prop_attn, seed. Loading: pretrained, revision,
+    ([2,8,16] or 2;8;16), merge_share, prop_attn, seed, important_ratio (vispruner). Loading: pretrained, revision,
     device (auto/cpu/cuda[:N]), dtype (auto/float32/float16/bfloat16),
     attn_implementation, load_in_4bit, device_map, trust_remote_code. Generation:
     batch_size, max_new_tokens (default when the task gives none), chat_template,
@@ -596,6 +600,7 @@ class PumerLlava(_LmmsBase):
         merge_share: float | str | None = None,
         prop_attn: bool | str | None = None,
         seed: int | str = 0,
+        important_ratio: float | str | None = None,
         revision: str = "main",
         device: str | None = None,
         dtype: str = "auto",
@@ -683,6 +688,7 @@ class PumerLlava(_LmmsBase):
                 merge_share=r.merge_share,
                 prop_attn=r.prop_attn,
                 seed=r.seed,
+                important_ratio=r.important_ratio,
             )
             resolved = self._model.pumer.to_dict()
         else:

@@ -391,3 +391,12 @@ def test_multi_round_is_refused_clearly(tiny_llava, tmp_path):
     lm = _lm(tiny_llava, tmp_path, method="none")
     with pytest.raises(NotImplementedError, match="multi_round"):
         lm.generate_until_multi_round([])
+
+
+def test_vispruner_important_ratio_reaches_the_config():
+    from pumer_llava.lmms_eval_plugin import parse_reduction
+
+    cfg = parse_reduction(ratio="0.25", method="vispruner", important_ratio="0.75")
+    assert cfg.method == "vispruner" and cfg.important_ratio == 0.75
+    with pytest.raises(ValueError, match=r"important_ratio must be in \[0, 1\]"):
+        parse_reduction(method="vispruner", important_ratio="2")
