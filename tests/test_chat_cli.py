@@ -99,7 +99,10 @@ def _run(args, stdin=None, timeout=180):
 
 def _reference_answer(tiny_dir, image, question, max_new_tokens, ratio=None):
     """Greedy answer of the same model in-process, through the public API."""
-    model, processor = load_model(str(tiny_dir), "cpu", "float32")
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(tiny_dir).eval()
+    processor = AutoProcessor.from_pretrained(tiny_dir)
     if ratio is not None:
         apply_pumer(model, ratio=ratio)
     msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
