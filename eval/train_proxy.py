@@ -1,0 +1,588 @@
+"""Train the proxy LLaVA on the generated visual-question task (issues 3 and 9).
+
+Builds a real ``LlavaForConditionalGeneration`` (CLIP vision tower with [CLS],
+2-layer projector, Llama decoder with grouped-query attention) plus a
+word-level tokenizer and a ``LlavaProcessor``, trains it from scratch on CPU,
+and saves a ``save_pretrained`` folder that loads offline with
+``LlavaForConditionalGeneration.from_pretrained`` / ``AutoProcessor.from_pretrained``.
+
+Usage::
+
+    python eval/train_proxy.py --seed 0 --out pumer_llava/assets/proxy-llava
+    python eval/train_proxy.py --seed 1 --out eval/results/seed1 --max-minutes 28
+
+What makes it train in minutes on two cores (DESIGN.md section 5):
+
+- Prefix sharing: the image prefix ``<s> USER: <image>x64`` is computed once
+  per image and several questions follow it in one row. A 4-D attention mask
+  lets each question see the prefix and itself only, and its position ids
+  restart where the prefix ends, so every question sees exactly what it would
+  see alone (``USER: <image>\\n{q} ASSISTANT: {a}</s>``) at a fraction of the
+  cost.
+- Auxiliary losses on the vision tower: the [CLS] output predicts which
+  colour-shape pairs are present (multi-label); without it the [CLS] attention
+  that VisPruner reads stays untrained and training stalled in a trial. Each
+  patch of the layer the projector reads (``vision_feature_layer=-2``) also
+  predicts its own cell's colour and shape. The heads are training-only and
+  are not saved.
+- Loss only on the answer word and ``</s>``; AdamW with warm-up and a cosine
+  schedule whose progress is ``max(step / steps, elapsed / budget)``, so a
+  slow (shared) machine ends the schedule on time instead of overrunning.
+"""
+
+from __future__ import annotations
+
+import os
+
+# On a shared CPU, OpenMP's spinning threads of several processes fight each other:
+# passive waiting made forward passes ~10x faster here (set before torch starts OpenMP).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import proxy_task as task  # noqa: E402
+
+IMAGE_TOKEN = "<image>"
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", IMAGE_TOKEN]
+PROMPT_WORDS = ["user:", "assistant:"]
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# USER: <image>\n{question} ASSISTANT: {answer}</s>  (multi-turn: turns joined by a space)
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if not loop.first %}{{ ' ' }}{% endif -%}"
+    "{%- if message['role'] == 'user' -%}"
+    "{{ 'USER: ' }}"
+    "{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{%- else -%}"
+    "{%- for item in message['content'] | selectattr('type', 'equalto', 'image') -%}{{ '<image>\n' }}{%- endfor -%}"
+    "{%- for item in message['content'] | selectattr('type', 'equalto', 'text') -%}{{ item['text'] }}{%- endfor -%}"
+    "{%- endif -%}"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "{{ 'ASSISTANT: ' }}"
+    "{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{%- else -%}{%- for item in message['content'] -%}{{ item['text'] }}{%- endfor -%}{%- endif -%}"
+    "{{ '</s>' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ ' ASSISTANT:' }}{%- endif -%}"
+)
+
+
+def prompt_text(question: str) -> str:
+    """The single-turn prompt the model is trained and evaluated on."""
+    return f"USER: {IMAGE_TOKEN}\n{question} ASSISTANT:"
+
+
+# ------------------------------------------------------------------- tokenizer etc.
+
+
+def build_tokenizer():
+    """Word-level tokenizer: special tokens, prompt words, and the task's vocabulary.
+
+    Input is lower-cased and ``?`` split off, so ``"What color is it?"`` works;
+    unknown words map to ``<unk>``. ``<s>`` is prepended by the post-processor.
+    """
+    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    words = PROMPT_WORDS + task.vocabulary()
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + words)}
+    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence(
+        [normalizers.Replace("?", " ?"), normalizers.Replace("colour", "color"), normalizers.Lowercase()]
+    )
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": IMAGE_TOKEN},
+        padding_side="left",
+        model_max_length=256,
+    )
+    return fast
+
+
+def build_processor(tokenizer):
+    from transformers import CLIPImageProcessorPil, LlavaProcessor
+
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": task.IMAGE_SIZE},
+        crop_size={"height": task.IMAGE_SIZE, "width": task.IMAGE_SIZE},
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=task.CELL,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # the tower's [CLS]
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def build_model(tokenizer, args):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    vision = CLIPVisionConfig(
+        hidden_size=args.vision_hidden,
+        intermediate_size=args.vision_hidden * 3,
+        num_hidden_layers=args.vision_layers,
+        num_attention_heads=args.vision_heads,
+        image_size=task.IMAGE_SIZE,
+        patch_size=task.CELL,
+        projection_dim=args.vision_hidden,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=args.text_hidden,
+        intermediate_size=args.text_mlp,
+        num_hidden_layers=args.text_layers,
+        num_attention_heads=args.text_heads,
+        num_key_value_heads=args.text_kv_heads,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=args.tie,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        projector_hidden_act="gelu",
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        image_seq_length=task.NUM_CELLS,
+        tie_word_embeddings=args.tie,
+    )
+    config.pad_token_id = tokenizer.pad_token_id
+    torch.manual_seed(args.seed)
+    model = LlavaForConditionalGeneration(config)
+    # The default init gives position embeddings ~25x smaller than the patch
+    # embeddings, so "which cell is this" takes long to emerge; start from a
+    # 2-D sin-cos table (as MAE does) at the scale of the content instead.
+    pos = _vision_embeddings(model).position_embedding.weight  # (1 + 64, Cv)
+    with torch.no_grad():
+        pos[0].zero_()
+        pos[1:] = sincos_2d(task.GRID, pos.shape[1]) * args.pos_init_scale
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model
+
+
+def _vision_embeddings(model):
+    tower = model.model.vision_tower
+    return getattr(tower, "vision_model", tower).embeddings
+
+
+def sincos_2d(grid: int, dim: int) -> torch.Tensor:
+    """(grid*grid, dim) table: first half of the channels encodes the row, second the column."""
+    quarter = dim // 4
+    omega = 1.0 / (100.0 ** (torch.arange(quarter, dtype=torch.float32) / quarter))  # (dim/4,)
+    idx = torch.arange(grid, dtype=torch.float32)
+    out = torch.arange(grid * grid)
+    rows, cols = idx[out // grid], idx[out % grid]  # (g*g,)
+    parts = []
+    for coord in (rows, cols):
+        angle = coord[:, None] * omega[None, :]  # (g*g, dim/4)
+        parts += [angle.sin(), angle.cos()]
+    table = torch.cat(parts, dim=1)  # (g*g, 4*quarter)
+    return torch.nn.functional.pad(table, (0, dim - table.shape[1]))
+
+
+def pixels(images: list[Image.Image]) -> torch.Tensor:
+    """CLIP-normalised pixels, equal to the processor's output for 128x128 RGB
+    images (checked in ``check_consistency``) but without its per-call overhead."""
+    x = torch.stack([torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8) for im in images])
+    x = x.view(len(images), task.IMAGE_SIZE, task.IMAGE_SIZE, 3).permute(0, 3, 1, 2).float() / 255.0
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+# ------------------------------------------------------------------------- batching
+
+
+class Packer:
+    """Turns (scene, questions) examples into prefix-shared rows (see module doc)."""
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        self.pad = tokenizer.pad_token_id
+        self.eos = tokenizer.eos_token_id
+        full = tokenizer(prompt_text("what color is the object at row 1 column 1 ?").replace(
+            IMAGE_TOKEN, IMAGE_TOKEN * task.NUM_CELLS))["input_ids"]
+        image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        last_image = max(i for i, t in enumerate(full) if t == image_id)
+        self.prefix = full[: last_image + 1]  # <s> USER: <image>x64
+        self._cache: dict[str, list[int]] = {}
+
+    def suffix(self, question: str) -> list[int]:
+        """Ids after the image for one question, up to and including ``ASSISTANT:``."""
+        if question not in self._cache:
+            self._cache[question] = self.tok(f"{question} ASSISTANT:", add_special_tokens=False)["input_ids"]
+        return self._cache[question]
+
+    def answer_id(self, answer: str) -> int:
+        (i,) = self.tok(answer, add_special_tokens=False)["input_ids"]
+        return i
+
+    def pack(self, examples):
+        """Rows for a batch of ``(scene, [Question])``.
+
+        Returns pixel_values (B,3,H,W), input_ids (B,T), position_ids (B,T),
+        mask (B,1,T,T) bool, and per question: (row, position predicting the
+        answer, answer id, position predicting </s>), plus the types.
+        """
+        P = len(self.prefix)
+        rows, pos_rows, seg_rows, targets, types = [], [], [], [], []
+        for b, (scene, questions) in enumerate(examples):
+            ids, pos, seg = list(self.prefix), list(range(P)), [0] * P
+            for k, q in enumerate(questions):
+                s = self.suffix(q.question) + [self.answer_id(q.answer), self.eos]
+                start = len(ids)
+                ids += s
+                pos += list(range(P, P + len(s)))
+                seg += [k + 1] * len(s)
+                # logits at "ASSISTANT:" predict the answer, at the answer predict </s>
+                targets.append((b, start + len(s) - 3, self.answer_id(q.answer), start + len(s) - 2))
+                types.append(q.type)
+            rows.append(ids)
+            pos_rows.append(pos)
+            seg_rows.append(seg)
+        T = max(len(r) for r in rows)
+        B = len(rows)
+        input_ids = torch.full((B, T), self.pad, dtype=torch.long)
+        position_ids = torch.zeros((B, T), dtype=torch.long)
+        segment = torch.full((B, T), -1, dtype=torch.long)  # -1: padding
+        for b in range(B):
+            n = len(rows[b])
+            input_ids[b, :n] = torch.tensor(rows[b])
+            position_ids[b, :n] = torch.tensor(pos_rows[b])
+            segment[b, :n] = torch.tensor(seg_rows[b])
+        causal = torch.ones(T, T, dtype=torch.bool).tril()  # (T, T)
+        q_seg, k_seg = segment[:, :, None], segment[:, None, :]  # (B, T, 1), (B, 1, T)
+        mask = causal & ((k_seg == 0) | (k_seg == q_seg)) & (k_seg >= 0)  # (B, T, T)
+        mask |= torch.eye(T, dtype=torch.bool)  # padding rows attend to themselves (no NaN)
+        pv = pixels([task.render(scene) for scene, _ in examples])
+        return {
+            "pixel_values": pv,
+            "input_ids": input_ids,
+            "position_ids": position_ids,
+            "mask": mask[:, None],
+            "targets": torch.tensor(targets, dtype=torch.long),
+            "types": types,
+        }
+
+
+def aux_targets(examples, device="cpu"):
+    """[CLS] multi-label pair targets (B, C*S) and per-patch colour/shape classes (B, 64)."""
+    colors, shapes = list(task.COLORS), list(task.SHAPES)
+    B = len(examples)
+    pairs = torch.zeros(B, len(colors) * len(shapes))
+    cell_color = torch.full((B, task.NUM_CELLS), len(colors), dtype=torch.long)  # last class: empty
+    cell_shape = torch.full((B, task.NUM_CELLS), len(shapes), dtype=torch.long)
+    for b, (scene, _) in enumerate(examples):
+        for o in scene.objects:
+            ci, si = colors.index(o.color), shapes.index(o.shape)
+            pairs[b, ci * len(shapes) + si] = 1.0
+            cell_color[b, o.cell] = ci
+            cell_shape[b, o.cell] = si
+    return pairs, cell_color, cell_shape
+
+
+class AuxHeads(torch.nn.Module):
+    """Training-only heads (not saved with the model).
+
+    ``pairs`` reads the tower's pooled [CLS]; the per-patch heads read the
+    projector's output, i.e. the visual tokens as the language model gets them,
+    so each token carries its cell's colour, shape, row and column linearly.
+    """
+
+    def __init__(self, vision_hidden: int, text_hidden: int):
+        super().__init__()
+        nc, ns = len(task.COLORS), len(task.SHAPES)
+        self.pairs = torch.nn.Linear(vision_hidden, nc * ns)
+        self.color = torch.nn.Linear(text_hidden, nc + 1)  # last class: empty cell
+        self.shape = torch.nn.Linear(text_hidden, ns + 1)
+        self.row = torch.nn.Linear(text_hidden, task.GRID)
+        self.col = torch.nn.Linear(text_hidden, task.GRID)
+
+
+def packed_forward(model, batch):
+    """Answer logits (N, V) and </s> logits (N, V), plus the tower's outputs."""
+    inner = model.model
+    cfg = model.config
+    vis = inner.vision_tower(batch["pixel_values"], output_hidden_states=True, return_dict=True)
+    feats = vis.hidden_states[cfg.vision_feature_layer][:, 1:]  # (B, 64, Cv), [CLS] dropped
+    image_embeds = inner.multi_modal_projector(feats)  # (B, 64, D)
+    ids = batch["input_ids"]
+    embeds = inner.get_input_embeddings()(ids)  # (B, T, D)
+    image_mask = (ids == cfg.image_token_id).unsqueeze(-1)
+    embeds = embeds.masked_scatter(image_mask, image_embeds.to(embeds.dtype))
+    out = inner.language_model(
+        inputs_embeds=embeds, attention_mask=batch["mask"], position_ids=batch["position_ids"], use_cache=False
+    )
+    h = out.last_hidden_state  # (B, T, D)
+    t = batch["targets"]
+    h_ans = h[t[:, 0], t[:, 1]]  # (N, D)
+    h_eos = h[t[:, 0], t[:, 3]]
+    return model.lm_head(h_ans), model.lm_head(h_eos), vis, image_embeds
+
+
+def losses(model, heads, batch, aux_pairs, aux_color, aux_shape, aux_weight):
+    logits_ans, logits_eos, vis, image_embeds = packed_forward(model, batch)
+    t = batch["targets"]
+    eos = torch.full_like(t[:, 2], model.config.text_config.eos_token_id)
+    lm = 0.5 * (F.cross_entropy(logits_ans, t[:, 2]) + F.cross_entropy(logits_eos, eos))
+    cls_loss = F.binary_cross_entropy_with_logits(heads.pairs(vis.pooler_output), aux_pairs)
+    cells = torch.arange(task.NUM_CELLS)
+    patch_loss = (
+        F.cross_entropy(heads.color(image_embeds).flatten(0, 1), aux_color.flatten())
+        + F.cross_entropy(heads.shape(image_embeds).flatten(0, 1), aux_shape.flatten())
+        + F.cross_entropy(heads.row(image_embeds).flatten(0, 1), (cells // task.GRID).repeat(len(aux_color)))
+        + F.cross_entropy(heads.col(image_embeds).flatten(0, 1), (cells % task.GRID).repeat(len(aux_color)))
+    )
+    total = lm + aux_weight * (cls_loss + 0.5 * patch_loss)
+    correct = (logits_ans.argmax(-1) == t[:, 2]).float()
+    return total, {"lm": lm.item(), "cls": cls_loss.item(), "patch": patch_loss.item()}, correct
+
+
+# ----------------------------------------------------------------------- evaluation
+
+
+def per_type_accuracy(types, correct) -> dict:
+    by = defaultdict(list)
+    for ty, c in zip(types, correct):
+        by[ty].append(float(c))
+    acc = {ty: sum(v) / len(v) for ty, v in sorted(by.items())}
+    acc["overall"] = sum(float(c) for c in correct) / len(correct)
+    return acc
+
+
+@torch.no_grad()
+def evaluate_packed(model, packer, examples, batch_images=32) -> dict:
+    """Teacher-forced accuracy of the answer word (= greedy first word)."""
+    model.eval()
+    types, correct = [], []
+    for i in range(0, len(examples), batch_images):
+        batch = packer.pack(examples[i : i + batch_images])
+        logits_ans, _, _, _ = packed_forward(model, batch)
+        correct += (logits_ans.argmax(-1) == batch["targets"][:, 2]).tolist()
+        types += batch["types"]
+    model.train()
+    return per_type_accuracy(types, correct)
+
+
+@torch.no_grad()
+def evaluate_processor(model, processor, examples, batch_size=64) -> dict:
+    """Accuracy through the public path: processor + plain ``model(**inputs)``,
+    left padding, argmax of the last position (= the first greedy token)."""
+    model.eval()
+    types, correct = [], []
+    flat = [(scene, q) for scene, qs in examples for q in qs]
+    for i in range(0, len(flat), batch_size):
+        chunk = flat[i : i + batch_size]
+        inputs = processor(
+            images=[task.render(s) for s, _ in chunk],
+            text=[prompt_text(q.question) for _, q in chunk],
+            return_tensors="pt",
+            padding=True,
+        )
+        logits = model(**inputs).logits[:, -1]  # (B, V)
+        pred = processor.tokenizer.batch_decode(logits.argmax(-1)[:, None])
+        correct += [p.strip() == q.answer for p, (_, q) in zip(pred, chunk)]
+        types += [q.type for _, q in chunk]
+    model.train()
+    return per_type_accuracy(types, correct)
+
+
+def check_consistency(model, processor, packer, example):
+    """The training path (fast pixels, packed rows) equals the public path."""
+    scene, questions = example
+    img = task.render(scene)
+    pv_proc = processor.image_processor(images=[img], return_tensors="pt")["pixel_values"]
+    assert torch.allclose(pv_proc, pixels([img]), atol=1e-5), "pixel preprocessing differs from the processor"
+    enc = processor(images=[img], text=[prompt_text(questions[0].question)], return_tensors="pt")
+    ids = enc["input_ids"][0].tolist()
+    assert ids == packer.prefix + packer.suffix(questions[0].question), "packed ids differ from the processor's"
+    model.eval()
+    with torch.no_grad():
+        ref = model(**enc).logits[0, -1]
+        batch = packer.pack([example])
+        mine, _, _, _ = packed_forward(model, batch)
+    model.train()
+    err = (ref - mine[0]).abs().max().item()
+    assert err < 1e-3, f"packed forward differs from model(**inputs) by {err}"
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="pumer_llava/assets/proxy-llava")
+    p.add_argument("--steps", type=int, default=3000, help="planned optimizer steps")
+    p.add_argument("--max-minutes", type=float, default=27.0, help="training wall-clock budget")
+    p.add_argument("--images-per-step", type=int, default=8)
+    p.add_argument("--questions-per-image", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1.5e-3)
+    p.add_argument("--min-lr-ratio", type=float, default=0.05)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--aux-weight", type=float, default=1.0)
+    p.add_argument("--vision-hidden", type=int, default=192)
+    p.add_argument("--vision-layers", type=int, default=4)
+    p.add_argument("--vision-heads", type=int, default=4)
+    p.add_argument("--text-hidden", type=int, default=256)
+    p.add_argument("--text-mlp", type=int, default=512)
+    p.add_argument("--text-layers", type=int, default=6)
+    p.add_argument("--text-heads", type=int, default=4)
+    p.add_argument("--text-kv-heads", type=int, default=2)
+    p.add_argument("--pos-init-scale", type=float, default=0.5, help="scale of the 2-D sin-cos position init")
+    p.add_argument("--tie", action="store_true", help="tie input and output embeddings")
+    p.add_argument("--val-images", type=int, default=100)
+    p.add_argument("--test-images", type=int, default=task.TEST_IMAGES)
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--save-dtype", choices=["float32", "float16"], default="float32")
+    p.add_argument("--threads", type=int, default=2)
+    return p.parse_args(argv)
+
+
+def lr_factor(progress: float, step: int, warmup: int, min_ratio: float) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    random.seed(args.seed)
+    tokenizer = build_tokenizer()
+    processor = build_processor(tokenizer)
+    model = build_model(tokenizer, args)
+    model.train()
+    heads = AuxHeads(args.vision_hidden, args.text_hidden)
+    packer = Packer(tokenizer)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: {n_params / 1e6:.2f}M parameters", flush=True)
+
+    val = task.make_split("val", args.val_images, seed=0)
+    check_consistency(model, processor, packer, val[0])
+
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    opt = torch.optim.AdamW(
+        [
+            {"params": decay + list(heads.parameters()), "weight_decay": args.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=args.lr,
+        betas=(0.9, 0.98),
+    )
+    stream = task.iter_train_examples(args.seed)
+    rng = random.Random(f"train-questions-{args.seed}")
+    budget = args.max_minutes * 60
+    t0 = time.time()
+    history = []
+    step, progress = 0, 0.0
+    run_correct, run_loss = [], []
+    while progress < 1.0:
+        examples = []
+        for _ in range(args.images_per_step):
+            scene, qs = next(stream)  # one question of every type...
+            extra = task.sample_questions(scene, args.questions_per_image - len(qs), rng) if (
+                args.questions_per_image > len(qs)) else []
+            qs = (qs + extra)[: args.questions_per_image]  # ...plus random extra ones
+            rng.shuffle(qs)
+            examples.append((scene, qs))
+        batch = packer.pack(examples)
+        pairs, cell_color, cell_shape = aux_targets(examples)
+        for g in opt.param_groups:
+            g["lr"] = args.lr * lr_factor(progress, step, args.warmup, args.min_lr_ratio)
+        loss, parts, correct = losses(model, heads, batch, pairs, cell_color, cell_shape, args.aux_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(heads.parameters()), 1.0)
+        opt.step()
+        step += 1
+        elapsed = time.time() - t0
+        progress = max(step / args.steps, elapsed / budget)
+        run_correct.append(correct.mean().item())
+        run_loss.append(parts)
+        if step % 20 == 0:
+            n = len(run_loss)
+            avg = {k: sum(d[k] for d in run_loss) / n for k in run_loss[0]}
+            print(
+                f"step {step} {elapsed / 60:5.1f}min lr {opt.param_groups[0]['lr']:.2e} "
+                f"lm {avg['lm']:.3f} cls {avg['cls']:.3f} patch {avg['patch']:.3f} "
+                f"train-acc {sum(run_correct) / len(run_correct):.3f}",
+                flush=True,
+            )
+            run_correct, run_loss = [], []
+        if step % args.eval_every == 0 or progress >= 1.0:
+            acc = evaluate_packed(model, packer, val)
+            history.append({"step": step, "minutes": round(elapsed / 60, 2), "val": acc})
+            print(f"  val {json.dumps({k: round(v, 3) for k, v in acc.items()})}", flush=True)
+    train_minutes = (time.time() - t0) / 60
+
+    val_acc = evaluate_processor(model, processor, val)
+    print(f"final val (processor path): {val_acc}", flush=True)
+    test_acc = None
+    if args.test_images > 0:
+        test = task.make_split("test", args.test_images, seed=task.TEST_SEED)
+        test_acc = evaluate_processor(model, processor, test)
+        print(f"test ({sum(len(q) for _, q in test)} questions): {test_acc}", flush=True)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.save_dtype == "float16":
+        model = model.to(torch.float16)
+        model.config.dtype = "float32"  # loads (dtype="auto") and runs in fp32 on CPU
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    record = {
+        "seed": args.seed,
+        "args": vars(args),
+        "parameters": n_params,
+        "steps": step,
+        "train_minutes": round(train_minutes, 2),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "final_val_accuracy": val_acc,
+        "test_accuracy": test_acc,
+        "test_questions": args.test_images * len(task.QUESTION_TYPES),
+        "history": history,
+    }
+    (out / "training_args.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(f"saved to {out} after {train_minutes:.1f} min of training", flush=True)
+    return record
+
+
+if __name__ == "__main__":
+    main()
