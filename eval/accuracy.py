@@ -1,0 +1,381 @@
+"""Accuracy of every reduction method on the proxy task, with control rows.
+
+Scores each registered method (``pumer_llava.list_methods()``) at several kept
+fractions of the 64 visual tokens on the held-out test split of
+``eval/proxy_task.py``, next to control rows built as custom ``Recipe`` objects:
+
+- ``oracle_aware``: keeps the cells the question needs first, then other object
+  cells, then background (an upper bound for question-aware selection);
+- ``oracle_blind``: keeps object cells (random order) before background, without
+  reading the question (what a perfect question-blind saliency could do);
+- ``lowest``: keeps the tokens with the *lowest* PuMer text-attention score
+  (should collapse: shows the score carries signal);
+- ``random`` is a registered method and appears with them.
+
+Controls act at one decoder layer (``--control-layer``, default 2, where
+``fastv`` and ``random`` act). Accuracy is the greedy first answer word
+(``generate(max_new_tokens=1)``, batched with left padding). Reported per row:
+accuracy overall and per question type, mean visual tokens per decoder layer,
+FLOPs ratio (DESIGN.md formula, scoring included), selection seconds and wall
+time. Writes ``accuracy.json``, ``accuracy.md`` and ``accuracy.png``.
+
+Usage::
+
+    python eval/accuracy.py                                   # embedded model, full test split
+    python eval/accuracy.py --limit 120 --fractions 1.0 0.25  # quick look
+    python eval/accuracy.py --model DIR --data eval/data/proxy_test/questions.jsonl
+"""
+
+from __future__ import annotations
+
+import os
+
+# On a shared CPU, OpenMP's spinning threads of several processes fight each other:
+# passive waiting made forward passes ~10x faster here (set before torch starts OpenMP).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse
+import json
+import random
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import proxy_task as task  # noqa: E402
+
+from pumer_llava import Recipe, apply_pumer, list_methods, remove_pumer  # noqa: E402
+from pumer_llava.reduce.scoring import apply_rope, mean_over_rows, query_row_attention  # noqa: E402
+
+DEFAULT_FRACTIONS = (1.0, 0.5, 0.25, 0.11)
+CONTROLS = ("oracle_aware", "oracle_blind", "lowest")
+
+
+def prompt(question: str) -> str:
+    return f"USER: <image>\n{question} ASSISTANT:"
+
+
+def load_records(data: str | None, limit: int | None, seed: int = task.TEST_SEED) -> list[dict]:
+    """Test questions with their PIL images: from a written JSONL, or generated in memory
+    (identical to what ``proxy_task.write_split`` writes)."""
+    if data:
+        records = task.read_split(data)
+        images = {}
+        for r in records:
+            if r["image"] not in images:
+                with Image.open(r["image"]) as im:
+                    images[r["image"]] = im.convert("RGB")
+            r["pil"] = images[r["image"]]
+    else:
+        records = []
+        n_images = task.TEST_IMAGES if limit is None else -(-limit // len(task.QUESTION_TYPES))
+        for scene, questions in task.make_split("test", n_images, seed):
+            img = task.render(scene)
+            records += [{**q.__dict__, "pil": img} for q in questions]
+    return records[:limit] if limit else records
+
+
+class Priorities:
+    """Per-batch keep priorities for the oracle rows, read by a custom scorer."""
+
+    def __init__(self):
+        self.table: torch.Tensor | None = None  # (B, 64) higher = keep
+
+    def set(self, records: list[dict], kind: str, seed: int = 0):
+        table = torch.zeros(len(records), task.NUM_CELLS)
+        for b, r in enumerate(records):
+            rng = random.Random(f"{kind}-{seed}-{r['id']}")
+            tie = torch.tensor([rng.random() for _ in range(task.NUM_CELLS)])  # random order within a tier
+            tier = torch.zeros(task.NUM_CELLS)
+            tier[r["object_cells"]] = 1.0
+            if kind == "oracle_aware":
+                tier[r["needed_cells"]] = 2.0
+            table[b] = tier + 0.5 * tie
+        self.table = table
+
+    def scorer(self, ctx):
+        t = self.table.to(ctx.patch_index.device)
+        return t.gather(1, ctx.patch_index.clamp(0, task.NUM_CELLS - 1))  # (B, n)
+
+
+class LowestTextAttention:
+    """Scores = minus PuMer's text-attention score at the reducing layer.
+
+    The library's scorer is not exposed as a callable, so this recomputes it from
+    the layer input (captured by a forward hook on the previous layer) with the
+    layer's own norm, q/k projections and RoPE, using ``pumer_llava.reduce``'s
+    pure functions: mean over heads and over the question tokens (text after the
+    image) of their attention to each visual token.
+    """
+
+    def __init__(self, model, layer: int):
+        if layer < 1:
+            raise ValueError("the lowest-score control needs a reducing layer >= 1")
+        self.model, self.layer = model, layer
+        self.captured: dict = {}
+        layers = model.model.language_model.layers
+        self._handles = [
+            layers[layer - 1].register_forward_pre_hook(self._grab_pos, with_kwargs=True),
+            layers[layer - 1].register_forward_hook(self._grab_out),
+        ]
+
+    def _grab_pos(self, module, args, kwargs):
+        self.captured["pos_emb"] = kwargs["position_embeddings"]
+
+    def _grab_out(self, module, args, output):
+        self.captured["hidden"] = output[0] if isinstance(output, tuple) else output
+
+    def close(self):
+        for h in self._handles:
+            h.remove()
+
+    @torch.no_grad()
+    def scorer(self, ctx):
+        layer = self.model.model.language_model.layers[self.layer]
+        attn = layer.self_attn
+        cfg = self.model.config.text_config
+        h = self.captured["hidden"]  # (B, N, d) full length: nothing was removed before
+        cos, sin = self.captured["pos_emb"]
+        ids = ctx.input_ids  # (B, N)
+        bsz, n = ids.shape
+        image = ids == self.model.config.image_token_id
+        idx = torch.arange(n, device=ids.device)
+        last_img = (image.long() * idx).argmax(1)  # (B,)
+        pad = self.model.generation_config.pad_token_id
+        rows = (idx[None, :] > last_img[:, None]) & (ids != pad)  # (B, N) question tokens
+        r = int(rows.sum(1).max())
+        order = torch.argsort((~rows).to(torch.int8), dim=1, stable=True)[:, :r]  # (B, R)
+        row_valid = torch.arange(r)[None, :] < rows.sum(1)[:, None]
+        x = layer.input_layernorm(h)
+        hd, nh, nkv = attn.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+        q = attn.q_proj(x.gather(1, order[..., None].expand(-1, -1, x.shape[-1])))
+        q = q.view(bsz, r, nh, hd).transpose(1, 2)  # (B, H, R, hd)
+        k = attn.k_proj(x).view(bsz, n, nkv, hd).transpose(1, 2)  # (B, Hkv, N, hd)
+        cos, sin = cos.expand(bsz, -1, -1), sin.expand(bsz, -1, -1)
+        take = lambda t: t.gather(1, order[..., None].expand(-1, -1, t.shape[-1]))  # noqa: E731
+        q, k = apply_rope(q, take(cos), take(sin)), apply_rope(k, cos, sin)
+        valid = ids != pad
+        allowed = (idx[None, None, :] <= order[:, :, None]) & valid[:, None, :] & row_valid[:, :, None]
+        score = mean_over_rows(query_row_attention(q, k, allowed, attn.scaling), row_valid)  # (B, N)
+        return -score.gather(1, ctx.positions.to(score.device))
+
+
+def control_recipe(name: str, scorer, layer: int) -> Recipe:
+    return Recipe(name=name, scorer=scorer, default_layers=lambda depth: (layer,), description=f"control: {name}")
+
+
+def make_batches(processor, records, batch_size) -> list[tuple[list[dict], dict]]:
+    """Processor outputs per batch (left padding), built once and reused by every row."""
+    processor.tokenizer.padding_side = "left"
+    batches = []
+    for i in range(0, len(records), batch_size):
+        chunk = records[i : i + batch_size]
+        inputs = processor(
+            images=[r["pil"] for r in chunk], text=[prompt(r["question"]) for r in chunk], return_tensors="pt",
+            padding=True,
+        )
+        batches.append((chunk, inputs))
+    return batches
+
+
+@torch.no_grad()
+def evaluate(model, processor, batches, before_batch=None) -> dict:
+    """Greedy first word for every record; accuracy and reduction statistics."""
+    correct, types = [], []
+    vis_layers, flops, flops_un, select_s, n_seen = None, 0.0, 0.0, 0.0, 0
+    t0 = time.perf_counter()
+    for chunk, inputs in batches:
+        if before_batch:
+            before_batch(chunk)
+        out = model.generate(**inputs, max_new_tokens=1, do_sample=False)
+        words = processor.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        correct += [w.strip() == r["answer"] for w, r in zip(words, chunk)]
+        types += [r["type"] for r in chunk]
+        stats = getattr(getattr(model, "pumer", None), "last_stats", None)
+        if stats is not None:
+            per_layer = [sum(v) for v in stats.visual_tokens_per_layer]  # summed over the batch
+            vis_layers = per_layer if vis_layers is None else [a + b for a, b in zip(vis_layers, per_layer)]
+            flops += stats.flops
+            flops_un += stats.flops_unreduced
+            select_s += stats.select_seconds
+        n_seen += len(chunk)
+    wall = time.perf_counter() - t0
+    by = defaultdict(list)
+    for t, c in zip(types, correct):
+        by[t].append(c)
+    res = {
+        "n": len(correct),
+        "accuracy": sum(correct) / len(correct),
+        "per_type": {t: sum(v) / len(v) for t, v in sorted(by.items())},
+        "wall_seconds": round(wall, 2),
+    }
+    if vis_layers is not None:
+        res["visual_tokens_per_layer"] = [round(v / n_seen, 2) for v in vis_layers]
+        res["flops_ratio"] = flops / flops_un if flops_un else 1.0
+        res["select_seconds"] = round(select_s, 3)
+    else:
+        depth = model.config.text_config.num_hidden_layers
+        res["visual_tokens_per_layer"] = [float(task.NUM_CELLS)] * depth
+        res["flops_ratio"] = 1.0
+        res["select_seconds"] = 0.0
+    return res
+
+
+def run(model, processor, records, methods, fractions, controls, control_layer, batch_size, log=print) -> dict:
+    total = task.NUM_CELLS
+    rows = []
+    batches = make_batches(processor, records, batch_size)
+
+    def add(name, kind, fraction, keep, res, layers):
+        rows.append({"name": name, "kind": kind, "fraction": fraction, "keep_tokens": keep, "layers": layers, **res})
+        per = " ".join(f"{t}={a:.3f}" for t, a in res["per_type"].items())
+        log(f"{name:>13} keep {keep:>2}: acc {res['accuracy']:.3f} flops {res['flops_ratio']:.3f} "
+            f"wall {res['wall_seconds']:.1f}s | {per}")
+
+    remove_pumer(model)
+    add("unreduced", "baseline", 1.0, total, evaluate(model, processor, batches), [])
+    priorities = Priorities()
+    for fraction in fractions:
+        if fraction >= 1.0:
+            continue
+        keep = max(1, round(total * fraction))
+        for name in methods:
+            apply_pumer(model, keep_tokens=keep, method=name)
+            res = evaluate(model, processor, batches)
+            add(name, "method", fraction, keep, res, list(model.pumer.layers))
+            remove_pumer(model)
+        for name in controls:
+            before, lowest = None, None
+            if name.startswith("oracle"):
+                recipe = control_recipe(name, priorities.scorer, control_layer)
+                before = lambda chunk, kind=name: priorities.set(chunk, kind)  # noqa: E731
+            elif name == "lowest":
+                lowest = LowestTextAttention(model, control_layer)
+                recipe = control_recipe(name, lowest.scorer, control_layer)
+            else:
+                raise ValueError(f"unknown control {name!r}; known: {', '.join(CONTROLS)}")
+            apply_pumer(model, keep_tokens=keep, method=recipe, merge_share=0.0)
+            try:
+                res = evaluate(model, processor, batches, before_batch=before)
+            finally:
+                remove_pumer(model)
+                if lowest is not None:
+                    lowest.close()
+            add(name, "control", fraction, keep, res, [control_layer])
+    return {"rows": rows}
+
+
+def to_markdown(results: dict) -> str:
+    rows = results["rows"]
+    types = list(rows[0]["per_type"])
+    head = ["method", "kept", "layers", "acc"] + types + ["FLOPs", "visual tokens per layer", "select s", "wall s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in sorted(rows, key=lambda r: (-r["keep_tokens"], r["kind"] != "baseline", r["kind"], r["name"])):
+        cells = [r["name"], str(r["keep_tokens"]), ",".join(map(str, r["layers"])) or "-", f"{r['accuracy']:.3f}"]
+        cells += [f"{r['per_type'].get(t, float('nan')):.3f}" for t in types]
+        cells += [f"{r['flops_ratio']:.3f}", " ".join(f"{v:g}" for v in r["visual_tokens_per_layer"]),
+                  f"{r['select_seconds']:.2f}", f"{r['wall_seconds']:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    meta = results.get("meta", {})
+    note = (f"\n{meta.get('questions', '?')} test questions; model `{meta.get('model', '?')}`; "
+            f"controls at layer {meta.get('control_layer', '?')}; accuracy = greedy first answer word.\n")
+    return "\n".join(lines) + "\n" + note
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results["rows"]
+    base = next(r for r in rows if r["kind"] == "baseline")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    names = sorted({r["name"] for r in rows if r["kind"] != "baseline"}, key=lambda n: (n in CONTROLS, n))
+    for name in names:
+        pts = sorted([(r["keep_tokens"], r["accuracy"]) for r in rows if r["name"] == name] + [
+            (base["keep_tokens"], base["accuracy"])])
+        style = "--" if name in CONTROLS else "-"
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ticks = sorted({r["keep_tokens"] for r in rows})
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.set_xlabel("visual tokens kept (of 64)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"proxy LLaVA, {results.get('meta', {}).get('questions', '?')} test questions")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_outputs(results: dict, out_dir: str | Path, stem: str = "accuracy") -> dict[str, Path]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / f"{stem}.json", "md": out_dir / f"{stem}.md", "png": out_dir / f"{stem}.png"}
+    paths["json"].write_text(json.dumps(results, indent=1) + "\n")
+    paths["md"].write_text(to_markdown(results))
+    plot(results, paths["png"])
+    return paths
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="save_pretrained folder (default: the embedded proxy LLaVA)")
+    p.add_argument("--data", default=None, help="questions.jsonl written by proxy_task (default: generate the test split)")
+    p.add_argument("--limit", type=int, default=None, help="first N questions only")
+    p.add_argument("--methods", nargs="*", default=None, help="default: every registered method")
+    p.add_argument("--fractions", nargs="*", type=float, default=list(DEFAULT_FRACTIONS))
+    p.add_argument("--controls", nargs="*", default=list(CONTROLS))
+    p.add_argument("--control-layer", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default="eval/results")
+    p.add_argument("--stem", default="accuracy")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    if args.model:
+        model = LlavaForConditionalGeneration.from_pretrained(args.model, dtype=torch.float32, attn_implementation="sdpa")
+        processor = AutoProcessor.from_pretrained(args.model)
+    else:
+        from pumer_llava.embedded import EMBEDDED_MODEL_DIR, load_embedded
+
+        model, processor = load_embedded()
+        args.model = str(EMBEDDED_MODEL_DIR)
+    model.eval()
+    processor.tokenizer.padding_side = "left"
+    records = load_records(args.data, args.limit)
+    methods = args.methods if args.methods is not None else list_methods()
+    t0 = time.perf_counter()
+    results = run(model, processor, records, methods, args.fractions, args.controls, args.control_layer,
+                  args.batch_size)
+    results["meta"] = {
+        "model": args.model,
+        "questions": len(records),
+        "fractions": args.fractions,
+        "methods": methods,
+        "controls": args.controls,
+        "control_layer": args.control_layer,
+        "batch_size": args.batch_size,
+        "threads": torch.get_num_threads(),
+        "total_seconds": round(time.perf_counter() - t0, 1),
+        "torch": torch.__version__,
+    }
+    paths = write_outputs(results, args.out, args.stem)
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""The accuracy benchmark runs end to end on a handful of questions, and its
+control rows keep what they claim to keep."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "eval"))
+import accuracy  # noqa: E402
+import train_proxy  # noqa: E402
+
+from pumer_llava import apply_pumer, remove_pumer  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def small_proxy():
+    """An untrained proxy LLaVA of the shipped architecture, scaled down (no checkpoint)."""
+    args = train_proxy.parse_args(
+        ["--vision-hidden", "64", "--vision-layers", "2", "--vision-heads", "2", "--text-hidden", "64",
+         "--text-mlp", "128", "--text-layers", "4", "--text-heads", "4", "--text-kv-heads", "2"]
+    )
+    tok = train_proxy.build_tokenizer()
+    processor = train_proxy.build_processor(tok)
+    model = train_proxy.build_model(tok, args).eval()
+    return model, processor
+
+
+@pytest.fixture(scope="module")
+def records():
+    return accuracy.load_records(None, limit=12)
+
+
+def test_oracle_keeps_the_needed_cells_first(small_proxy, records):
+    model, processor = small_proxy
+    (chunk, inputs), = accuracy.make_batches(processor, records, batch_size=len(records))
+    pri = accuracy.Priorities()
+    pri.set(chunk, "oracle_aware")
+    keep = 4
+    apply_pumer(model, keep_tokens=keep, method=accuracy.control_recipe("oracle_aware", pri.scorer, 1), merge_share=0.0)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+        kept = model.pumer.last_stats.kept_patches[1]
+    finally:
+        remove_pumer(model)
+    for r, cells in zip(chunk, kept):
+        need = r["needed_cells"]
+        if len(need) <= keep:
+            assert set(need) <= set(cells), (r["question"], need, cells)
+        else:
+            assert set(cells) <= set(need)
+        extra = set(cells) - set(need)
+        objects_left = set(r["object_cells"]) - set(need)
+        if len(objects_left) >= keep - len(set(cells) & set(need)):
+            assert extra <= objects_left, "object cells come before background"
+
+
+def test_lowest_control_is_minus_the_pumer_score(small_proxy, records):
+    """Keep-the-lowest at ratio 1/2 and PuMer (prune only, same layer) keep disjoint halves."""
+    model, processor = small_proxy
+    (chunk, inputs), = accuracy.make_batches(processor, records[:4], batch_size=4)
+    keep = 32
+    apply_pumer(model, keep_tokens=keep, method="pumer", layers=[2], merge_share=0.0)
+    with torch.no_grad():
+        model(**inputs)
+    top = model.pumer.last_stats.kept_patches[2]
+    remove_pumer(model)
+    low = accuracy.LowestTextAttention(model, 2)
+    apply_pumer(model, keep_tokens=keep, method=accuracy.control_recipe("lowest", low.scorer, 2), merge_share=0.0)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+        bottom = model.pumer.last_stats.kept_patches[2]
+    finally:
+        remove_pumer(model)
+        low.close()
+    for a, b in zip(top, bottom):
+        assert len(set(a) & set(b)) <= 2, "lowest keeps what PuMer drops (ties aside)"
+
+
+def test_benchmark_runs_and_writes_outputs(small_proxy, records, tmp_path):
+    model, processor = small_proxy
+    res = accuracy.run(model, processor, records, ["pumer", "fastv", "random"], [1.0, 0.25],
+                       list(accuracy.CONTROLS), control_layer=2, batch_size=6, log=lambda *_: None)
+    res["meta"] = {"questions": len(records), "model": "small", "control_layer": 2}
+    names = [r["name"] for r in res["rows"]]
+    assert names[0] == "unreduced"
+    assert set(names) == {"unreduced", "pumer", "fastv", "random", *accuracy.CONTROLS}
+    for r in res["rows"]:
+        assert r["n"] == len(records) and 0.0 <= r["accuracy"] <= 1.0
+        assert set(r["per_type"]) == {rec["type"] for rec in records}
+        if r["name"] != "unreduced":
+            assert r["keep_tokens"] == 16 and r["visual_tokens_per_layer"][-1] == 16
+            assert r["flops_ratio"] < 1.0
+    paths = accuracy.write_outputs(res, tmp_path)
+    assert json.loads(paths["json"].read_text())["rows"][0]["name"] == "unreduced"
+    assert "| oracle_aware | 16 |" in paths["md"].read_text()
+    assert paths["png"].stat().st_size > 0
