@@ -117,7 +117,14 @@ def apply_pumer(
 
     # everything is valid: now patch (replacing, never stacking)
     remove_pumer(model)
-    state = PumerState(config=config, recipe=recipe, adapter=adapter, layers=resolved, model_ref=weakref.ref(model))
+    state = PumerState(
+        config=config,
+        recipe=recipe,
+        adapter=adapter,
+        layers=resolved,
+        model_ref=weakref.ref(model),
+        flash=bool(attn and attn.startswith("flash")),
+    )
     handles = state.handles
     handles.append(model.register_forward_pre_hook(llm.top_pre_hook(state), with_kwargs=True))
     handles.append(model.register_forward_hook(llm.top_post_hook(state), with_kwargs=True))

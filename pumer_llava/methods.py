@@ -28,7 +28,9 @@ class ScoreContext:
     patch_index:    (B, n) their index within the sample's visual span (0 .. T-1),
                     i.e. which image patch each one is (merged tokens: their destination).
     input_ids:      (B, N) the original input ids.
-    keep:           how many of the n tokens the stage keeps after pruning.
+    keep:           how many of the n tokens the stage keeps after pruning (the most of
+                    any sample; see ``keep_per_sample``).
+    valid:          (B, n) bool; rows with fewer visual tokens are padded at the end.
     """
 
     layer: int
@@ -38,6 +40,8 @@ class ScoreContext:
     patch_index: torch.Tensor
     input_ids: torch.Tensor
     keep: int
+    valid: torch.Tensor | None = None
+    keep_per_sample: list[int] | None = None
 
 
 def _pumer_layers(depth: int) -> tuple[int, ...]:

@@ -113,11 +113,11 @@ def test_disabled_needs_a_patched_model_and_restores():
     assert model.pumer.enabled
 
 
-def test_batches_with_different_visual_counts_are_refused_clearly():
+def test_vispruner_refuses_batches_with_different_visual_counts():
     model = tiny_llava("llama")
-    apply_pumer(model)
+    apply_pumer(model, method="vispruner")
     inp = make_inputs((3, 3), (5, 5))
     inp["input_ids"][1, 3] = 10  # one visual token fewer in sample 1
-    with pytest.raises(NotImplementedError, match="different numbers of visual tokens"):
+    with pytest.raises(NotImplementedError, match="same number of visual tokens in every sample"):
         with torch.no_grad():
-            model(input_ids=inp["input_ids"], attention_mask=inp["attention_mask"])
+            model(**inp)

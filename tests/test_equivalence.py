@@ -8,7 +8,7 @@ import torch
 
 from pumer_llava import Recipe, apply_pumer, disabled, remove_pumer
 from pumer_llava.reduce import plan_stages
-from tiny import N_VIS, make_inputs, tiny_llava
+from tiny import N_VIS, make_inputs, make_mixed_inputs, tiny_llava
 
 BACKBONES = ["llama", "qwen2"]  # qwen2: grouped-query attention, q/k/v biases
 ATTN = ["sdpa", "eager"]
@@ -28,7 +28,7 @@ def _count_layer_inputs(model):
     seen, handles = {}, []
     for i, layer in enumerate(model.model.language_model.layers):
         def pre(mod, args, kwargs, i=i):
-            seen[i] = args[0].shape[1]
+            seen.setdefault(i, args[0].shape[1])  # the prefill
         handles.append(layer.register_forward_pre_hook(pre, with_kwargs=True))
     return seen, handles
 
@@ -284,3 +284,54 @@ def test_disabled_context_runs_unreduced():
         with disabled(model):
             assert torch.equal(model(**inp).logits, ref)
         assert not torch.equal(model(**inp).logits, ref)
+
+
+def _alone_mixed(inp, images, i):
+    keep = inp["attention_mask"][i].bool()
+    start = sum(images[:i])
+    out = {"input_ids": inp["input_ids"][i : i + 1, keep], "attention_mask": inp["attention_mask"][i : i + 1, keep]}
+    if images[i]:
+        out["pixel_values"] = inp["pixel_values"][start : start + images[i]]
+    return out
+
+
+@pytest.mark.parametrize("method", ["pumer", "fastv", "random"])
+@pytest.mark.parametrize("kind", BACKBONES)
+def test_mixed_visual_counts_batch_equals_single_samples(kind, method):
+    """Samples with 1, 2 and 0 images in one padded batch: re-padded, never truncated."""
+    model = tiny_llava(kind)
+    inp, images = make_mixed_inputs()
+    apply_pumer(model, ratio=0.25, method=method)
+    seen, handles = _count_layer_inputs(model)
+    with torch.no_grad():
+        batch = model.generate(**inp, **GEN)[:, -GEN["max_new_tokens"] :]
+    for h in handles:
+        h.remove()
+    stats = model.pumer.last_stats
+    assert stats.visual_tokens_total == [N_VIS * n for n in images]
+    assert stats.visual_tokens_final == [round(N_VIS * n * 0.25) for n in images]
+    # each layer's tensor is as long as its longest sample: nothing truncated
+    valid = inp["attention_mask"].sum(1)
+    for layer, per_sample in enumerate(stats.tokens_per_layer):
+        removed = [N_VIS * n - v for n, v in zip(images, stats.visual_tokens_per_layer[layer])]
+        assert per_sample == [int(valid[b]) - removed[b] for b in range(3)]
+        assert seen[layer] == inp["input_ids"].shape[1] - min(removed)
+    for i in range(3):
+        with torch.no_grad():
+            one = model.generate(**_alone_mixed(inp, images, i), **GEN)[:, -GEN["max_new_tokens"] :]
+        assert torch.equal(batch[i], one[0]), (i, batch[i], one[0])
+        if images[i]:
+            assert model.pumer.last_stats.visual_tokens_per_layer == [[v[i]] for v in stats.visual_tokens_per_layer]
+
+
+@pytest.mark.parametrize("attn", ATTN)
+def test_mixed_visual_counts_cached_equals_recomputation(attn):
+    model = tiny_llava("qwen2", attn)
+    inp, _ = make_mixed_inputs()
+    apply_pumer(model, ratio=0.25, merge_share=1.0)  # merge-only: decisions independent of the text
+    with torch.no_grad():
+        cached = model.generate(**inp, **GEN, output_scores=True, return_dict_in_generate=True)
+        again = model.generate(**inp, **GEN, output_scores=True, return_dict_in_generate=True, use_cache=False)
+    assert torch.equal(cached.sequences, again.sequences)
+    for a, b in zip(cached.scores, again.scores):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from pumer_llava.reduce import bipartite_merge, decoder_flops, plan_stages
+from pumer_llava.reduce.ragged import left_pack, ragged_nonzero, top_per_row
 from pumer_llava.reduce.scoring import apply_rope, mean_over_rows, query_row_attention
 
 
@@ -14,13 +15,13 @@ def test_merge_preserves_weighted_sum_and_size(n, r):
     size = torch.rand(3, n, generator=g, dtype=torch.float64) + 0.5
     res = bipartite_merge(x, x, size, r)
     r_eff = min(r, n // 2)
-    assert res.x.shape == (3, n - r_eff, 5)
-    torch.testing.assert_close((res.x * res.size[..., None]).sum(1), (x * size[..., None]).sum(1))
-    torch.testing.assert_close(res.size.sum(1), size.sum(1))
-    assert torch.equal(res.keep, res.keep.sort(1).values)  # order kept
+    assert res.keep.shape == (3, n - r_eff)
+    xk, sk = res.x.gather(1, res.keep[..., None].expand(-1, -1, 5)), res.size.gather(1, res.keep)
+    torch.testing.assert_close((xk * sk[..., None]).sum(1), (x * size[..., None]).sum(1))
+    torch.testing.assert_close(sk.sum(1), size.sum(1))
     # src and dst are disjoint from each other; survivors are exactly "not a source"
     for b in range(3):
-        src = set(res.src[b].tolist())
+        src = set(res.src[b][res.src_ok[b]].tolist())
         assert src.isdisjoint(res.keep[b].tolist()) and set(res.dst[b].tolist()) <= set(res.keep[b].tolist())
         assert len(src) == r_eff
 
@@ -29,8 +30,25 @@ def test_merge_joins_the_most_similar_pair():
     x = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [0.0, -1.0], [1.0, 0.01]]])  # tokens 0 and 3 are near-identical
     res = bipartite_merge(x, x, torch.ones(1, 4), 1)
     assert res.src.tolist() == [[0]] and res.dst.tolist() == [[3]]
-    torch.testing.assert_close(res.x[0, -1], torch.tensor([1.0, 0.005]))
-    assert res.size.tolist() == [[1.0, 1.0, 2.0]]
+    torch.testing.assert_close(res.x[0, 3], torch.tensor([1.0, 0.005]))
+    assert res.keep.tolist() == [[1, 2, 3]] and res.size[0, res.keep[0]].tolist() == [1.0, 1.0, 2.0]
+
+
+def test_merge_with_rows_of_different_lengths():
+    """Per-row r and padding: each row equals merging that row alone."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 9, 4, generator=g, dtype=torch.float64)
+    size = torch.rand(3, 9, generator=g, dtype=torch.float64) + 0.5
+    lengths, r = torch.tensor([9, 6, 3]), torch.tensor([3, 2, 0])
+    valid = torch.arange(9)[None] < lengths[:, None]
+    res = bipartite_merge(x, x, size, r, valid=valid)
+    for b in range(3):
+        n = int(lengths[b])
+        alone = bipartite_merge(x[b : b + 1, :n], x[b : b + 1, :n], size[b : b + 1, :n], int(r[b]))
+        assert res.survive[b, n:].sum() == 0
+        assert res.survive[b, :n].nonzero()[:, 0].tolist() == alone.keep[0].tolist()
+        torch.testing.assert_close(res.x[b, alone.keep[0]], alone.x[0, alone.keep[0]])
+        torch.testing.assert_close(res.size[b, alone.keep[0]], alone.size[0, alone.keep[0]])
 
 
 @pytest.mark.parametrize("total,keep,stages,share", [(576, 64, 3, 0.5), (576, 144, 3, 0.0), (16, 4, 3, 1.0), (64, 7, 2, 0.5), (10, 10, 2, 0.5), (5, 1, 4, 0.5)])
@@ -84,3 +102,15 @@ def test_rope_matches_transformers():
 def test_flops_formula():
     assert decoder_flops([10], 4, 8) == 4 * 10 * 16 + 2 * 100 * 4 + 2 * 10 * 4 * 8
     assert decoder_flops([10, 5], 4, 8) == decoder_flops([10], 4, 8) + decoder_flops([5], 4, 8)
+
+
+def test_ragged_helpers():
+    m = torch.tensor([[1, 0, 1, 1, 0], [0, 0, 1, 0, 0]]).bool()
+    idx, ok = ragged_nonzero(m)
+    assert idx.tolist() == [[0, 2, 3], [2, 0, 0]] and ok.tolist() == [[True] * 3, [True, False, False]]
+    s = torch.tensor([[5.0, 1, 3, 2, 9], [1, 2, 3, 4, 5]])
+    sel, sel_ok = top_per_row(s, torch.ones_like(m), torch.tensor([2, 1]))
+    assert sel[0].tolist() == [0, 4] and sel[1, :1].tolist() == [4] and sel_ok.tolist() == [[True, True], [True, False]]
+    sel, filler = left_pack(m)
+    assert sel[0].tolist() == [0, 2, 3] and sel[1, 2].item() == 2
+    assert filler.tolist() == [[False] * 3, [True, True, False]]

@@ -78,3 +78,27 @@ def make_inputs(prefix_lens=(3,), suffix_lens=(5,), seed: int = 0, images: int =
         mask[i, n - len(s) :] = 1
     pixel = torch.randn(len(seqs) * images, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g)
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixel}
+
+
+def make_mixed_inputs(images=(1, 2, 0), prefix_lens=(3, 2, 4), suffix_lens=(5, 3, 6), seed: int = 0):
+    """Left-padded batch whose samples carry different numbers of images (so of visual tokens).
+
+    Each image is ``<image>``*N_VIS followed by one text token; pixel_values lists the images
+    in order of appearance, which is how LLaVA scatters features into the placeholders.
+    """
+    g = torch.Generator().manual_seed(seed)
+    seqs = []
+    for n_img, pre, suf in zip(images, prefix_lens, suffix_lens):
+        parts = [torch.randint(4, VOCAB, (pre,), generator=g)]
+        for _ in range(n_img):
+            parts += [torch.full((N_VIS,), IMAGE_TOKEN), torch.randint(4, VOCAB, (1,), generator=g)]
+        parts.append(torch.randint(4, VOCAB, (suf,), generator=g))
+        seqs.append(torch.cat(parts))
+    n = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), n), PAD)
+    mask = torch.zeros(len(seqs), n, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, n - len(s) :] = s
+        mask[i, n - len(s) :] = 1
+    pixel = torch.randn(sum(images), 3, IMAGE_SIZE, IMAGE_SIZE, generator=g)
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixel}, list(images)

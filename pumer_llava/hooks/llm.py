@@ -28,6 +28,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from ..methods import ScoreContext
 from ..reduce import StagePlan, bipartite_merge, decoder_flops, plan_stages
 from ..reduce.diversity import remove_duplicates
+from ..reduce.ragged import left_pack, ragged_nonzero, top_per_row
 from ..reduce.scoring import apply_rope, mean_over_rows, query_row_attention
 from .state import CallState, PumerState, Record, ReductionStats
 
@@ -50,10 +51,24 @@ def _take(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return t.gather(1, idx.view(*idx.shape, *([1] * (t.ndim - 2))).expand(-1, -1, *t.shape[2:]))
 
 
-def _split_visual(is_vis: torch.Tensor, n_vis: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices of the non-visual and visual tokens of each row, each ascending."""
-    order = torch.argsort(is_vis.to(torch.int8), dim=1, stable=True)  # (B, N)
-    return order[:, : is_vis.shape[1] - n_vis], order[:, is_vis.shape[1] - n_vis :]
+def _scatter_rows(dst: torch.Tensor, idx: torch.Tensor, ok: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """dst (B, N, ...) with src (B, k, ...) written at idx (B, k) where ok; other entries untouched."""
+    n = dst.shape[1]
+    idx = torch.where(ok, idx, torch.full_like(idx, n))  # padding entries go to a trash slot
+    ext = torch.cat([dst, dst[:, :1]], dim=1)
+    if dst.ndim == 2:
+        return ext.scatter(1, idx, src.to(dst.dtype))[:, :n]
+    return ext.scatter(1, idx[..., None].expand(-1, -1, *dst.shape[2:]), src.to(dst.dtype))[:, :n]
+
+
+def _mask_keys(m: torch.Tensor, key_ok: torch.Tensor) -> torch.Tensor:
+    """Mask the key columns where ``key_ok`` (B, K) is False in a 4-D mask; a row left with
+    no key attends to all (as transformers does for padding rows) so softmax stays finite."""
+    ok = key_ok.to(m.device)[:, None, None, :]
+    if m.dtype == torch.bool:
+        m = m & ok
+        return m | ~m.any(-1, keepdim=True)
+    return m.masked_fill(~ok, torch.finfo(m.dtype).min)
 
 
 def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -62,22 +77,36 @@ def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return mask.to(dtype)
 
 
-def _gather_mask(mask: Any, pos: torch.Tensor, valid: torch.Tensor, log_size: torch.Tensor | None, dtype) -> Any:
-    """The prefill mask for the tokens at full positions ``pos`` (B, N')."""
-    bsz, n = pos.shape
+def _gather_mask(
+    mask: Any, idx: torch.Tensor, valid: torch.Tensor, log_size: torch.Tensor | None, dtype, fillers: bool, flash: bool
+) -> Any:
+    """The prefill mask for the tokens at LM positions ``idx`` (B, N').
+
+    ``fillers``: some rows were left-padded with filler slots (their ``valid`` is False),
+    whose columns must be masked explicitly: they gathered a dropped token's column.
+    """
+    bsz, n = idx.shape
     if mask is None:
-        if log_size is None:
+        if flash:
+            return valid.long() if fillers else None
+        if log_size is None and not fillers:
             return None  # sdpa's is_causal path: still causal after removing tokens
-        idx = torch.arange(n, device=pos.device)
-        allowed = (idx[None, :] <= idx[:, None])[None] & valid[:, None, :].to(pos.device)  # (B, N', N')
+        ar = torch.arange(n, device=idx.device)
+        allowed = (ar[None, :] <= ar[:, None])[None] & valid[:, None, :].to(idx.device)  # (B, N', N')
+        allowed = allowed | ~allowed.any(-1, keepdim=True)
+        if log_size is None:
+            return allowed[:, None]
         return _additive(allowed[:, None], dtype) + log_size[:, None, None, :].to(dtype)
     if mask.ndim == 2:  # flash attention keeps the 2-D padding mask
-        return mask.gather(1, pos.to(mask.device))
+        m = mask.gather(1, idx.to(mask.device))
+        return m * valid.to(m.device, m.dtype) if fillers else m
     m = mask.expand(bsz, *mask.shape[1:])
-    p = pos.to(m.device)
+    p = idx.to(m.device)
     h = m.shape[1]
     m = m.gather(2, p[:, None, :, None].expand(bsz, h, n, m.shape[3]))  # rows
     m = m.gather(3, p[:, None, None, :].expand(bsz, h, n, n))  # columns
+    if fillers:
+        m = _mask_keys(m, valid)
     if log_size is not None:
         m = _additive(m, dtype) + log_size[:, None, None, :].to(m.device, dtype)
     return m
@@ -146,12 +175,15 @@ def _random_scores(state: PumerState, call: CallState, n: int, device) -> torch.
 
 
 def _score(state: PumerState, call: CallState, module, layer: int, stage: int, hs: torch.Tensor, kw: dict):
-    """(B, n_vis) scores of the current visual tokens for ``stage``: higher = keep."""
+    """(B, n_max) scores of the current visual tokens for ``stage``: higher = keep.
+
+    Rows with fewer visual tokens are padded at the end (``ragged_nonzero``)."""
     scorer = state.recipe.scorer
-    n_vis = int(call.is_vis[0].sum())
-    _, vis_idx = _split_visual(call.is_vis, n_vis)
+    vis_idx, vis_ok = ragged_nonzero(call.is_vis)
+    n_vis = vis_idx.shape[1]
     if callable(scorer):
         positions = call.pos.gather(1, vis_idx)
+        keep = (vis_ok.sum(1) - call.plans[stage][0]).tolist()
         ctx = ScoreContext(
             layer=state.layers[stage],
             stage=stage,
@@ -159,7 +191,9 @@ def _score(state: PumerState, call: CallState, module, layer: int, stage: int, h
             positions=positions,
             patch_index=positions - call.vis_start[:, None],
             input_ids=call.input_ids,
-            keep=n_vis - call.plans[stage].prune,
+            keep=max(keep),
+            valid=vis_ok,
+            keep_per_sample=keep,
         )
         scores = scorer(ctx)
         if tuple(scores.shape) != tuple(vis_idx.shape):
@@ -175,41 +209,41 @@ def _score(state: PumerState, call: CallState, module, layer: int, stage: int, h
 
 
 def _reduce(state: PumerState, call: CallState, module, layer: int, stage: int, hs: torch.Tensor, scores):
-    plan = call.plans[stage]
+    prune, merge = call.plans[stage]  # (B,) each: per-sample counts of this stage
     bsz, n, d = hs.shape
-    nonvis_idx, vis_idx = _split_visual(call.is_vis, plan.n_in)  # (B, N - n_in), (B, n_in)
-    n_keep = plan.n_in - plan.prune
-    top = scores.topk(n_keep, dim=1).indices.sort(dim=1).values
-    kept = vis_idx.gather(1, top.to(vis_idx.device))  # (B, n_keep) current indices
-    size = call.size
-    if plan.merge:
+    vis_idx, vis_ok = ragged_nonzero(call.is_vis)  # (B, n_max) current indices of the visual tokens
+    top, kept_ok = top_per_row(scores, vis_ok.to(scores.device), (vis_ok.sum(1) - prune).to(scores.device))
+    kept = vis_idx.gather(1, top.to(vis_idx.device))  # (B, k_max) current indices, ascending
+    kept_ok = kept_ok.to(kept.device)
+    if bool(merge.any()):
         parts = state.adapter.attn_parts(module, state.adapter.text_config(state.model_config))
         dev = parts.k_proj.weight.device
-        xv = _take(hs, kept).to(dev)  # (B, n_keep, d)
+        xv = _take(hs, kept).to(dev)  # (B, k_max, d)
+        k_max = kept.shape[1]
         with torch.no_grad():
-            metric = parts.k_proj(parts.norm(xv)).view(bsz, n_keep, parts.num_kv_heads, parts.head_dim).mean(2)
-        res = bipartite_merge(xv, metric, size.gather(1, kept).to(dev), plan.merge)
-        kept_final = kept.gather(1, res.keep.to(kept.device))
-        hs = hs.scatter(1, kept_final.to(hs.device)[..., None].expand(-1, -1, d), res.x.to(hs.device, hs.dtype))
-        size = size.scatter(1, kept_final, res.size.to(size.device, size.dtype))
+            metric = parts.k_proj(parts.norm(xv)).view(bsz, k_max, parts.num_kv_heads, parts.head_dim).mean(2)
+        res = bipartite_merge(xv, metric, call.size.gather(1, kept).to(dev), merge.to(dev), valid=kept_ok.to(dev))
+        hs = _scatter_rows(hs, kept.to(hs.device), kept_ok.to(hs.device), res.x.to(hs.device))
+        call.size = _scatter_rows(call.size, kept, kept_ok, res.size.to(call.size.device))
+        kept_ok = res.survive.to(kept.device)
         call.merged = True
-        call.score_flops += bsz * n_keep * d * parts.num_kv_heads * parts.head_dim
-    else:
-        kept_final = kept
-    call.size = size
-    return _keep(call, hs, nonvis_idx, kept_final, plan.n_out, layer)
+        call.score_flops += bsz * k_max * d * parts.num_kv_heads * parts.head_dim
+    kept_mask = _scatter_rows(torch.zeros_like(call.is_vis), kept, kept_ok, torch.ones_like(kept_ok))
+    return _repack(call, hs, (~call.is_vis & ~call.filler) | kept_mask, layer)
 
 
-def _keep(call: CallState, hs: torch.Tensor, nonvis_idx, kept_vis, n_out: int, key: int) -> torch.Tensor:
-    """Keep all non-visual tokens and the visual ones at ``kept_vis`` (current indices)."""
-    sel = torch.cat([nonvis_idx, kept_vis], dim=1).sort(dim=1).values  # (B, N')
+def _repack(call: CallState, hs: torch.Tensor, keep: torch.Tensor, key: int) -> torch.Tensor:
+    """Keep the tokens where ``keep`` (B, N); rows that keep fewer are left-padded with fillers."""
+    sel, filler = left_pack(keep)  # (B, N')
     hs = _take(hs, sel)
-    call.pos = call.pos.gather(1, sel)
-    call.idx = call.idx.gather(1, sel)
-    call.is_vis = call.is_vis.gather(1, sel)
-    call.valid = call.valid.gather(1, sel)
-    call.size = call.size.gather(1, sel)
-    call.kept[key] = call.pos.gather(1, _split_visual(call.is_vis, n_out)[1])
+    call.pos = call.pos.gather(1, sel).masked_fill(filler, -1)  # -1: a filler is no position
+    call.idx = call.idx.gather(1, sel)  # fillers keep a real index, so gathers stay in range
+    call.is_vis = call.is_vis.gather(1, sel) & ~filler
+    call.valid = call.valid.gather(1, sel) & ~filler
+    call.size = call.size.gather(1, sel).masked_fill(filler, 1.0)
+    call.filler = filler
+    call.has_fillers = bool(filler.any())
+    call.kept[key] = (call.pos, call.is_vis)
     return hs
 
 
@@ -223,7 +257,9 @@ def _stage_kwargs(state: PumerState, call: CallState, kwargs: dict, dtype) -> di
     if pid is not None:
         out["position_ids"] = _take(pid, call.idx)
     log_size = call.size.log() if (state.prop_attn and call.merged) else None
-    out["attention_mask"] = _gather_mask(kwargs.get("attention_mask"), call.idx, call.valid, log_size, dtype)
+    out["attention_mask"] = _gather_mask(
+        kwargs.get("attention_mask"), call.idx, call.valid, log_size, dtype, call.has_fillers, state.flash
+    )
     return out
 
 
@@ -236,7 +272,7 @@ def layer_pre_hook(state: PumerState, layer: int):
         if call is None or not call.active:
             return None
         if call.mode == "extend":
-            return _extend_layer(call, layer, args, kwargs)
+            return _extend_layer(state, call, layer, args, kwargs)
         hs = args[0] if args else kwargs["hidden_states"]
         stage = call.stage_of_layer.get(layer)
         if stage is not None:
@@ -247,7 +283,10 @@ def layer_pre_hook(state: PumerState, layer: int):
                 scores = _score(state, call, module, layer, stage, hs, kw)
             hs = _reduce(state, call, module, layer, stage, hs, scores)
             call.stage_kw = _stage_kwargs(state, call, kwargs, hs.dtype)
-            call.stage_pos.append((call.idx, call.size.log() if (state.prop_attn and call.merged) else None))
+            call.stage_pos.append(
+                (call.idx, call.size.log() if (state.prop_attn and call.merged) else None,
+                 call.filler if call.has_fillers else None)
+            )
             call.select_seconds += _now(hs.device) - t0
         later = call.score_at.get(layer)
         if later is not None:  # FastV-style: score from this layer's input, drop later
@@ -267,31 +306,41 @@ def layer_pre_hook(state: PumerState, layer: int):
     return hook
 
 
-def _extend_layer(call: CallState, layer: int, args, kwargs):
+def _extend_layer(state: PumerState, call: CallState, layer: int, args, kwargs):
     stage = call.record.layer_stage[layer]
     if stage < 0:
         return None
     if stage not in call.ext_mask:
         hs = args[0] if args else kwargs["hidden_states"]
-        call.ext_mask[stage] = _extend_mask(call, stage, kwargs.get("attention_mask"), hs.dtype)
+        call.ext_mask[stage] = _extend_mask(state, call, stage, kwargs.get("attention_mask"), hs.dtype)
     return args, {**kwargs, "attention_mask": call.ext_mask[stage]}
 
 
-def _extend_mask(call: CallState, stage: int, mask: Any, dtype) -> Any:
-    cols = call.ext_cols[stage]  # (B, K) full positions held by this stage's caches + new
+def _extend_mask(state: PumerState, call: CallState, stage: int, mask: Any, dtype) -> Any:
+    cols = call.ext_cols[stage]  # (B, K) LM positions held by this stage's caches + new
     log_size = call.ext_logsize[stage]
+    fill = call.ext_fill[stage]  # (B, K) filler slots of left-repacked rows, or None
     bsz, k = cols.shape
     q = call.new_pos.shape[0]
     if mask is None:
-        if log_size is None:
+        if log_size is None and fill is None:
             return None
         key_valid = call.mask2d.gather(1, cols) if call.mask2d is not None else torch.ones_like(cols, dtype=torch.bool)
+        if fill is not None:
+            key_valid = key_valid & ~fill
+        if state.flash:
+            return key_valid.long()
         allowed = (cols[:, None, :] <= call.new_pos[None, :, None]) & key_valid[:, None, :]  # (B, q, K)
+        if log_size is None:
+            return allowed[:, None]
         return _additive(allowed[:, None], dtype) + log_size[:, None, None, :].to(dtype)
     if mask.ndim == 2:
-        return mask.gather(1, cols.to(mask.device))
+        m = mask.gather(1, cols.to(mask.device))
+        return m * (~fill).to(m.device, m.dtype) if fill is not None else m
     m = mask.expand(bsz, *mask.shape[1:])
     m = m.gather(3, cols.to(m.device)[:, None, None, :].expand(bsz, m.shape[1], m.shape[2], k))
+    if fill is not None:
+        m = _mask_keys(m, ~fill)
     if log_size is not None:
         m = _additive(m, dtype) + log_size[:, None, None, :].to(m.device, dtype)
     return m
@@ -363,20 +412,25 @@ def _open_prefill(state: PumerState, input_ids: torch.Tensor, vis: torch.Tensor,
     mask2d = kwargs.get("attention_mask")
     valid = mask2d.bool() if (mask2d is not None and mask2d.ndim == 2) else torch.ones_like(vis)
     valid = valid.to(vis.device)
-    counts = vis.sum(1)
-    if bool((counts != counts[0]).any()):
-        raise NotImplementedError(
-            f"samples in this batch carry different numbers of visual tokens ({counts.tolist()}); "
-            "batch samples with the same number of images"
-        )
-    total = int(counts[0])
+    totals = vis.sum(1).tolist()  # samples may carry different numbers of visual tokens
     cfg = state.config
-    keep = cfg.keep_tokens if cfg.keep_tokens is not None else max(1, round(total * cfg.ratio))
-    if keep > total:
-        raise ValueError(f"keep_tokens={keep} is larger than the visual span of this input ({total} tokens)")
+    keeps = []
+    for b, total in enumerate(totals):
+        if cfg.keep_tokens is not None:
+            if 0 < total < cfg.keep_tokens:
+                raise ValueError(
+                    f"keep_tokens={cfg.keep_tokens} is larger than the visual span of sample {b} ({total} tokens)"
+                )
+            keeps.append(min(cfg.keep_tokens, total))
+        else:
+            keeps.append(min(total, max(1, round(total * cfg.ratio))))
+    if state.recipe.pre_llm and len(set(totals)) > 1:
+        raise NotImplementedError(
+            f"{state.recipe.name} needs the same number of visual tokens in every sample of a batch, got {totals}"
+        )
     last_vis = n0 - 1 - vis.flip(1).to(torch.int8).argmax(1)
     call = CallState(
-        mode="prefill" if keep < total else "off",
+        mode="prefill" if keeps != totals else "off",
         input_ids=input_ids,
         pos=torch.arange(n0, device=vis.device).expand(bsz, n0),
         idx=torch.arange(n0, device=vis.device).expand(bsz, n0),
@@ -388,17 +442,25 @@ def _open_prefill(state: PumerState, input_ids: torch.Tensor, vis: torch.Tensor,
         vis_start=vis.to(torch.int8).argmax(1),
         last_vis=last_vis,
         logits_to_keep=state.pending_logits_to_keep,
-        n_total=total,
+        n_totals=totals,
+        filler=torch.zeros_like(vis),
     )
     if call.mode == "off":
         state.last_stats = _stats_unreduced(state, call)
         return call
     pre = 1 if state.recipe.pre_llm else 0
-    plans = plan_stages(total, keep, len(state.layers) + pre, state.merge_share)
+    n_stages = len(state.layers) + pre
+    per_sample = [
+        plan_stages(t, k, n_stages, state.merge_share) if t else [StagePlan(0, 0, 0)] * n_stages
+        for t, k in zip(totals, keeps)
+    ]
     if pre:  # removal before the LLM is pruning only: fold its merge share into pruning
-        p0 = plans.pop(0)
-        call.pre_plan = StagePlan(n_in=p0.n_in, prune=p0.prune + p0.merge, merge=0)
-    call.plans = plans
+        call.pre_plan = [StagePlan(n_in=p[0].n_in, prune=p[0].prune + p[0].merge, merge=0) for p in per_sample]
+    dev = vis.device
+    call.plans = [
+        (torch.tensor([p[s].prune for p in per_sample], device=dev), torch.tensor([p[s].merge for p in per_sample], device=dev))
+        for s in range(pre, n_stages)
+    ]
     call.stage_of_layer = {layer: s for s, layer in enumerate(state.layers)}
     if state.recipe.score_offset:
         call.score_at = {layer + state.recipe.score_offset: s for s, layer in enumerate(state.layers)}
@@ -432,6 +494,8 @@ def _open_extend(state: PumerState, record: Record, cache, q: int, kwargs: dict)
         call.mask2d = mask2d
     for s, cols in enumerate(record.stage_cols):
         call.ext_cols[s] = torch.cat([cols, new_pos.expand(bsz, q)], dim=1)
+        fill = record.stage_fill[s]
+        call.ext_fill[s] = None if fill is None else torch.cat([fill, fill.new_zeros(bsz, q)], dim=1)
         ls = record.stage_logsize[s]
         call.ext_logsize[s] = None if ls is None else torch.cat([ls, ls.new_zeros(bsz, q)], dim=1)
     return call
@@ -447,6 +511,7 @@ def inner_post_hook(state: PumerState):
             rec = call.record
             rec.stage_cols = [call.ext_cols[s] for s in range(len(rec.stage_cols))]
             rec.stage_logsize = [call.ext_logsize[s] for s in range(len(rec.stage_logsize))]
+            rec.stage_fill = [call.ext_fill[s] for s in range(len(rec.stage_fill))]
             q = call.new_pos.shape[0]
             rec.n_full += q
             rec.n_lm += q
@@ -464,8 +529,9 @@ def inner_post_hook(state: PumerState):
         if call.cache is not None:
             state.records[call.cache] = Record(
                 layer_stage=layer_stage,
-                stage_cols=[p for p, _ in call.stage_pos],
-                stage_logsize=[ls for _, ls in call.stage_pos],
+                stage_cols=[p for p, _, _ in call.stage_pos],
+                stage_logsize=[ls for _, ls, _ in call.stage_pos],
+                stage_fill=[f for _, _, f in call.stage_pos],
                 n_full=call.input_ids.shape[1],
                 n_lm=call.pre_cols.shape[1] if call.pre_cols is not None else call.input_ids.shape[1],
                 pre_cols=call.pre_cols,
@@ -485,9 +551,11 @@ def _scatter_back(call: CallState, output):
         tail = torch.arange(n0 - k, n0, device=call.pos.device)
         if bool((call.pos[:, -k:] == tail).all()):
             return None  # the caller only reads the last k positions, which are all kept
-    full = h.new_zeros(bsz, n0, h.shape[-1])
-    full.scatter_(1, call.pos.to(h.device)[..., None].expand(-1, -1, h.shape[-1]), h)
-    output.last_hidden_state = full
+    pos = call.pos.to(h.device)
+    pos = torch.where(pos < 0, torch.full_like(pos, n0), pos)  # fillers land in a trash column
+    full = h.new_zeros(bsz, n0 + 1, h.shape[-1])
+    full.scatter_(1, pos[..., None].expand(-1, -1, h.shape[-1]), h)
+    output.last_hidden_state = full[:, :n0]
     return output
 
 
@@ -525,7 +593,7 @@ def _importance_per_sample(state: PumerState, call: CallState) -> torch.Tensor:
             "model's hooks (were image features passed in precomputed?)"
         )
     imp = state.importance  # (n_img, P)
-    bsz, total = call.input_ids.shape[0], call.n_total
+    bsz, total = call.input_ids.shape[0], call.n_totals[0]
     if imp.numel() == bsz * total:
         return imp.reshape(bsz, total)
     if (bsz * total) % imp.numel() == 0 and total % imp.shape[1] == 0:  # inputs expanded after encoding (beams)
@@ -552,10 +620,9 @@ def lm_pre_hook(state: PumerState):
             return None
         emb = kwargs["inputs_embeds"]  # (B, N0, d)
         t0 = _now(emb.device)
-        plan = call.pre_plan
-        importance = _importance_per_sample(state, call).to(emb.device)  # (B, T)
-        nonvis_idx, vis_idx = _split_visual(call.is_vis, plan.n_in)
-        n_keep = plan.n_out
+        importance = _importance_per_sample(state, call).to(emb.device)  # (B, T), T equal in every sample
+        vis_idx, _ = ragged_nonzero(call.is_vis)  # (B, T)
+        n_keep = call.pre_plan[0].n_out
         n_imp = round(n_keep * state.important_ratio)
         imp = importance.topk(n_imp, dim=1).indices  # local visual indices
         rest_mask = torch.ones_like(importance, dtype=torch.bool).scatter(1, imp, False)
@@ -563,7 +630,8 @@ def lm_pre_hook(state: PumerState):
         feats = _take(emb, vis_idx.gather(1, rest.to(vis_idx.device)))
         diverse = rest.gather(1, remove_duplicates(feats, n_keep - n_imp).to(rest.device))
         kept_local = torch.cat([imp, diverse], dim=1).to(vis_idx.device)
-        emb = _keep(call, emb, nonvis_idx, vis_idx.gather(1, kept_local), n_keep, -1)
+        kept_mask = torch.zeros_like(call.is_vis).scatter(1, vis_idx.gather(1, kept_local), True)
+        emb = _repack(call, emb, ~call.is_vis | kept_mask, -1)
         call.pre_cols = call.pos
         call.lm_counts = (call.valid.sum(1), (call.is_vis & call.valid).sum(1))
         call.idx = torch.arange(call.pos.shape[1], device=call.pos.device).expand_as(call.pos)
@@ -604,8 +672,11 @@ def top_post_hook(state: PumerState):
         if output.logits.shape[1] != labels.shape[1]:
             return None
         # Logits at removed positions are not the model's prediction: never score them.
-        present = torch.zeros_like(labels, dtype=torch.bool)
-        present.scatter_(1, call.pos.to(labels.device), True)
+        n0 = labels.shape[1]
+        pos = call.pos.to(labels.device)
+        present = torch.zeros(labels.shape[0], n0 + 1, dtype=torch.bool, device=labels.device)
+        present.scatter_(1, torch.where(pos < 0, torch.full_like(pos, n0), pos), True)
+        present = present[:, :n0]
         masked = labels.clone()
         masked[:, 1:] = masked[:, 1:].masked_fill(~present[:, :-1], -100)
         output.loss = module.loss_function(
@@ -629,10 +700,9 @@ def _stats_unreduced(state: PumerState, call: CallState) -> ReductionStats:
     valid_n = call.valid.sum(1).tolist()
     d, m = _dims(state)
     flops = sum(decoder_flops([n] * n_layers, d, m) for n in valid_n)
-    bsz = len(valid_n)
     return ReductionStats(
-        visual_tokens_total=[call.n_total] * bsz,
-        visual_tokens_per_layer=[[call.n_total] * bsz for _ in range(n_layers)],
+        visual_tokens_total=list(call.n_totals),
+        visual_tokens_per_layer=[list(call.n_totals) for _ in range(n_layers)],
         tokens_per_layer=[list(valid_n) for _ in range(n_layers)],
         kept_positions={},
         kept_patches={},
@@ -654,10 +724,13 @@ def _stats_reduced(state: PumerState, call: CallState) -> ReductionStats:
     valid_n = call.valid_full.sum(1).tolist()
     flops = sum(decoder_flops([tokens[layer][b] for layer in range(len(tokens))], d, m) for b in range(bsz))
     flops_full = sum(decoder_flops([valid_n[b]] * len(tokens), d, m) for b in range(bsz))
-    kept = {layer: p.tolist() for layer, p in call.kept.items()}
-    patches = {layer: (p - call.vis_start[:, None]).tolist() for layer, p in call.kept.items()}
+    kept, patches = {}, {}
+    for key, (pos, is_vis) in call.kept.items():
+        rows = [pos[b][is_vis[b]] for b in range(bsz)]
+        kept[key] = [r.tolist() for r in rows]
+        patches[key] = [(r - call.vis_start[b]).tolist() for b, r in enumerate(rows)]
     return ReductionStats(
-        visual_tokens_total=[call.n_total] * bsz,
+        visual_tokens_total=list(call.n_totals),
         visual_tokens_per_layer=vis,
         tokens_per_layer=tokens,
         kept_positions=kept,

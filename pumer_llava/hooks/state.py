@@ -81,6 +81,7 @@ class Record:
     n_full: int  # full positions seen so far (prefill + appended)
     n_lm: int  # LM positions seen so far = what the first layer's cache holds
     pre_cols: torch.Tensor | None = None
+    stage_fill: list[torch.Tensor | None] = field(default_factory=list)  # (B, N_s) filler slots per stage
 
 
 @dataclass
@@ -91,11 +92,11 @@ class CallState:
     active: bool = True  # False once the inner model returned
     record: Record | None = None
     cache: Any = None
-    n_total: int = 0  # visual tokens per sample in the input
+    n_totals: list[int] = field(default_factory=list)  # visual tokens per sample in the input
     # prefill
     input_ids: torch.Tensor | None = None  # (B, N0)
-    plans: list[StagePlan] = field(default_factory=list)
-    pre_plan: StagePlan | None = None  # removal before the first decoder layer
+    plans: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # per stage: (prune, merge), (B,) each
+    pre_plan: list[StagePlan] | None = None  # per sample: removal before the first decoder layer
     lm_counts: tuple[torch.Tensor, torch.Tensor] | None = None  # (tokens, visual) per sample at the LM input
     stage_of_layer: dict[int, int] = field(default_factory=dict)  # reducing layer -> stage
     score_at: dict[int, int] = field(default_factory=dict)  # scoring layer -> stage (offset < 0)
@@ -104,17 +105,19 @@ class CallState:
     pre_cols: torch.Tensor | None = None  # (B, N_lm) full positions of the LM input
     is_vis: torch.Tensor | None = None  # (B, N) bool
     size: torch.Tensor | None = None  # (B, N) float, tokens each one stands for
-    valid: torch.Tensor | None = None  # (B, N) bool, not padding
+    valid: torch.Tensor | None = None  # (B, N) bool, not padding (and not a filler)
+    filler: torch.Tensor | None = None  # (B, N) bool, slots left-padding rows that kept fewer tokens
+    has_fillers: bool = False
     valid_full: torch.Tensor | None = None  # (B, N0) bool, not padding, full length
     is_vis_full: torch.Tensor | None = None  # (B, N0) bool
     vis_start: torch.Tensor | None = None  # (B,) first visual position per sample
     last_vis: torch.Tensor | None = None  # (B,) last visual position per sample
     stage_kw: dict[str, Any] | None = None  # gathered kwargs for the current stage
-    stage_pos: list[tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=list)  # per stage
+    stage_pos: list[tuple] = field(default_factory=list)  # per stage: (idx, log sizes, fillers)
     pending_scores: dict[int, torch.Tensor] = field(default_factory=dict)
     tokens_per_layer: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (B,)
     vis_per_layer: dict[int, torch.Tensor] = field(default_factory=dict)
-    kept: dict[int, torch.Tensor] = field(default_factory=dict)
+    kept: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # key -> (pos, is_vis)
     select_seconds: float = 0.0
     score_flops: float = 0.0
     merged: bool = False
@@ -124,6 +127,7 @@ class CallState:
     mask2d: torch.Tensor | None = None  # (B, n_full + q) bool
     ext_cols: dict[int, torch.Tensor] = field(default_factory=dict)
     ext_logsize: dict[int, torch.Tensor | None] = field(default_factory=dict)
+    ext_fill: dict[int, torch.Tensor | None] = field(default_factory=dict)
     ext_mask: dict[int, Any] = field(default_factory=dict)
     # top-level call
     logits_to_keep: Any = 0
@@ -138,6 +142,7 @@ class PumerState:
     adapter: Adapter
     layers: tuple[int, ...]
     model_ref: Any = None  # weakref to the patched model
+    flash: bool = False  # flash attention takes 2-D masks
     handles: list[Any] = field(default_factory=list)
     enabled: bool = True
     last_stats: ReductionStats | None = None

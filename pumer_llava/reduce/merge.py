@@ -13,58 +13,83 @@ import torch
 
 @dataclass
 class MergeResult:
-    x: torch.Tensor  # (B, n - r, d) survivors, merged values, in original order
-    size: torch.Tensor  # (B, n - r) tokens each survivor stands for
-    keep: torch.Tensor  # (B, n - r) local indices of the survivors, ascending
-    src: torch.Tensor  # (B, r) local indices of merged-away tokens
-    dst: torch.Tensor  # (B, r) local index each src was merged into
+    x: torch.Tensor  # (B, n, d) every slot's value after merging (merged-away slots: stale)
+    size: torch.Tensor  # (B, n) tokens each slot stands for
+    survive: torch.Tensor  # (B, n) bool: valid and not merged away
+    src: torch.Tensor  # (B, r_max) local indices of merged-away tokens (see src_ok)
+    dst: torch.Tensor  # (B, r_max) local index each src was merged into
+    src_ok: torch.Tensor  # (B, r_max) bool: which src/dst entries are real merges
+
+    @property
+    def keep(self) -> torch.Tensor:
+        """(B, n - r) survivors' local indices, ascending (rows must keep equal counts)."""
+        return self.survive.nonzero()[:, 1].view(self.survive.shape[0], -1)
 
 
-def bipartite_merge(x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor, r: int) -> MergeResult:
-    """Merge the ``r`` most similar tokens of set A into their best match in set B.
+def bipartite_merge(
+    x: torch.Tensor,
+    metric: torch.Tensor,
+    size: torch.Tensor,
+    r: int | torch.Tensor,
+    valid: torch.Tensor | None = None,
+) -> MergeResult:
+    """Merge, in each row, the ``r`` most similar tokens of set A into their best match in B.
 
     x: (B, n, d) token values; metric: (B, n, c) what similarity is measured on (PuMer:
-    head-averaged keys); size: (B, n) how many original tokens each one already stands for.
-    Tokens alternate A, B, A, B... in the given order, so a token only merges into a
-    neighbour-ish partner and the result keeps the order. A merged value is the
-    size-weighted mean, so ``sum(size * x)`` and ``sum(size)`` are preserved.
-    ``r`` is clamped to ``n // 2`` (every source needs a distinct B side to land in; B has
-    ``n // 2`` members).
+    head-averaged keys); size: (B, n) how many original tokens each one already stands for;
+    r: merges per row (int, or (B,) for rows of different lengths); valid: (B, n) bool, the
+    real tokens of each row (padding never merges and is never merged into).
+    Tokens alternate A, B, A, B... in the given order. A merged value is the size-weighted
+    mean, so ``sum(size * x)`` and ``sum(size)`` over survivors equal those over the valid
+    inputs. ``r`` is clamped to half a row's valid tokens (B has that many members).
     """
     bsz, n, d = x.shape
-    r = max(0, min(r, n // 2))
-    arange = torch.arange(n, device=x.device)
-    if r == 0:
-        empty = torch.empty(bsz, 0, dtype=torch.long, device=x.device)
-        return MergeResult(x, size, arange.expand(bsz, n), empty, empty)
+    dev = x.device
+    if valid is None:
+        valid = torch.ones(bsz, n, dtype=torch.bool, device=dev)
+    r = torch.as_tensor(r, device=dev).expand(bsz).clone()
+    r = torch.minimum(r.clamp_min(0), valid.sum(1) // 2)
+    r_max = int(r.max()) if bsz else 0
+    arange = torch.arange(n, device=dev)
+    acc = torch.promote_types(x.dtype, torch.float32)  # half inputs are averaged in float32
+    if r_max == 0:
+        empty = torch.zeros(bsz, 0, dtype=torch.long, device=dev)
+        return MergeResult(x, size, valid.clone(), empty, empty, empty.bool())
 
+    # valid tokens of a row are assumed to be its first entries (the callers pad at the end)
     a_idx, b_idx = arange[0::2], arange[1::2]  # (na,), (nb,)
-    m = metric.float()
+    m = metric.to(acc)
     m = m / m.norm(dim=-1, keepdim=True).clamp_min(1e-6)
     sim = m[:, a_idx] @ m[:, b_idx].transpose(1, 2)  # (B, na, nb) cosine similarity
+    sim = sim.masked_fill(~valid[:, None, b_idx], float("-inf"))
     node_max, node_idx = sim.max(dim=-1)  # best B partner of every A token
-    order = node_max.argsort(dim=-1, descending=True)  # (B, na)
-    src_a, unm_a = order[:, :r], order[:, r:]  # indices into A
-    dst_b = node_idx.gather(1, src_a)  # (B, r) indices into B
+    node_max = node_max.masked_fill(~valid[:, a_idx], float("-inf"))
+    order = node_max.argsort(dim=-1, descending=True, stable=True)
+    src_a = order[:, :r_max]  # (B, r_max) indices into A
+    src_ok = torch.arange(r_max, device=dev)[None, :] < r[:, None]
+    dst_b = node_idx.gather(1, src_a)  # (B, r_max) indices into B
 
-    acc = torch.promote_types(x.dtype, torch.float32)  # half inputs are averaged in float32
     xf, sf = x.to(acc), size.to(acc)
     xs = xf * sf[..., None]  # (B, n, d) size-weighted values
+    w = src_ok.to(acc)
     xb = xs[:, b_idx].clone()  # (B, nb, d)
     sb = sf[:, b_idx].clone()  # (B, nb)
-    src_x = xs[:, a_idx].gather(1, src_a[..., None].expand(-1, -1, d))
+    src_x = xs[:, a_idx].gather(1, src_a[..., None].expand(-1, -1, d)) * w[..., None]
     xb.scatter_add_(1, dst_b[..., None].expand(-1, -1, d), src_x)
-    sb.scatter_add_(1, dst_b, sf[:, a_idx].gather(1, src_a))
+    sb.scatter_add_(1, dst_b, sf[:, a_idx].gather(1, src_a) * w)
 
     x_new = xf.clone()
     size_new = sf.clone()
-    x_new[:, b_idx] = xb / sb[..., None]
+    x_new[:, b_idx] = xb / sb.clamp_min(1e-12)[..., None]
     size_new[:, b_idx] = sb
-    keep = torch.cat([a_idx[unm_a], b_idx.expand(bsz, -1)], dim=1).sort(dim=1).values  # (B, n - r)
+    src = a_idx[src_a]
+    survive = valid.clone()
+    survive.scatter_(1, src, ~src_ok & survive.gather(1, src))
     return MergeResult(
-        x=x_new.gather(1, keep[..., None].expand(-1, -1, d)).to(x.dtype),
-        size=size_new.gather(1, keep).to(size.dtype),
-        keep=keep,
-        src=a_idx[src_a],
+        x=x_new.to(x.dtype),
+        size=size_new.to(size.dtype),
+        survive=survive,
+        src=src,
         dst=b_idx[dst_b],
+        src_ok=src_ok,
     )
