@@ -673,9 +673,9 @@ def run_once(session: ChatSession, prompt: str, compare: bool, out: TextIO, err:
         out.flush()
         rows.append(stats)
     red, full = rows
-    parts = [f"prefill {full.prefill_s / red.prefill_s:.2f}x faster" if red.prefill_s > 0 else "prefill n/a"]
+    parts = [f"prefill speed-up {full.prefill_s / red.prefill_s:.2f}x" if red.prefill_s > 0 else "prefill n/a"]
     if red.decode_tps and full.decode_tps:
-        parts.append(f"decode {red.decode_tps / full.decode_tps:.2f}x the tokens/s")
+        parts.append(f"decode speed-up {red.decode_tps / full.decode_tps:.2f}x")
     if red.flops_ratio is not None:
         parts.append(f"decoder FLOPs {red.flops_ratio:.2f} of full")
     out.write("reduced vs. full: " + ", ".join(parts) + " (one run each, after a warm-up)\n")
