@@ -184,8 +184,8 @@ def test_query_row_score_equals_eager_attention_weights(kind):
         got = {}
         orig = llm._attention_scores
 
-        def spy(state, call, module, hs, kw, kind_):
-            s = orig(state, call, module, hs, kw, kind_)
+        def spy(state, call, module, hs, kw, kind_, *rest):
+            s = orig(state, call, module, hs, kw, kind_, *rest)
             got["scores"] = s.gather(1, call.is_vis.nonzero()[:, 1].view(s.shape[0], -1))
             return s
 

@@ -131,7 +131,7 @@ def _query_rows(call: CallState, kind: str) -> tuple[torch.Tensor, torch.Tensor]
     return order, torch.arange(r, device=order.device)[None, :] < count[:, None]
 
 
-def _attention_scores(state: PumerState, call: CallState, module, hs: torch.Tensor, kw: dict, kind: str):
+def _attention_scores(state: PumerState, call: CallState, module, hs: torch.Tensor, kw: dict, kind: str, layer: int = -1):
     """(B, N) mean attention the query rows give every current token (layer's own q/k/RoPE)."""
     parts = state.adapter.attn_parts(module, state.adapter.text_config(state.model_config))
     w = parts.q_proj.weight
@@ -149,6 +149,8 @@ def _attention_scores(state: PumerState, call: CallState, module, hs: torch.Tens
     xq = x.gather(1, rows[..., None].expand(-1, -1, d))  # (B, R, d)
     q = parts.q_proj(xq).view(bsz, r, parts.num_heads, parts.head_dim).transpose(1, 2)  # (B, H, R, hd)
     k = parts.k_proj(x).view(bsz, n, parts.num_kv_heads, parts.head_dim).transpose(1, 2)  # (B, Hkv, N, hd)
+    # merging at this layer measures similarity on the same (pre-RoPE, head-averaged) keys
+    call.key_metric = (layer, k.mean(1))  # (B, N, hd)
     cos, sin = kw["position_embeddings"]
     cos, sin = cos.to(dev).expand(bsz, -1, -1), sin.to(dev).expand(bsz, -1, -1)
     q = apply_rope(q, _take(cos, rows), _take(sin, rows))
@@ -201,7 +203,7 @@ def _score(state: PumerState, call: CallState, module, layer: int, stage: int, h
         return scores.to(vis_idx.device).float()
     if scorer == "random":
         return _random_scores(state, call, n_vis, vis_idx.device)
-    scores = _attention_scores(state, call, module, hs, kw, scorer)
+    scores = _attention_scores(state, call, module, hs, kw, scorer, layer)
     return scores.gather(1, vis_idx.to(scores.device))
 
 
@@ -220,14 +222,19 @@ def _reduce(state: PumerState, call: CallState, module, layer: int, stage: int, 
         dev = parts.k_proj.weight.device
         xv = _take(hs, kept).to(dev)  # (B, k_max, d)
         k_max = kept.shape[1]
-        with torch.no_grad():
-            metric = parts.k_proj(parts.norm(xv)).view(bsz, k_max, parts.num_kv_heads, parts.head_dim).mean(2)
+        reuse = call.key_metric is not None and call.key_metric[0] == layer
+        if reuse:
+            metric = _take(call.key_metric[1], kept.to(dev))  # keys the scoring already computed
+        else:
+            with torch.no_grad():
+                metric = parts.k_proj(parts.norm(xv)).view(bsz, k_max, parts.num_kv_heads, parts.head_dim).mean(2)
         res = bipartite_merge(xv, metric, call.size.gather(1, kept).to(dev), merge.to(dev), valid=kept_ok.to(dev))
         hs = _scatter_rows(hs, kept.to(hs.device), kept_ok.to(hs.device), res.x.to(hs.device))
         call.size = _scatter_rows(call.size, kept, kept_ok, res.size.to(call.size.device))
         kept_ok = res.survive.to(kept.device)
         call.merged = True
-        call.score_flops += bsz * k_max * d * parts.num_kv_heads * parts.head_dim
+        if not reuse:
+            call.score_flops += bsz * k_max * d * parts.num_kv_heads * parts.head_dim
     kept_mask = _scatter_rows(torch.zeros_like(call.is_vis), kept, kept_ok, torch.ones_like(kept_ok))
     return _repack(call, hs, (~call.is_vis & ~call.filler) | kept_mask, layer)
 
@@ -282,6 +289,7 @@ def layer_pre_hook(state: PumerState, layer: int):
             if scores is None:
                 scores = _score(state, call, module, layer, stage, hs, kw)
             hs = _reduce(state, call, module, layer, stage, hs, scores)
+            call.key_metric = None
             call.stage_kw = _stage_kwargs(state, call, kwargs, hs.dtype)
             call.stage_pos.append(
                 (call.idx, call.size.log() if (state.prop_attn and call.merged) else None,

@@ -115,6 +115,7 @@ class CallState:
     stage_kw: dict[str, Any] | None = None  # gathered kwargs for the current stage
     stage_pos: list[tuple] = field(default_factory=list)  # per stage: (idx, log sizes, fillers)
     pending_scores: dict[int, torch.Tensor] = field(default_factory=dict)
+    key_metric: tuple[int, torch.Tensor] | None = None  # (id of the hidden states, (B, N, hd) keys) from scoring
     tokens_per_layer: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (B,)
     vis_per_layer: dict[int, torch.Tensor] = field(default_factory=dict)
     kept: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # key -> (pos, is_vis)
