@@ -155,11 +155,11 @@ def _make_clutter(rng: random.Random, bg: tuple[int, int, int]) -> list[tuple]:
     return ops
 
 
-def make_scene(key: str) -> Scene:
-    """One scene, fully determined by ``key``."""
+def make_scene(key: str, min_objects: int = MIN_OBJECTS, max_objects: int = MAX_OBJECTS) -> Scene:
+    """One scene, fully determined by ``key`` (and the object-count range)."""
     rng = random.Random(key)
     bg = tuple(rng.randint(85, 135) + rng.randint(-10, 10) for _ in range(3))
-    n = rng.randint(MIN_OBJECTS, MAX_OBJECTS)
+    n = rng.randint(min_objects, max_objects)
     cells = rng.sample(range(NUM_CELLS), n)
     objects = []
     for cell in sorted(cells):
@@ -418,6 +418,16 @@ def iter_train_examples(seed: int, start: int = 0, qtypes=QUESTION_TYPES):
     while True:
         yield make_example("train", seed, i, qtypes)
         i += 1
+
+
+def make_curriculum_example(seed: int, index: int, min_objects: int, max_objects: int, qtypes=QUESTION_TYPES):
+    """A training scene with a chosen object-count range and one question of every
+    type it can host (types a sparse scene cannot host are skipped)."""
+    key = f"{scene_key('train', seed, index)}~{min_objects}-{max_objects}"
+    scene = make_scene(key, min_objects, max_objects)
+    rng = random.Random("q-" + key)
+    questions = [make_question(scene, t, rng, f"{key}-q{j}") for j, t in enumerate(qtypes)]
+    return scene, [q for q in questions if q is not None]
 
 
 def sample_questions(scene: Scene, k: int, rng: random.Random, qtypes=QUESTION_TYPES) -> list[Question]:

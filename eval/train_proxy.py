@@ -163,6 +163,7 @@ def build_model(tokenizer, args):
         max_position_embeddings=512,
         rms_norm_eps=1e-5,
         tie_word_embeddings=args.tie,
+        initializer_range=args.text_init_range,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -353,7 +354,7 @@ def packed_forward(model, batch):
     return model.lm_head(h_ans), model.lm_head(h_eos), vis, image_embeds
 
 
-def losses(model, heads, batch, aux_pairs, aux_color, aux_shape, aux_weight):
+def losses(model, heads, batch, aux_pairs, aux_color, aux_shape, aux_weight, patch_weight=0.5):
     logits_ans, logits_eos, vis, image_embeds = packed_forward(model, batch)
     t = batch["targets"]
     eos = torch.full_like(t[:, 2], model.config.text_config.eos_token_id)
@@ -366,7 +367,7 @@ def losses(model, heads, batch, aux_pairs, aux_color, aux_shape, aux_weight):
         + F.cross_entropy(heads.row(image_embeds).flatten(0, 1), (cells // task.GRID).repeat(len(aux_color)))
         + F.cross_entropy(heads.col(image_embeds).flatten(0, 1), (cells % task.GRID).repeat(len(aux_color)))
     )
-    total = lm + aux_weight * (cls_loss + 0.5 * patch_loss)
+    total = lm + aux_weight * (cls_loss + patch_weight * patch_loss)
     correct = (logits_ans.argmax(-1) == t[:, 2]).float()
     return total, {"lm": lm.item(), "cls": cls_loss.item(), "patch": patch_loss.item()}, correct
 
@@ -454,7 +455,11 @@ def parse_args(argv=None):
     p.add_argument("--min-lr-ratio", type=float, default=0.05)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--curriculum", type=float, default=0.35,
+                   help="share of the schedule over which scenes grow from sparse to full (0: off)")
+    p.add_argument("--curriculum-start", type=float, default=0.1)
     p.add_argument("--aux-weight", type=float, default=1.0)
+    p.add_argument("--patch-weight", type=float, default=0.5, help="per-patch aux loss, relative to the [CLS] one")
     p.add_argument("--vision-hidden", type=int, default=192)
     p.add_argument("--vision-layers", type=int, default=4)
     p.add_argument("--vision-heads", type=int, default=4)
@@ -464,7 +469,9 @@ def parse_args(argv=None):
     p.add_argument("--text-heads", type=int, default=4)
     p.add_argument("--text-kv-heads", type=int, default=2)
     p.add_argument("--pos-init-scale", type=float, default=0.5, help="scale of the 2-D sin-cos position init")
+    p.add_argument("--text-init-range", type=float, default=0.02, help="std of the language model's init")
     p.add_argument("--tie", action="store_true", help="tie input and output embeddings")
+    p.add_argument("--qtypes", nargs="*", default=list(task.QUESTION_TYPES), help="question types to train on")
     p.add_argument("--val-images", type=int, default=100)
     p.add_argument("--test-images", type=int, default=task.TEST_IMAGES)
     p.add_argument("--eval-every", type=int, default=100)
@@ -492,7 +499,7 @@ def main(argv=None):
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.2f}M parameters", flush=True)
 
-    val = task.make_split("val", args.val_images, seed=0)
+    val = task.make_split("val", args.val_images, seed=0, qtypes=tuple(args.qtypes))
     check_consistency(model, processor, packer, val[0])
 
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
@@ -505,18 +512,27 @@ def main(argv=None):
         lr=args.lr,
         betas=(0.9, 0.98),
     )
-    stream = task.iter_train_examples(args.seed)
+    qtypes = tuple(args.qtypes)
+    stream = task.iter_train_examples(args.seed, qtypes=qtypes)
     rng = random.Random(f"train-questions-{args.seed}")
     budget = args.max_minutes * 60
     t0 = time.time()
     history = []
-    step, progress = 0, 0.0
+    step, progress, n_images = 0, 0.0, 0
     run_correct, run_loss = [], []
     while progress < 1.0:
         examples = []
+        # Curriculum: sparse scenes first, so the answer read-out is learnt before the
+        # search among many objects (from 8-16 objects chance-level plateaus were long).
+        f = min(1.0, args.curriculum_start + progress / args.curriculum) if args.curriculum > 0 else 1.0
+        lo, hi = max(1, round(task.MIN_OBJECTS * f)), max(2, round(task.MAX_OBJECTS * f))
         for _ in range(args.images_per_step):
-            scene, qs = next(stream)  # one question of every type...
-            extra = task.sample_questions(scene, args.questions_per_image - len(qs), rng) if (
+            if f < 1.0:
+                scene, qs = task.make_curriculum_example(args.seed, n_images, lo, hi, qtypes)
+            else:
+                scene, qs = next(stream)  # one question of every type...
+            n_images += 1
+            extra = task.sample_questions(scene, args.questions_per_image - len(qs), rng, qtypes) if (
                 args.questions_per_image > len(qs)) else []
             qs = (qs + extra)[: args.questions_per_image]  # ...plus random extra ones
             rng.shuffle(qs)
@@ -525,7 +541,9 @@ def main(argv=None):
         pairs, cell_color, cell_shape = aux_targets(examples)
         for g in opt.param_groups:
             g["lr"] = args.lr * lr_factor(progress, step, args.warmup, args.min_lr_ratio)
-        loss, parts, correct = losses(model, heads, batch, pairs, cell_color, cell_shape, args.aux_weight)
+        loss, parts, correct = losses(
+            model, heads, batch, pairs, cell_color, cell_shape, args.aux_weight, args.patch_weight
+        )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(heads.parameters()), 1.0)
@@ -541,7 +559,7 @@ def main(argv=None):
             print(
                 f"step {step} {elapsed / 60:5.1f}min lr {opt.param_groups[0]['lr']:.2e} "
                 f"lm {avg['lm']:.3f} cls {avg['cls']:.3f} patch {avg['patch']:.3f} "
-                f"train-acc {sum(run_correct) / len(run_correct):.3f}",
+                f"train-acc {sum(run_correct) / len(run_correct):.3f} objects {lo}-{hi}",
                 flush=True,
             )
             run_correct, run_loss = [], []
