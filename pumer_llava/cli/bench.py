@@ -1,0 +1,994 @@
+"""pumer-bench: speed and memory of reduced vs. unreduced LLaVA, measured in one run.
+
+    pumer-bench                                             # llava-1.5-7b-scaled on this machine
+    pumer-bench --model llava-1.5-7b --device cuda --dtype fp16 --attn sdpa --batch-sizes 1,8,32
+    pumer-bench --model path/to/llava-1.5-7b-hf --load-in-4bit
+    pumer-bench --model tiny --methods pumer,fastv --fractions 1,0.25 --batch-sizes 1,2 --repeats 2
+
+``--model`` is a folder (``from_pretrained``) or a preset of :mod:`pumer_llava.presets`
+built with random weights. Inputs are synthetic: a LLaVA-1.5-shaped prompt (text before
+and after one image's visual tokens) and random pixels; random weights generate garbage,
+so every generation makes exactly ``--new-tokens`` tokens (EOS off).
+
+What is measured, for the unpatched model ("none") and every method x kept fraction:
+
+- prefill latency (time to first token: one forward that fills the cache) at batch 1, and
+  the part of it spent in the language model and in token selection;
+- per batch size: end-to-end generation throughput (samples/s), decode tokens/s (after the
+  first token) and time to first token inside ``generate``;
+- the KV cache after generation (sum of key/value tensor bytes; reduced layers hold fewer
+  tokens) and peak memory (see below);
+- the FLOPs-predicted speedup ``1 / last_stats.flops_ratio`` next to the measured one.
+
+How it measures (ToMe's ``benchmark()``, STYLE.md item 10): warm-up runs are discarded;
+on CUDA the clock is read after ``torch.cuda.synchronize()``; every number is a median
+over repeats; reduced and unreduced runs alternate in the same process. Each repeat
+walks one group per method, ``[none, method@f1, method@f2, ...]`` (fraction order flipped
+on odd repeats), and a ratio is the median over repeats of the ratio to the unreduced run
+of the same group, so slow drifts of a shared machine cancel.
+
+Peak memory: on CUDA, ``max_memory_allocated`` after ``reset_peak_memory_stats`` minus
+what was allocated before (weights), per run. On any device also the peak of live tensor
+bytes allocated during one untimed generate, counted by a dispatch mode
+(:class:`PeakTensorMemory`): the same quantity as CUDA's allocator peak, per config, in
+the same process. Process RSS is not used: its peak is process-wide and monotonic (the
+first large run fixes it for all later ones) and includes allocator caching; a subprocess
+per config would rebuild the model each time and still mix weights and allocator slack
+into the number. The process's peak RSS is recorded once in ``env`` for reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+import weakref
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from .. import __version__, apply_pumer, remove_pumer
+from ..hooks import get_adapter
+from ..presets import PRESETS, build_preset, get_preset
+from ..reduce import decoder_flops
+
+SCHEMA = "pumer-bench/1"
+NONE = "none"  # the unpatched model
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_QUANT_SKIP = ["model.vision_tower", "model.multi_modal_projector", "lm_head"]  # bnb's CPU nf4 needs >= 64 features
+_DEFAULT_PREFIX, _DEFAULT_SUFFIX = 36, 18  # LLaVA-1.5 template around the image
+
+
+@dataclass
+class BenchSpec:
+    """Everything a run depends on; stored in the JSON as ``config``."""
+
+    model: str = "llava-1.5-7b-scaled"
+    methods: tuple[str, ...] = ("pumer", "fastv", "random")
+    fractions: tuple[float, ...] = (1.0, 0.5, 0.25, 0.11)
+    batch_sizes: tuple[int, ...] = (1, 8, 32)
+    dtype: str = "auto"  # fp16 on CUDA, fp32 on CPU
+    load_in_4bit: bool = False
+    attn: str = "sdpa"
+    device: str = "auto"
+    repeats: int = 5  # timed prefill repeats per config
+    gen_repeats: int = 3  # timed generate repeats per config and batch size
+    warmup: int = 1  # discarded rounds (prefill) / runs per method group (generate)
+    new_tokens: int = 16
+    prefix_tokens: int | None = None  # text tokens before the image; preset's by default
+    suffix_tokens: int | None = None  # after it
+    threads: int | None = None
+    memory: bool = True
+    seed: int = 0
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def resolved_dtype(self) -> str:
+        if self.dtype != "auto":
+            if self.dtype not in DTYPES:
+                raise ValueError(f"dtype {self.dtype!r} is not one of auto, {', '.join(DTYPES)}")
+            return self.dtype
+        return "fp16" if self.resolved_device().type == "cuda" else "fp32"
+
+    def validate(self) -> None:
+        for f in self.fractions:
+            if not 0.0 < f <= 1.0:
+                raise ValueError(f"kept fraction {f} is outside (0, 1]")
+        if not self.methods:
+            raise ValueError("no method to benchmark")
+        if any(b < 1 for b in self.batch_sizes):
+            raise ValueError(f"batch sizes must be >= 1, got {self.batch_sizes}")
+        if self.repeats < 1 or self.gen_repeats < 0 or self.warmup < 0 or self.new_tokens < 2:
+            raise ValueError("need repeats >= 1, gen_repeats >= 0, warmup >= 0 and new_tokens >= 2")
+        self.resolved_dtype()
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+def _now(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+class PeakTensorMemory(TorchDispatchMode):
+    """Peak bytes of tensor storage allocated while active (and still alive at that moment).
+
+    Views and in-place results (outputs that alias an input) are not new memory; storages
+    that existed before (weights, inputs) are never counted. Buffers private to one fused
+    kernel are not seen. It slows every op down: use it for untimed runs only.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._sizes: dict[int, int] = {}
+
+    def _release(self, key: int) -> None:
+        self.live -= self._sizes.pop(key, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        schema = getattr(func, "_schema", None)
+        if schema is not None and all(r.alias_info is not None for r in schema.returns):
+            return out  # views and in-place ops
+        for t in pytree.tree_leaves(out):
+            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+                continue
+            try:
+                s = t.untyped_storage()
+            except (RuntimeError, NotImplementedError):
+                continue
+            key = id(s)
+            if key in self._sizes:
+                continue
+            self._sizes[key] = s.nbytes()
+            weakref.finalize(s, self._release, key)
+            self.live += self._sizes[key]
+            self.peak = max(self.peak, self.live)
+        return out
+
+
+class _StepClock:
+    """LogitsProcessor that reads the clock after every forward of ``generate``."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.stamps: list[float] = []
+
+    def __call__(self, input_ids, scores):
+        self.stamps.append(_now(self.device))
+        return scores
+
+
+class _LLMClock:
+    """Times the language model's forward (the decoder stack: what reduction shortens)."""
+
+    def __init__(self, model, device: torch.device) -> None:
+        lm = get_adapter(model).language_model(model)
+        self.device = device
+        self.t0 = self.seconds = 0.0
+        self.handles = [
+            lm.register_forward_pre_hook(lambda *a: self._start()),
+            lm.register_forward_hook(lambda *a: self._stop()),
+        ]
+
+    def _start(self) -> None:
+        self.t0 = _now(self.device)
+
+    def _stop(self) -> None:
+        self.seconds = _now(self.device) - self.t0
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def kv_cache_bytes(cache) -> tuple[int, list[int]]:
+    """(bytes of all key/value tensors, tokens held per layer) of a transformers cache."""
+    total, tokens = 0, []
+    for layer in getattr(cache, "layers", None) or []:
+        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+        for t in (keys, values):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+        tokens.append(int(keys.shape[-2]) if isinstance(keys, torch.Tensor) and keys.ndim >= 2 else 0)
+    return total, tokens
+
+
+class _CudaPeak:
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.base = 0
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    @property
+    def peak(self) -> int | None:
+        if self.device.type != "cuda":
+            return None
+        torch.cuda.synchronize(self.device)
+        return int(torch.cuda.max_memory_allocated(self.device) - self.base)
+
+
+# ----------------------------------------------------------------------------- model and inputs
+
+
+def load_model(spec: BenchSpec):
+    """The model of ``spec`` on its device, eval mode, greedy generation with EOS off."""
+    device, dtype = spec.resolved_device(), DTYPES[spec.resolved_dtype()]
+    path = spec.model
+    if path in PRESETS:
+        _check_fits(spec, device, dtype)
+        if not spec.load_in_4bit:
+            return build_preset(path, dtype=dtype, attn=spec.attn, device=device, seed=spec.seed)
+        # bitsandbytes quantizes while loading: go through a saved copy of the random weights
+        tmp = tempfile.TemporaryDirectory(prefix="pumer-bench-")
+        build_preset(path, dtype=dtype, attn=spec.attn, device="cpu", seed=spec.seed).save_pretrained(tmp.name)
+        model = _from_pretrained(tmp.name, spec, device, dtype)
+        model._pumer_bench_tmp = tmp  # keep the folder as long as the model
+        return model
+    if not Path(path).is_dir():
+        raise ValueError(f"--model {path!r} is neither a folder nor a preset; presets: {', '.join(sorted(PRESETS))}")
+    return _from_pretrained(path, spec, device, dtype)
+
+
+def _check_fits(spec: BenchSpec, device: torch.device, dtype: torch.dtype) -> None:
+    """Refuse a preset whose weights alone exceed the device's memory (e.g. the 7B on a laptop)."""
+    with torch.device("meta"):
+        params = sum(p.numel() for p in build_preset(spec.model, dtype=dtype, attn=spec.attn, device="meta").parameters())
+    need = params * (0.55 if spec.load_in_4bit else torch.finfo(dtype).bits / 8)
+    if device.type == "cuda":
+        have = torch.cuda.get_device_properties(device).total_memory
+    else:
+        try:
+            have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            return
+    if need > 0.9 * have:
+        raise ValueError(
+            f"preset {spec.model!r} has {params / 1e9:.1f}B parameters, {need / 2**30:.1f} GiB of weights in "
+            f"{spec.resolved_dtype()}{' 4-bit' if spec.load_in_4bit else ''}, more than this {device.type} holds "
+            f"({have / 2**30:.1f} GiB): use a GPU (--device cuda --dtype fp16), --load-in-4bit, or a scaled preset"
+        )
+
+
+def _from_pretrained(path: str, spec: BenchSpec, device: torch.device, dtype: torch.dtype):
+    from transformers import AutoConfig, BitsAndBytesConfig, LlavaForConditionalGeneration
+
+    kwargs: dict[str, Any] = dict(dtype=dtype, attn_implementation=spec.attn, device_map=str(device))
+    if spec.load_in_4bit:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=dtype,
+            llm_int8_skip_modules=_QUANT_SKIP,
+        )
+    if AutoConfig.from_pretrained(path).model_type != "llava":
+        raise ValueError(f"{path}: pumer-bench builds LlavaForConditionalGeneration models only")
+    model = LlavaForConditionalGeneration.from_pretrained(path, **kwargs).eval()
+    gen = model.generation_config
+    text = model.config.text_config
+    if gen.pad_token_id is None:
+        gen.pad_token_id = text.pad_token_id if text.pad_token_id is not None else 0
+    gen.eos_token_id = None
+    gen.do_sample = False
+    return model
+
+
+def _prompt_lengths(spec: BenchSpec) -> tuple[int, int]:
+    if spec.model in PRESETS:
+        p = get_preset(spec.model)
+        prefix, suffix = p.prompt_prefix, p.prompt_suffix
+    else:
+        prefix, suffix = _DEFAULT_PREFIX, _DEFAULT_SUFFIX
+    return (spec.prefix_tokens if spec.prefix_tokens is not None else prefix,
+            spec.suffix_tokens if spec.suffix_tokens is not None else suffix)
+
+
+def make_inputs(model, batch: int, prefix: int, suffix: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """``batch`` prompts ``prefix text, <image> x T, suffix text`` (no padding) and random pixels."""
+    adapter = get_adapter(model)
+    cfg = model.config
+    image_id = adapter.image_token_id(cfg)
+    n_vis = adapter.visual_tokens_per_image(cfg)
+    text = adapter.text_config(cfg)
+    special = {image_id, text.pad_token_id, text.bos_token_id, text.eos_token_id, 0, 1, 2}
+    low = max(int(s) for s in special if s is not None and int(s) < 16) + 1
+    high = min(text.vocab_size, image_id) if image_id > low + 1 else text.vocab_size
+    g = torch.Generator().manual_seed(seed)
+    pre = torch.randint(low, high, (batch, prefix), generator=g)
+    if prefix and text.bos_token_id is not None:
+        pre[:, 0] = text.bos_token_id
+    post = torch.randint(low, high, (batch, suffix), generator=g)
+    ids = torch.cat([pre, torch.full((batch, n_vis), image_id), post], dim=1)
+    vc = cfg.vision_config
+    pixels = torch.randn(batch, vc.num_channels if hasattr(vc, "num_channels") else 3, vc.image_size, vc.image_size,
+                         generator=g)
+    param = next(p for p in model.parameters() if p.is_floating_point())
+    device = param.device
+    pix_dtype = next(model.model.vision_tower.parameters()).dtype if hasattr(model.model, "vision_tower") else param.dtype
+    if not pix_dtype.is_floating_point:
+        pix_dtype = param.dtype
+    return {
+        "input_ids": ids.to(device),
+        "attention_mask": torch.ones_like(ids).to(device),
+        "pixel_values": pixels.to(device, pix_dtype),
+    }
+
+
+# ----------------------------------------------------------------------------- one run
+
+
+@dataclass(frozen=True)
+class Setting:
+    method: str  # NONE = unpatched
+    fraction: float
+
+    @property
+    def key(self) -> str:
+        return f"{self.method}@{self.fraction:g}"
+
+
+def _switch(model, s: Setting, seed: int) -> None:
+    if s.method == NONE:
+        remove_pumer(model)
+    else:
+        apply_pumer(model, ratio=s.fraction, method=s.method, seed=seed)
+
+
+def _prefill(model, inputs, device, llm_clock: _LLMClock) -> dict[str, Any]:
+    gc.collect()
+    with torch.inference_mode(), _CudaPeak(device) as cp:
+        t0 = _now(device)
+        out = model(**inputs, use_cache=True, logits_to_keep=1)
+        t1 = _now(device)
+    stats = model.pumer.last_stats if "pumer" in model.__dict__ else None
+    kv, tokens = kv_cache_bytes(out.past_key_values)  # keep numbers, never the cache itself
+    return {
+        "seconds": t1 - t0,
+        "llm_seconds": llm_clock.seconds,
+        "select_seconds": stats.select_seconds if stats is not None else 0.0,
+        "stats": stats,
+        "kv_cache_bytes": kv,
+        "kv_tokens_per_layer": tokens,
+        "cuda_peak": cp.peak,
+    }
+
+
+def _generate(model, inputs, new_tokens: int, device) -> dict[str, Any]:
+    from transformers import LogitsProcessorList
+
+    gc.collect()
+    clock = _StepClock(device)
+    with torch.inference_mode(), _CudaPeak(device) as cp:
+        t0 = _now(device)
+        out = model.generate(
+            **inputs,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            eos_token_id=None,
+            logits_processor=LogitsProcessorList([clock]),
+            return_dict_in_generate=True,
+        )
+        t1 = _now(device)
+    bsz = inputs["input_ids"].shape[0]
+    made = out.sequences.shape[1] - inputs["input_ids"].shape[1]
+    if made != new_tokens or len(clock.stamps) != new_tokens:
+        raise RuntimeError(f"generate made {made} tokens ({len(clock.stamps)} steps), expected {new_tokens}")
+    decode = clock.stamps[-1] - clock.stamps[0]
+    kv, tokens = kv_cache_bytes(out.past_key_values)
+    return {
+        "total_seconds": t1 - t0,
+        "ttft_seconds": clock.stamps[0] - t0,
+        "decode_seconds": decode,
+        "decode_tokens_per_s": bsz * (new_tokens - 1) / decode if decode > 0 else float("inf"),
+        "samples_per_s": bsz / (t1 - t0),
+        "kv_cache_bytes": kv,
+        "kv_tokens_per_layer": tokens,
+        "cuda_peak": cp.peak,
+    }
+
+
+def _tracked(fn):
+    """Run ``fn()`` under :class:`PeakTensorMemory`; (its result, peak bytes)."""
+    gc.collect()
+    tracker = PeakTensorMemory()
+    with tracker:
+        res = fn()
+    return res, tracker.peak
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+# ----------------------------------------------------------------------------- the benchmark
+
+
+def _median(xs: list[float]) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def _ratio(a, b) -> float | None:
+    return a / b if (a is not None and b) else None
+
+
+def _env(device: torch.device, threads: int) -> dict[str, Any]:
+    import transformers
+
+    env: dict[str, Any] = {
+        "device": str(device),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "pumer_llava": __version__,
+        "platform": platform.platform(),
+        "torch_threads": threads,
+        "cpu_count": os.cpu_count(),
+        "cpu": _cpu_name(),
+    }
+    if device.type == "cuda":
+        env["device_name"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
+        env["gpu_memory_bytes"] = torch.cuda.get_device_properties(device).total_memory
+    else:
+        env["device_name"] = env["cpu"]
+    try:
+        env["load_average_start"] = list(os.getloadavg())
+    except OSError:
+        pass
+    env["git_commit"] = _git_commit()
+    return env
+
+
+def _git_commit() -> str | None:
+    """The checkout's commit (with ``+dirty`` when the package has local changes), if it is one."""
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", str(here.parent)],
+                               cwd=here, capture_output=True, text=True, timeout=10)
+        return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def run_benchmark(spec: BenchSpec, model=None, progress: bool = True) -> dict[str, Any]:
+    """Run the benchmark described by ``spec`` and return the result (the JSON's content).
+
+    ``model``: an already loaded LLaVA model to use instead of ``spec.model`` (it is left
+    without pumer hooks afterwards).
+    """
+    spec.validate()
+    threads_before = torch.get_num_threads()
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    try:
+        return _run(spec, model, progress)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run(spec: BenchSpec, model, progress: bool) -> dict[str, Any]:
+    from tqdm.auto import tqdm
+
+    device = spec.resolved_device()
+    if model is None:
+        model = load_model(spec)
+    else:
+        device = next(model.parameters()).device
+    remove_pumer(model)
+    adapter = get_adapter(model)
+    text = adapter.text_config(model.config)
+    n_layers = len(adapter.layers(model))
+    prefix, suffix = _prompt_lengths(spec)
+    n_vis = adapter.visual_tokens_per_image(model.config)
+
+    settings = [Setting(NONE, 1.0)] + [Setting(m, f) for m in spec.methods for f in spec.fractions]
+    for s in settings[1:]:  # validate every setting before any timing
+        apply_pumer(model, ratio=s.fraction, method=s.method, seed=spec.seed)
+    remove_pumer(model)
+
+    def schedule(r: int) -> list[tuple[str, Setting]]:
+        order = list(spec.fractions) if r % 2 == 0 else list(reversed(spec.fractions))
+        out = []
+        for m in spec.methods:
+            out.append((m, settings[0]))
+            out += [(m, Setting(m, f)) for f in order]
+        return out
+
+    per_round = len(schedule(0))
+    n_gen_warm = spec.warmup * len(spec.methods) * 2
+    total = (spec.warmup + spec.repeats) * per_round + len(spec.batch_sizes) * (
+        n_gen_warm + spec.gen_repeats * per_round + (len(settings) if spec.memory else 0)
+    ) + (len(settings) if spec.memory else 0)
+    bar = tqdm(total=total, desc="pumer-bench", disable=not progress, unit="run", file=sys.stderr)
+    llm_clock = _LLMClock(model, device)
+    env = _env(device, torch.get_num_threads())  # load average before the run
+    started = time.perf_counter()
+    # Everything alive now (torch, transformers, the weights) moves to the GC's permanent
+    # generation: the gc.collect() before each run then costs microseconds instead of ~0.5 s,
+    # and no full collection can land inside a timed run.
+    gc.collect()
+    gc.freeze()
+    try:
+        # ---- prefill at batch 1
+        inputs1 = make_inputs(model, 1, prefix, suffix, spec.seed)
+        pre: dict[str, list[dict]] = {s.key: [] for s in settings}
+        pre_base: dict[tuple[int, str], float] = {}
+        for r in range(spec.warmup + spec.repeats):
+            for group, s in schedule(r):
+                bar.set_postfix_str(f"prefill {s.key}", refresh=False)
+                _switch(model, s, spec.seed)
+                res = _prefill(model, inputs1, device, llm_clock)
+                bar.update()
+                if r < spec.warmup:
+                    continue
+                res.update(repeat=r, group=group)
+                if s.method == NONE:
+                    pre_base[(r, group)] = res["seconds"]
+                    res["llm_base"] = res["llm_seconds"]
+                pre[s.key].append(res)
+        prefill_rows = _prefill_rows(model, spec, settings, pre, pre_base, inputs1, device, bar)
+
+        # ---- generation per batch size
+        gen_rows: list[dict] = []
+        for bsz in spec.batch_sizes:
+            gen_rows += _generation_rows(model, spec, settings, schedule, bsz, prefix, suffix, device, bar, n_gen_warm)
+    finally:
+        gc.unfreeze()
+        llm_clock.remove()
+        remove_pumer(model)
+        bar.close()
+
+    env["peak_rss_bytes_process"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    try:
+        env["load_average_end"] = list(os.getloadavg())
+    except OSError:
+        pass
+    config = asdict(spec)
+    config.update(
+        dtype=spec.resolved_dtype(),
+        device=str(device),
+        prefix_tokens=prefix,
+        suffix_tokens=suffix,
+        visual_tokens=n_vis,
+        prompt_tokens=prefix + n_vis + suffix,
+        text_hidden=text.hidden_size,
+        text_layers=n_layers,
+        text_mlp=text.intermediate_size,
+        text_heads=text.num_attention_heads,
+        vocab=text.vocab_size,
+        preset=get_preset(spec.model).description if spec.model in PRESETS else None,
+        params=sum(p.numel() for p in model.parameters()),
+    )
+    result = {
+        "schema": SCHEMA,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "wall_seconds": time.perf_counter() - started,
+        "env": env,
+        "config": config,
+        "prefill": prefill_rows,
+        "generation": gen_rows,
+    }
+    result["summary"] = summarize(result)
+    return result
+
+
+def _prefill_rows(model, spec, settings, pre, pre_base, inputs1, device, bar) -> list[dict]:
+    rows = []
+    base_key = settings[0].key
+    base_med = _median([x["seconds"] for x in pre[base_key]])
+    base_llm = _median([x["llm_seconds"] for x in pre[base_key]])
+    for s in settings:
+        runs = pre[s.key]
+        secs = [x["seconds"] for x in runs]
+        llm = [x["llm_seconds"] for x in runs]
+        paired = [pre_base[(x["repeat"], x["group"])] / x["seconds"] for x in runs]
+        llm_base = {(x["repeat"], x["group"]): x["llm_seconds"] for x in pre[base_key]}
+        llm_paired = [llm_base[(x["repeat"], x["group"])] / x["llm_seconds"] for x in runs]
+        stats = runs[-1]["stats"]
+        if stats is not None:
+            flops, flops_full, layers = stats.flops, stats.flops_unreduced, stats.reducing_layers
+            kept = stats.visual_tokens_final[0]
+            vis_layers = [v[0] for v in stats.visual_tokens_per_layer]
+        else:  # the unpatched model: same formula, every layer sees every token
+            n = int(inputs1["attention_mask"][0].sum())
+            t = get_adapter(model).text_config(model.config)
+            flops = flops_full = decoder_flops([n] * len(get_adapter(model).layers(model)), t.hidden_size,
+                                               t.intermediate_size)
+            layers = []
+            kept = get_adapter(model).visual_tokens_per_image(model.config)
+            vis_layers = [kept] * len(get_adapter(model).layers(model))
+        flops_speedup = flops_full / flops
+        speedup = _median(paired)
+        llm_speedup = _median(llm_paired)
+        row = {
+            "method": s.method,
+            "fraction": s.fraction,
+            "batch_size": 1,
+            "visual_tokens_kept": kept,
+            "visual_tokens_per_layer": vis_layers,
+            "reducing_layers": layers,
+            "prefill_seconds": _median(secs),
+            "prefill_samples": secs,
+            "llm_seconds": _median(llm),
+            "speedup": speedup,
+            "speedup_of_medians": _ratio(base_med, _median(secs)),
+            "llm_speedup": llm_speedup,
+            "llm_speedup_of_medians": _ratio(base_llm, _median(llm)),
+            "flops": flops,
+            "flops_unreduced": flops_full,
+            "flops_ratio": flops / flops_full,
+            "flops_speedup": flops_speedup,
+            "speedup_vs_predicted": speedup / flops_speedup,
+            "llm_speedup_vs_predicted": llm_speedup / flops_speedup,
+            "select_seconds": _median([x["select_seconds"] for x in runs]),
+            "select_share": _median([x["select_seconds"] / x["seconds"] for x in runs]),
+            "select_share_of_llm": _median([x["select_seconds"] / x["llm_seconds"] for x in runs]),
+            "cuda_peak_bytes": max((x["cuda_peak"] for x in runs if x["cuda_peak"] is not None), default=None),
+        }
+        row.update(kv_cache_bytes=runs[-1]["kv_cache_bytes"], kv_tokens_per_layer=runs[-1]["kv_tokens_per_layer"])
+        if spec.memory:
+            _switch(model, s, spec.seed)
+            bar.set_postfix_str(f"memory prefill {s.key}", refresh=False)
+            (_, peak) = _tracked(lambda: _prefill(model, inputs1, device, _NullClock()))
+            bar.update()
+            row["peak_tensor_bytes"] = peak
+        rows.append(row)
+    base = rows[0]
+    for row in rows:
+        row["kv_ratio"] = _ratio(row["kv_cache_bytes"], base["kv_cache_bytes"])
+        row["peak_ratio"] = _ratio(row.get("peak_tensor_bytes"), base.get("peak_tensor_bytes"))
+    return rows
+
+
+class _NullClock:
+    seconds = 0.0
+
+
+def _generation_rows(model, spec, settings, schedule, bsz, prefix, suffix, device, bar, n_warm) -> list[dict]:
+    inputs = make_inputs(model, bsz, prefix, suffix, spec.seed + bsz)
+    runs: dict[str, list[dict]] = {s.key: [] for s in settings}
+    base: dict[tuple[int, str], dict] = {}
+    try:
+        warm = [(m, s) for m in spec.methods for s in (settings[0], Setting(m, min(spec.fractions)))]
+        for _ in range(spec.warmup):
+            for _, s in warm:
+                bar.set_postfix_str(f"warm-up b={bsz} {s.key}", refresh=False)
+                _switch(model, s, spec.seed)
+                _generate(model, inputs, spec.new_tokens, device)
+                bar.update()
+        for r in range(spec.gen_repeats):
+            for group, s in schedule(r):
+                bar.set_postfix_str(f"generate b={bsz} {s.key}", refresh=False)
+                _switch(model, s, spec.seed)
+                res = _generate(model, inputs, spec.new_tokens, device)
+                res.update(repeat=r, group=group)
+                if s.method == NONE:
+                    base[(r, group)] = res
+                runs[s.key].append(res)
+                bar.update()
+    except Exception as exc:  # noqa: BLE001 - an OOM at a large batch skips that batch size only
+        if not _is_oom(exc):
+            raise
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return [{"method": s.method, "fraction": s.fraction, "batch_size": bsz, "skipped": f"out of memory: {exc}"}
+                for s in settings]
+    rows = []
+    for s in settings:
+        rs = runs[s.key]
+        row: dict[str, Any] = {"method": s.method, "fraction": s.fraction, "batch_size": bsz,
+                               "new_tokens": spec.new_tokens}
+        if rs:
+            pair = [(base[(x["repeat"], x["group"])], x) for x in rs]
+            row.update(
+                total_seconds=_median([x["total_seconds"] for x in rs]),
+                total_samples=[x["total_seconds"] for x in rs],
+                ttft_seconds=_median([x["ttft_seconds"] for x in rs]),
+                decode_tokens_per_s=_median([x["decode_tokens_per_s"] for x in rs]),
+                samples_per_s=_median([x["samples_per_s"] for x in rs]),
+                throughput_ratio=_median([b["total_seconds"] / x["total_seconds"] for b, x in pair]),
+                decode_ratio=_median([x["decode_tokens_per_s"] / b["decode_tokens_per_s"] for b, x in pair]),
+                ttft_speedup=_median([b["ttft_seconds"] / x["ttft_seconds"] for b, x in pair]),
+                cuda_peak_bytes=max((x["cuda_peak"] for x in rs if x["cuda_peak"] is not None), default=None),
+            )
+            row.update(kv_cache_bytes=rs[-1]["kv_cache_bytes"], kv_tokens_per_layer=rs[-1]["kv_tokens_per_layer"])
+        if spec.memory:
+            _switch(model, s, spec.seed)
+            bar.set_postfix_str(f"memory b={bsz} {s.key}", refresh=False)
+            res, peak = _tracked(lambda: _generate(model, inputs, spec.new_tokens, device))
+            bar.update()
+            row["peak_tensor_bytes"] = peak
+            row.setdefault("kv_cache_bytes", res["kv_cache_bytes"])
+            row.setdefault("kv_tokens_per_layer", res["kv_tokens_per_layer"])
+        rows.append(row)
+    for row in rows:
+        row["kv_ratio"] = _ratio(row.get("kv_cache_bytes"), rows[0].get("kv_cache_bytes"))
+        row["peak_ratio"] = _ratio(row.get("peak_tensor_bytes"), rows[0].get("peak_tensor_bytes"))
+    return rows
+
+
+def summarize(result: dict) -> dict[str, Any]:
+    """Per method at each fraction: the numbers the issue's target is stated in."""
+    out: dict[str, Any] = {}
+    for row in result["prefill"]:
+        if row["method"] == NONE:
+            continue
+        entry = out.setdefault(row["method"], {}).setdefault(f"{row['fraction']:g}", {})
+        entry.update(
+            prefill_speedup=row["speedup"],
+            flops_speedup=row["flops_speedup"],
+            speedup_vs_predicted=row["speedup_vs_predicted"],
+            select_share=row["select_share"],
+            kv_ratio=row["kv_ratio"],
+        )
+    for row in result["generation"]:
+        if row["method"] == NONE or "throughput_ratio" not in row:
+            continue
+        entry = out[row["method"]][f"{row['fraction']:g}"]
+        entry[f"throughput_ratio_b{row['batch_size']}"] = row["throughput_ratio"]
+        entry[f"decode_ratio_b{row['batch_size']}"] = row["decode_ratio"]
+        entry[f"kv_ratio_b{row['batch_size']}"] = row["kv_ratio"]
+    return out
+
+
+# ----------------------------------------------------------------------------- reporting
+
+
+def _mb(x) -> str:
+    return "-" if x is None else f"{x / 2**20:.1f}"
+
+
+def _f(x, fmt="{:.2f}") -> str:
+    return "-" if x is None else fmt.format(x)
+
+
+def to_markdown(result: dict) -> str:
+    c, e = result["config"], result["env"]
+    quant = ", 4-bit nf4" if c["load_in_4bit"] else ""
+    lines = [
+        f"## pumer-bench: {c['model']} on {e['device_name']} ({e['device']})",
+        "",
+        f"{c['dtype']}{quant}, attention {c['attn']}, torch {e['torch']}, transformers {e['transformers']}, "
+        f"{e['torch_threads']} thread(s). Prompt: {c['prefix_tokens']} text + {c['visual_tokens']} visual + "
+        f"{c['suffix_tokens']} text tokens; text model hidden {c['text_hidden']}, {c['text_layers']} layers, "
+        f"MLP {c['text_mlp']}. Medians of {c['repeats']} prefill / {c['gen_repeats']} generate repeats after "
+        f"warm-up; ratios are medians of per-repeat ratios to the unreduced model run in the same group.",
+        "",
+        "### Prefill (time to first token), batch 1",
+        "",
+        "| method | kept | visual tokens | prefill ms | speedup | FLOPs-predicted | measured / predicted "
+        "| LLM-only speedup | selection % of prefill | KV cache MB (ratio) | peak MB (ratio) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["prefill"]:
+        lines.append(
+            f"| {r['method']} | {r['fraction']:g} | {r['visual_tokens_kept']} | {r['prefill_seconds'] * 1e3:.0f} "
+            f"| {_f(r['speedup'])} | {_f(r['flops_speedup'])} | {_f(r['speedup_vs_predicted'], '{:.0%}')} "
+            f"| {_f(r['llm_speedup'])} | {_f(r['select_share'], '{:.1%}')} "
+            f"| {_mb(r['kv_cache_bytes'])} ({_f(r['kv_ratio'])}) "
+            f"| {_mb(r.get('peak_tensor_bytes'))} ({_f(r.get('peak_ratio'))}) |"
+        )
+    if result["generation"]:
+        lines += [
+            "",
+            f"### Generation, {c['new_tokens']} new tokens",
+            "",
+            "| method | kept | batch | samples/s | throughput ratio | decode tok/s | decode ratio | TTFT ms "
+            "| KV cache MB (ratio) | peak MB (ratio) |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in result["generation"]:
+            if "skipped" in r or "samples_per_s" not in r:
+                lines.append(f"| {r['method']} | {r['fraction']:g} | {r['batch_size']} | {r.get('skipped', '-')} "
+                             "| | | | | | |")
+                continue
+            lines.append(
+                f"| {r['method']} | {r['fraction']:g} | {r['batch_size']} | {r['samples_per_s']:.3f} "
+                f"| {_f(r['throughput_ratio'])} | {r['decode_tokens_per_s']:.1f} | {_f(r['decode_ratio'])} "
+                f"| {r['ttft_seconds'] * 1e3:.0f} | {_mb(r.get('kv_cache_bytes'))} ({_f(r.get('kv_ratio'))}) "
+                f"| {_mb(r.get('peak_tensor_bytes'))} ({_f(r.get('peak_ratio'))}) |"
+            )
+    lines += [
+        "",
+        "speedup: unreduced / reduced prefill time. FLOPs-predicted: 1 / `last_stats.flops_ratio` (decoder "
+        "only, scoring included). LLM-only: the language model's forward, without vision tower and "
+        "projector. Peak MB: peak of live tensor bytes allocated during the call (weights excluded"
+        + ("; CUDA `max_memory_allocated` in the JSON" if e["device"].startswith("cuda") else "")
+        + "). KV cache: key/value bytes after the call.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: str | Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    c = result["config"]
+    methods = [m for m in c["methods"]]
+    colors = {m: f"C{i}" for i, m in enumerate(methods)}
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
+    ax = axes[0]
+    for m in methods:
+        rows = sorted((r for r in result["prefill"] if r["method"] == m), key=lambda r: r["visual_tokens_kept"])
+        x = [r["visual_tokens_kept"] for r in rows]
+        ax.plot(x, [r["speedup"] for r in rows], "o-", color=colors[m], label=f"{m} measured")
+        ax.plot(x, [r["flops_speedup"] for r in rows], "x--", color=colors[m], alpha=0.6, label=f"{m} FLOPs-predicted")
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set(xlabel="visual tokens kept (of %d)" % c["visual_tokens"], ylabel="prefill speedup (x)",
+           title="Prefill (TTFT), batch 1")
+    ax.legend(fontsize=7)
+    ax = axes[1]
+    styles = ["o-", "s--", "^:", "d-."]
+    for m in methods:
+        for j, b in enumerate(c["batch_sizes"]):
+            rows = sorted((r for r in result["generation"] if r["method"] == m and r["batch_size"] == b
+                           and "throughput_ratio" in r), key=lambda r: r["fraction"])
+            if rows:
+                ax.plot([round(r["fraction"] * c["visual_tokens"]) for r in rows], [r["throughput_ratio"] for r in rows],
+                        styles[j % len(styles)], color=colors[m], label=f"{m} batch {b}")
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set(xlabel="visual tokens kept (of %d)" % c["visual_tokens"], ylabel="throughput ratio (reduced / unreduced)",
+           title=f"Generation throughput, {c['new_tokens']} new tokens")
+    ax.legend(fontsize=7)
+    ax = axes[2]
+    for m in methods:
+        rows = sorted((r for r in result["prefill"] if r["method"] == m), key=lambda r: r["visual_tokens_kept"])
+        ax.plot([r["visual_tokens_kept"] for r in rows], [r["kv_ratio"] for r in rows], "o-", color=colors[m],
+                label=f"{m} KV cache")
+        if all(r.get("peak_ratio") is not None for r in rows):
+            ax.plot([r["visual_tokens_kept"] for r in rows], [r["peak_ratio"] for r in rows], "x--", color=colors[m],
+                    alpha=0.6, label=f"{m} peak memory")
+    ax.set(xlabel="visual tokens kept (of %d)" % c["visual_tokens"], ylabel="reduced / unreduced",
+           title="Memory after / during prefill, batch 1", ylim=(0, 1.1))
+    ax.legend(fontsize=7)
+    e = result["env"]
+    fig.suptitle(f"pumer-bench {c['model']} ({c['dtype']}, {c['attn']}) on {e['device_name']} [{e['device']}]",
+                 fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def default_prefix(result: dict) -> str:
+    c = result["config"]
+    dev = "cuda" if c["device"].startswith("cuda") else c["device"]
+    quant = "-4bit" if c["load_in_4bit"] else ""
+    name = Path(c["model"]).name if c["model"] not in PRESETS else c["model"]
+    return f"speed_{dev}_{name}_{c['dtype']}{quant}"
+
+
+def write_outputs(result: dict, prefix: str | Path, make_plot: bool = True) -> list[Path]:
+    """``prefix``.json, .md and (with matplotlib) .png; returns the paths written."""
+    prefix = Path(prefix)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    out = [prefix.with_name(prefix.name + ".json"), prefix.with_name(prefix.name + ".md")]
+    out[0].write_text(json.dumps(result, indent=1) + "\n")
+    out[1].write_text(to_markdown(result))
+    if make_plot:
+        out.append(plot(result, prefix.with_name(prefix.name + ".png")))
+    return out
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _floats(s: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in s.split(",") if x.strip())
+
+
+def _ints(s: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in s.split(",") if x.strip())
+
+
+def _strs(s: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in s.split(",") if x.strip())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = BenchSpec()
+    p = argparse.ArgumentParser(
+        prog="pumer-bench",
+        description="Prefill latency, decode tokens/s, throughput, KV cache and peak memory of a LLaVA model, "
+        "reduced (apply_pumer) vs. unreduced, measured interleaved in one process.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model", default=d.model, help=f"a model folder, or a preset: {', '.join(PRESETS)}")
+    p.add_argument("--methods", type=_strs, default=d.methods, help="comma-separated methods")
+    p.add_argument("--fractions", type=_floats, default=d.fractions, help="comma-separated kept fractions")
+    p.add_argument("--batch-sizes", type=_ints, default=d.batch_sizes, help="generation batch sizes")
+    p.add_argument("--dtype", default=d.dtype, choices=["auto", *DTYPES], help="auto: fp16 on CUDA, fp32 on CPU")
+    p.add_argument("--load-in-4bit", action="store_true", help="bitsandbytes nf4 (tower, projector, lm_head kept)")
+    p.add_argument("--attn", default=d.attn, choices=["sdpa", "eager", "flash_attention_2"])
+    p.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--repeats", type=int, default=d.repeats, help="timed prefill repeats per config")
+    p.add_argument("--gen-repeats", type=int, default=d.gen_repeats, help="timed generate repeats (0: skip)")
+    p.add_argument("--warmup", type=int, default=d.warmup, help="discarded warm-up rounds")
+    p.add_argument("--new-tokens", type=int, default=d.new_tokens, help="tokens each generate makes")
+    p.add_argument("--prefix-tokens", type=int, default=None, help="text tokens before the image")
+    p.add_argument("--suffix-tokens", type=int, default=None, help="text tokens after the image")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--no-memory", action="store_true", help="skip the untimed peak-memory runs")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--out", default=None,
+                   help="output prefix (.json/.md/.png); default eval/results/speed_<device>_<model>_<dtype>")
+    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    spec = BenchSpec(
+        model=args.model, methods=args.methods, fractions=args.fractions, batch_sizes=args.batch_sizes,
+        dtype=args.dtype, load_in_4bit=args.load_in_4bit, attn=args.attn, device=args.device,
+        repeats=args.repeats, gen_repeats=args.gen_repeats, warmup=args.warmup, new_tokens=args.new_tokens,
+        prefix_tokens=args.prefix_tokens, suffix_tokens=args.suffix_tokens, threads=args.threads,
+        memory=not args.no_memory, seed=args.seed,
+    )
+    try:
+        spec.validate()
+        if args.gen_repeats == 0:
+            spec.batch_sizes = ()
+        result = run_benchmark(spec, progress=not args.quiet)
+    except ValueError as exc:
+        print(f"pumer-bench: {exc}", file=sys.stderr)
+        return 2
+    prefix = args.out or str(Path("eval/results") / default_prefix(result))
+    paths = write_outputs(result, prefix, make_plot=not args.no_plot)
+    print(to_markdown(result))
+    print("wrote " + ", ".join(str(p) for p in paths), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,199 @@
+"""pumer-bench on the tiny preset: the JSON's fields and that its numbers agree with each other."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pumer_llava import apply_pumer
+from pumer_llava.cli.bench import (
+    BenchSpec,
+    PeakTensorMemory,
+    kv_cache_bytes,
+    main,
+    make_inputs,
+    run_benchmark,
+    to_markdown,
+    write_outputs,
+)
+from pumer_llava.presets import PRESETS, build_preset, get_preset
+
+SPEC = dict(
+    model="tiny",
+    methods=("pumer", "fastv"),
+    fractions=(1.0, 0.25),
+    batch_sizes=(1, 2),
+    repeats=2,
+    gen_repeats=1,
+    warmup=1,
+    new_tokens=3,
+    device="cpu",
+    threads=1,  # a shared 2-core machine: two threads make a tiny forward ~100x slower
+)
+
+
+@pytest.fixture(scope="module")
+def result():
+    threads = torch.get_num_threads()
+    out = run_benchmark(BenchSpec(**SPEC), progress=False)
+    assert torch.get_num_threads() == threads  # --threads applies to the run only
+    return out
+
+
+def _row(rows, method, fraction, batch=1):
+    return next(r for r in rows if r["method"] == method and r["fraction"] == fraction and r["batch_size"] == batch)
+
+
+def test_fields(result):
+    assert result["schema"] == "pumer-bench/1"
+    for key in ("device", "device_name", "torch", "transformers", "torch_threads", "peak_rss_bytes_process"):
+        assert key in result["env"]
+    c = result["config"]
+    assert (c["model"], c["dtype"], c["visual_tokens"], c["text_layers"]) == ("tiny", "fp32", 16, 6)
+    assert c["prompt_tokens"] == c["prefix_tokens"] + 16 + c["suffix_tokens"]
+    # one unreduced row, then every method x fraction; generation rows per batch size
+    assert [(r["method"], r["fraction"]) for r in result["prefill"]] == [
+        ("none", 1.0), ("pumer", 1.0), ("pumer", 0.25), ("fastv", 1.0), ("fastv", 0.25)
+    ]
+    assert len(result["generation"]) == 2 * 5
+    for r in result["prefill"]:
+        # the unreduced model runs once per method group in every repeat
+        groups = len(SPEC["methods"]) if r["method"] == "none" else 1
+        assert len(r["prefill_samples"]) == SPEC["repeats"] * groups
+        for key in ("speedup", "llm_speedup", "flops_speedup", "speedup_vs_predicted", "select_share",
+                    "kv_cache_bytes", "peak_tensor_bytes"):
+            assert r[key] is not None and r[key] >= 0, (key, r)
+    for r in result["generation"]:
+        for key in ("samples_per_s", "decode_tokens_per_s", "throughput_ratio", "decode_ratio", "kv_cache_bytes"):
+            assert r[key] is not None and r[key] > 0, (key, r)
+    json.dumps(result)  # plain data only
+
+
+def test_unreduced_rows_are_the_reference(result):
+    base = result["prefill"][0]
+    assert base["speedup"] == 1.0 and base["flops_ratio"] == 1.0 and base["select_share"] == 0.0
+    for method in SPEC["methods"]:
+        r = _row(result["prefill"], method, 1.0)
+        # ratio 1.0: nothing removed, same cache, but the speedup fields are there
+        assert r["flops_ratio"] == 1.0 and r["kv_cache_bytes"] == base["kv_cache_bytes"] and r["kv_ratio"] == 1.0
+        assert r["speedup"] > 0 and r["speedup_vs_predicted"] == pytest.approx(r["speedup"])
+        assert r["visual_tokens_kept"] == 16
+    for b in SPEC["batch_sizes"]:
+        g = _row(result["generation"], "none", 1.0, b)
+        assert g["throughput_ratio"] == 1.0 and g["decode_ratio"] == 1.0 and g["kv_ratio"] == 1.0
+
+
+@pytest.mark.parametrize("method", SPEC["methods"])
+def test_flops_ratio_is_what_last_stats_reports(result, method):
+    row = _row(result["prefill"], method, 0.25)
+    model = build_preset("tiny")
+    p = get_preset("tiny")
+    apply_pumer(model, ratio=0.25, method=method)
+    with torch.inference_mode():
+        model(**make_inputs(model, 1, p.prompt_prefix, p.prompt_suffix), logits_to_keep=1)
+    stats = model.pumer.last_stats
+    assert row["flops_ratio"] == pytest.approx(stats.flops_ratio, rel=1e-12)
+    assert row["flops_speedup"] == pytest.approx(1 / stats.flops_ratio)
+    assert row["speedup_vs_predicted"] == pytest.approx(row["speedup"] * stats.flops_ratio)
+    assert row["visual_tokens_kept"] == stats.visual_tokens_final[0] == 4
+    assert row["reducing_layers"] == stats.reducing_layers
+
+
+@pytest.mark.parametrize("method", SPEC["methods"])
+def test_reduced_rows_hold_a_smaller_cache(result, method):
+    cfg = get_preset("tiny").text
+    head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
+    per_token = 2 * cfg["num_key_value_heads"] * head_dim * 4  # keys + values, fp32
+    base, red = result["prefill"][0], _row(result["prefill"], method, 0.25)
+    assert red["kv_cache_bytes"] < base["kv_cache_bytes"] and red["kv_ratio"] < 1
+    assert red["peak_tensor_bytes"] < base["peak_tensor_bytes"]
+    # the bytes are the tokens each layer holds: fewer from the reducing layer on
+    assert red["kv_cache_bytes"] == per_token * sum(red["kv_tokens_per_layer"])
+    assert base["kv_tokens_per_layer"] == [result["config"]["prompt_tokens"]] * 6
+    first = min(red["reducing_layers"])
+    assert red["kv_tokens_per_layer"][:first] == base["kv_tokens_per_layer"][:first]
+    assert all(a < b for a, b in zip(red["kv_tokens_per_layer"][first:], base["kv_tokens_per_layer"][first:]))
+    for b in SPEC["batch_sizes"]:
+        g, g0 = _row(result["generation"], method, 0.25, b), _row(result["generation"], "none", 1.0, b)
+        assert g["kv_cache_bytes"] < g0["kv_cache_bytes"]
+        # after generation every layer also holds the new tokens (all but the last, which was never fed back)
+        assert g0["kv_cache_bytes"] == b * per_token * 6 * (result["config"]["prompt_tokens"] + SPEC["new_tokens"] - 1)
+
+
+def test_generation_numbers_agree(result):
+    for r in result["generation"]:
+        if r["method"] == "none":
+            continue  # one run per method group: medians of several
+        # one timed repeat: the medians are that run's numbers
+        assert r["samples_per_s"] == pytest.approx(r["batch_size"] / r["total_seconds"])
+        assert r["ttft_seconds"] < r["total_seconds"]
+
+
+def test_outputs_written(result, tmp_path):
+    paths = write_outputs(result, tmp_path / "speed_tiny")
+    assert sorted(p.suffix for p in paths) == [".json", ".md", ".png"]
+    assert json.loads(paths[0].read_text())["prefill"] == json.loads(json.dumps(result["prefill"]))
+    md = to_markdown(result)
+    assert "| fastv | 0.25 | 4 |" in md and "throughput ratio" in md
+    assert paths[2].stat().st_size > 10_000
+
+
+def test_peak_tensor_memory_counts_new_storage_only():
+    old = torch.ones(10_000)
+    with PeakTensorMemory() as tracker:
+        a = torch.ones(1000)  # 4000 bytes
+        v = a.view(10, 100)  # a view: nothing new
+        old.add_(1)  # in place on a tensor from before: nothing new
+        b = torch.ones(500)  # 2000 bytes: peak 6000
+        del a, v
+        c = torch.ones(250)  # 1000 bytes, after a was freed
+    assert tracker.peak == 6000 and tracker.live == 3000
+    del b, c
+
+
+def test_kv_cache_bytes_of_a_dynamic_cache():
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    cache.update(torch.zeros(2, 4, 7, 8), torch.zeros(2, 4, 7, 8), 0)
+    cache.update(torch.zeros(2, 4, 3, 8), torch.zeros(2, 4, 3, 8), 1)
+    assert kv_cache_bytes(cache) == (2 * 4 * 8 * 4 * 2 * (7 + 3), [7, 3])
+
+
+def test_presets():
+    assert {"llava-1.5-7b", "llava-1.5-7b-scaled", "tiny"} <= set(PRESETS)
+    seven = get_preset("llava-1.5-7b").config()
+    t, v = seven.text_config, seven.vision_config
+    assert (t.hidden_size, t.num_hidden_layers, t.num_attention_heads, t.intermediate_size, t.vocab_size) == (
+        4096, 32, 32, 11008, 32064)
+    assert (v.image_size // v.patch_size) ** 2 == 576 and v.hidden_size == 1024 and v.num_hidden_layers == 24
+    scaled = get_preset("llava-1.5-7b-scaled")
+    sv = scaled.config().vision_config
+    assert (sv.image_size // sv.patch_size) ** 2 == 576
+    assert 40 <= scaled.prompt_prefix + scaled.prompt_suffix <= 60
+    with pytest.raises(ValueError, match="known presets"):
+        get_preset("llava-13b")
+
+
+def test_cli_subprocess(tmp_path):
+    out = tmp_path / "speed_cli"
+    cmd = [sys.executable, "-m", "pumer_llava.cli.bench", "--model", "tiny", "--methods", "random",
+           "--fractions", "1,0.5", "--batch-sizes", "2", "--repeats", "1", "--gen-repeats", "1",
+           "--new-tokens", "2", "--device", "cpu", "--threads", "1", "--no-memory", "--quiet", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "| random | 0.5 | 8 |" in proc.stdout
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert [r["method"] for r in data["prefill"]] == ["none", "random", "random"]
+    assert [r["batch_size"] for r in data["generation"]] == [2, 2, 2]
+    assert "peak_tensor_bytes" not in data["prefill"][0]  # --no-memory
+    assert out.with_suffix(".png").exists() and out.with_suffix(".md").exists()
+
+
+def test_cli_rejects_bad_arguments(capsys):
+    assert main(["--model", "no-such-model", "--quiet"]) == 2
+    assert "neither a folder nor a preset" in capsys.readouterr().err
+    assert main(["--model", "tiny", "--fractions", "0", "--quiet"]) == 2
+    assert main(["--model", "tiny", "--methods", "nope", "--quiet", "--batch-sizes", "1"]) == 2
