@@ -354,7 +354,31 @@ def packed_forward(model, batch):
     return model.lm_head(h_ans), model.lm_head(h_eos), vis, image_embeds
 
 
-def losses(model, heads, batch, aux_pairs, aux_color, aux_shape, aux_weight, patch_weight=0.5):
+def grounding_targets(tokenizer, cell_color, cell_shape):
+    """Word ids each visual token should resemble: its row and column digits, and for an
+    occupied cell its colour and shape words (-100 where empty)."""
+    ids = tokenizer.convert_tokens_to_ids
+    cells = torch.arange(task.NUM_CELLS)
+    row = torch.tensor([ids(str(r + 1)) for r in range(task.GRID)])[cells // task.GRID]
+    col = torch.tensor([ids(str(c + 1)) for c in range(task.GRID)])[cells % task.GRID]
+    colors = torch.tensor([ids(c) for c in task.COLORS] + [-100])
+    shapes = torch.tensor([ids(s) for s in task.SHAPES] + [-100])
+    b = cell_color.shape[0]
+    return row.expand(b, -1), col.expand(b, -1), colors[cell_color], shapes[cell_shape]
+
+
+def grounding_loss(model, image_embeds, targets):
+    """LLaVA's stage-1 alignment in miniature: each visual token, read through the language
+    model's own word-embedding matrix, names its cell and content. The question's words and
+    the visual tokens they refer to then start out similar in the residual stream, which is
+    what a from-scratch model otherwise takes thousands of steps to find."""
+    emb = model.get_input_embeddings().weight  # (V, D)
+    logits = (image_embeds @ emb.T).flatten(0, 1)  # (B*64, V)
+    return sum(F.cross_entropy(logits, t.flatten(), ignore_index=-100) for t in targets) / len(targets)
+
+
+def losses(model, heads, batch, aux_pairs, aux_color, aux_shape, aux_weight, patch_weight=0.5,
+           ground=None, ground_weight=0.0):
     logits_ans, logits_eos, vis, image_embeds = packed_forward(model, batch)
     t = batch["targets"]
     eos = torch.full_like(t[:, 2], model.config.text_config.eos_token_id)
@@ -368,8 +392,12 @@ def losses(model, heads, batch, aux_pairs, aux_color, aux_shape, aux_weight, pat
         + F.cross_entropy(heads.col(image_embeds).flatten(0, 1), (cells % task.GRID).repeat(len(aux_color)))
     )
     total = lm + aux_weight * (cls_loss + patch_weight * patch_loss)
+    g = torch.zeros(())
+    if ground_weight > 0:
+        g = grounding_loss(model, image_embeds, ground)
+        total = total + ground_weight * g
     correct = (logits_ans.argmax(-1) == t[:, 2]).float()
-    return total, {"lm": lm.item(), "cls": cls_loss.item(), "patch": patch_loss.item()}, correct
+    return total, {"lm": lm.item(), "cls": cls_loss.item(), "patch": patch_loss.item(), "ground": g.item()}, correct
 
 
 # ----------------------------------------------------------------------- evaluation
@@ -460,6 +488,8 @@ def parse_args(argv=None):
     p.add_argument("--curriculum-start", type=float, default=0.1)
     p.add_argument("--aux-weight", type=float, default=1.0)
     p.add_argument("--patch-weight", type=float, default=0.5, help="per-patch aux loss, relative to the [CLS] one")
+    p.add_argument("--ground-weight", type=float, default=1.0,
+                   help="visual tokens predict their row/column/colour/shape words through the word embeddings")
     p.add_argument("--vision-hidden", type=int, default=192)
     p.add_argument("--vision-layers", type=int, default=4)
     p.add_argument("--vision-heads", type=int, default=4)
@@ -542,7 +572,8 @@ def main(argv=None):
         for g in opt.param_groups:
             g["lr"] = args.lr * lr_factor(progress, step, args.warmup, args.min_lr_ratio)
         loss, parts, correct = losses(
-            model, heads, batch, pairs, cell_color, cell_shape, args.aux_weight, args.patch_weight
+            model, heads, batch, pairs, cell_color, cell_shape, args.aux_weight, args.patch_weight,
+            grounding_targets(tokenizer, cell_color, cell_shape), args.ground_weight,
         )
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -558,7 +589,7 @@ def main(argv=None):
             avg = {k: sum(d[k] for d in run_loss) / n for k in run_loss[0]}
             print(
                 f"step {step} {elapsed / 60:5.1f}min lr {opt.param_groups[0]['lr']:.2e} "
-                f"lm {avg['lm']:.3f} cls {avg['cls']:.3f} patch {avg['patch']:.3f} "
+                f"lm {avg['lm']:.3f} cls {avg['cls']:.3f} patch {avg['patch']:.3f} ground {avg['ground']:.3f} "
                 f"train-acc {sum(run_correct) / len(run_correct):.3f} objects {lo}-{hi}",
                 flush=True,
             )
