@@ -18,8 +18,8 @@ so the accuracy benchmark can build question-aware and question-blind oracles.
 
 Question types (answers are one word):
 
-``color_at``   colour of the object at a named row/column            -> 1 cell
-``shape_at``   shape of the object at a named row/column             -> 1 cell
+``color_at``   colour of the object at a named cell (chess-style, ``c5``)            -> 1 cell
+``shape_at``   shape of the object at a named cell             -> 1 cell
 ``relation``   colour of the object left of/right of/above/below a
                named object (a unique colour-shape pair) or a named
                cell                                                  -> 2 cells
@@ -28,7 +28,7 @@ Question types (answers are one word):
 ``count``      how many <colour> objects / <shape>s (0-4)             -> the counted cells
 ``rare``       shape of the only object of a named colour            -> 1 cell
 
-Rows and columns are numbered 1..8 in the text. Generation is deterministic:
+Cells are named chess-style in the text: column letter a..h, row number 1..8. Generation is deterministic:
 scene ``i`` of split ``s`` with seed ``k`` comes from ``random.Random("s-k-i")``
 (string seeds are hashed with SHA-512, independent of PYTHONHASHSEED), so
 splits with different names or seeds are different scene streams.
@@ -211,8 +211,21 @@ def render(scene: Scene) -> Image.Image:
 # ------------------------------------------------------------------------ questions
 
 
+COLUMN_LETTERS = "abcdefgh"
+
+
+def cell_name(row: int, col: int) -> str:
+    """Chess-style name of a cell, one word (``c5``: column c, row 5).
+
+    One token per cell makes "find the cell" a single attention lookup; spelled as
+    "row 5 column 3" a from-scratch model first has to combine two tokens, and the
+    first training runs sat at chance for thousands of steps.
+    """
+    return f"{COLUMN_LETTERS[col]}{row + 1}"
+
+
 def _cell_text(row: int, col: int) -> str:
-    return f"row {row + 1} column {col + 1}"
+    return f"cell {cell_name(row, col)}"
 
 
 def _color_counts(scene: Scene) -> dict[str, int]:
@@ -338,14 +351,15 @@ def answer_from_scene(scene: Scene, question: str) -> str:
     words = question.rstrip(" ?").split()
 
     def cell_after(i: int) -> tuple[int, int]:
-        assert words[i] == "row" and words[i + 2] == "column", question
-        return int(words[i + 1]) - 1, int(words[i + 3]) - 1
+        assert words[i] == "cell", question
+        name = words[i + 1]
+        return int(name[1:]) - 1, COLUMN_LETTERS.index(name[0])
 
     if question.startswith("what color is the object at "):
-        o = scene.at(*cell_after(words.index("row")))
+        o = scene.at(*cell_after(words.index("cell")))
         return o.color
     if question.startswith("what shape is the object at "):
-        o = scene.at(*cell_after(words.index("row")))
+        o = scene.at(*cell_after(words.index("cell")))
         return o.shape
     if question.startswith("what color is the object "):
         rest = " ".join(words[5:])
@@ -356,7 +370,7 @@ def answer_from_scene(scene: Scene, question: str) -> str:
         else:
             raise ValueError(question)
         if ref_text[:3] == ["the", "object", "at"]:
-            r, c = int(ref_text[4]) - 1, int(ref_text[6]) - 1
+            r, c = int(ref_text[4][1:]) - 1, COLUMN_LETTERS.index(ref_text[4][0])
         else:
             (ref,) = [o for o in scene.objects if o.color == ref_text[1] and o.shape == ref_text[2]]
             r, c = ref.row, ref.col
@@ -490,11 +504,11 @@ def write_examples(out_dir: str | Path, num_images: int = 3, seed: int = TEST_SE
 
 def vocabulary() -> list[str]:
     """Every word any question or answer can use (for the word-level tokenizer)."""
-    words = {"what", "color", "shape", "is", "the", "object", "at", "row", "column", "?", "only"}
+    words = {"what", "color", "shape", "is", "the", "object", "at", "cell", "?", "only"}
     words |= {"is", "there", "a", "how", "many", "objects", "are", "yes", "no"}
     words |= set(COLORS) | set(SHAPES) | set(SHAPE_PLURALS.values()) | set(NUMBER_WORDS)
     words |= {w for name in DIRECTIONS for w in name.split()}
-    words |= {str(i + 1) for i in range(GRID)}
+    words |= {cell_name(r, c) for r in range(GRID) for c in range(GRID)}
     return sorted(words)
 
 

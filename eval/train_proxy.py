@@ -164,6 +164,7 @@ def build_model(tokenizer, args):
         rms_norm_eps=1e-5,
         tie_word_embeddings=args.tie,
         initializer_range=args.text_init_range,
+        rope_parameters={"rope_type": "default", "rope_theta": args.rope_theta},
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -188,10 +189,37 @@ def build_model(tokenizer, args):
     with torch.no_grad():
         pos[0].zero_()
         pos[1:] = sincos_2d(task.GRID, pos.shape[1]) * args.pos_init_scale
+    if args.mimetic_layers:
+        mimetic_init(model, args.mimetic_layers, args.seed)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model
+
+
+def mimetic_init(model, n_layers: int, seed: int) -> None:
+    """Mimetic initialisation (Trockman & Kolter, 2023) of the first decoder layers' q/k.
+
+    Each head's query and key projections start equal (a random orthonormal map of the
+    hidden state), so W_q^T W_k is a positive projection and tokens attend to tokens that
+    look like them. With the grounding loss making the visual token of cell c5 resemble
+    the word ``c5``, the question can find its cell from the first step; from a random
+    init that lookup took longer than the whole training budget to appear.
+    """
+    g = torch.Generator().manual_seed(seed)
+    for layer in model.model.language_model.layers[:n_layers]:
+        attn = layer.self_attn
+        d = attn.q_proj.in_features
+        hd = attn.head_dim
+        n_kv = attn.k_proj.out_features // hd
+        rep = attn.q_proj.out_features // attn.k_proj.out_features
+        with torch.no_grad():
+            for kv in range(n_kv):
+                basis, _ = torch.linalg.qr(torch.randn(d, hd, generator=g))  # (d, hd) orthonormal columns
+                attn.k_proj.weight[kv * hd : (kv + 1) * hd] = basis.T
+                for r in range(rep):
+                    h = kv * rep + r  # transformers' repeat_kv: query head h reads kv head h // rep
+                    attn.q_proj.weight[h * hd : (h + 1) * hd] = basis.T
 
 
 def _vision_embeddings(model):
@@ -355,16 +383,14 @@ def packed_forward(model, batch):
 
 
 def grounding_targets(tokenizer, cell_color, cell_shape):
-    """Word ids each visual token should resemble: its row and column digits, and for an
+    """Word ids each visual token should resemble: its cell's name (``c5``), and for an
     occupied cell its colour and shape words (-100 where empty)."""
     ids = tokenizer.convert_tokens_to_ids
-    cells = torch.arange(task.NUM_CELLS)
-    row = torch.tensor([ids(str(r + 1)) for r in range(task.GRID)])[cells // task.GRID]
-    col = torch.tensor([ids(str(c + 1)) for c in range(task.GRID)])[cells % task.GRID]
+    names = torch.tensor([ids(task.cell_name(i // task.GRID, i % task.GRID)) for i in range(task.NUM_CELLS)])
     colors = torch.tensor([ids(c) for c in task.COLORS] + [-100])
     shapes = torch.tensor([ids(s) for s in task.SHAPES] + [-100])
     b = cell_color.shape[0]
-    return row.expand(b, -1), col.expand(b, -1), colors[cell_color], shapes[cell_shape]
+    return names.expand(b, -1), colors[cell_color], shapes[cell_shape]
 
 
 def grounding_loss(model, image_embeds, targets):
@@ -501,6 +527,9 @@ def parse_args(argv=None):
     p.add_argument("--pos-init-scale", type=float, default=0.5, help="scale of the 2-D sin-cos position init")
     p.add_argument("--text-init-range", type=float, default=0.02, help="std of the language model's init")
     p.add_argument("--tie", action="store_true", help="tie input and output embeddings")
+    p.add_argument("--rope-theta", type=float, default=1e6,
+                   help="RoPE base; large, so content similarity survives the ~80 positions from question to image")
+    p.add_argument("--mimetic-layers", type=int, default=2, help="decoder layers whose q/k start mimetic (0: off)")
     p.add_argument("--qtypes", nargs="*", default=list(task.QUESTION_TYPES), help="question types to train on")
     p.add_argument("--val-images", type=int, default=100)
     p.add_argument("--test-images", type=int, default=task.TEST_IMAGES)

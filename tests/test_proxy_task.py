@@ -71,8 +71,9 @@ def test_needed_cells_match_the_question(test_split):
             assert q.needed_cells, q
         if q.type in ("color_at", "shape_at"):
             words = q.question.split()
-            i = words.index("row")
-            assert q.needed_cells == [(int(words[i + 1]) - 1) * task.GRID + int(words[i + 3]) - 1]
+            name = words[words.index("cell") + 1]
+            row, col = int(name[1:]) - 1, "abcdefgh".index(name[0])
+            assert q.needed_cells == [row * task.GRID + col]
         if q.type == "relation":
             assert len(q.needed_cells) == 2
             a, b = q.needed_cells
