@@ -14,8 +14,9 @@ Presets:
   projector, and a Llama-2-7B / Vicuna-7B text model (hidden 4096, 32 layers, 32 heads,
   MLP 11008, vocabulary 32064). Needs a GPU (about 14 GB in fp16).
 - ``llava-1.5-7b-scaled``: the same 576 visual tokens and prompt, with a text model a
-  2-core CPU can run (hidden 512, 16 layers, 8 heads of 64, MLP 1376: the 7B's
-  depth-to-reducing-layer ratios, head size and MLP/hidden ratio) and a 2-layer tower
+  2-core CPU can run (hidden 512, 16 layers, 8 heads of 64, MLP 1408: the 7B's
+  depth-to-reducing-layer ratios, head size and about its MLP/hidden ratio; 1408 = 22 x 64
+  because bitsandbytes' CPU nf4 kernel needs in-features divisible by 64) and a 2-layer tower
   (the tower runs before any reduction, so its size only dilutes the measured speedup).
   One unreduced prefill of ~630 tokens takes about 1-3 s on one shared CPU core.
 - ``tiny``: 16 visual tokens, hidden 64, 6 layers: for tests (milliseconds).
@@ -111,7 +112,7 @@ PRESETS: dict[str, Preset] = {
         ),
         text=dict(
             hidden_size=512,
-            intermediate_size=1376,
+            intermediate_size=1408,
             num_hidden_layers=16,
             num_attention_heads=8,
             num_key_value_heads=8,
