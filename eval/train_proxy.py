@@ -536,6 +536,9 @@ def parse_args(argv=None):
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--save-dtype", choices=["float32", "float16"], default="float32")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--untrained", action="store_true",
+                   help="save the freshly built model, processor and tokenizer without training (for CI's "
+                        "end-to-end plumbing checks; its answers are chance)")
     return p.parse_args(argv)
 
 
@@ -557,6 +560,15 @@ def main(argv=None):
     packer = Packer(tokenizer)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.2f}M parameters", flush=True)
+
+    if args.untrained:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(out)
+        processor.save_pretrained(out)
+        (out / "training_args.json").write_text(json.dumps({"seed": args.seed, "args": vars(args), "untrained": True}, indent=2) + "\n")
+        print(f"saved an untrained model to {out}", flush=True)
+        return {"untrained": True}
 
     val = task.make_split("val", args.val_images, seed=0, qtypes=tuple(args.qtypes))
     check_consistency(model, processor, packer, val[0])

@@ -15,7 +15,8 @@
 #    scoring of the same questions (eval/lmms/reference_score.py).
 #
 # Environment: PYTHON (default python), PUMER_LMMS_MODEL (default the embedded
-# proxy), PUMER_LMMS_LIMIT (default 40), PUMER_LMMS_OUT (default a temp folder).
+# proxy), PUMER_LMMS_LIMIT (default 40), PUMER_LMMS_OUT (default a temp folder),
+# PUMER_LMMS_INSTALL_ONLY (set: install and verify, then stop).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -60,6 +61,9 @@ if [ "$before" != "$after" ]; then
 fi
 echo "torch/transformers intact: $after"
 "$PY" -c "from lmms_eval.models import get_model; print('lmms-eval resolves pumer_llava to', get_model('pumer_llava'))"
+if [ -n "${PUMER_LMMS_INSTALL_ONLY:-}" ]; then
+  exit 0
+fi
 
 echo "== lmms-eval: data and model"
 if [ ! -f "$DATA/questions.jsonl" ]; then
