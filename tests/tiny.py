@@ -62,6 +62,16 @@ def tiny_llava(kind: str = "llama", attn: str = "sdpa", layers: int = 6, seed: i
     return model.eval()
 
 
+def _left_pad(seqs):
+    n = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), n), PAD)
+    mask = torch.zeros(len(seqs), n, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, n - len(s) :] = s
+        mask[i, n - len(s) :] = 1
+    return ids, mask
+
+
 def make_inputs(prefix_lens=(3,), suffix_lens=(5,), seed: int = 0, images: int = 1):
     """Left-padded batch: [pad..] prefix <image>*N_VIS suffix, one image per sample."""
     g = torch.Generator().manual_seed(seed)
@@ -70,12 +80,7 @@ def make_inputs(prefix_lens=(3,), suffix_lens=(5,), seed: int = 0, images: int =
         a = torch.randint(4, VOCAB, (pre,), generator=g)
         b = torch.randint(4, VOCAB, (suf,), generator=g)
         seqs.append(torch.cat([a, torch.full((N_VIS * images,), IMAGE_TOKEN), b]))
-    n = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), n), PAD)
-    mask = torch.zeros(len(seqs), n, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, n - len(s) :] = s
-        mask[i, n - len(s) :] = 1
+    ids, mask = _left_pad(seqs)
     pixel = torch.randn(len(seqs) * images, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g)
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixel}
 
@@ -94,11 +99,6 @@ def make_mixed_inputs(images=(1, 2, 0), prefix_lens=(3, 2, 4), suffix_lens=(5, 3
             parts += [torch.full((N_VIS,), IMAGE_TOKEN), torch.randint(4, VOCAB, (1,), generator=g)]
         parts.append(torch.randint(4, VOCAB, (suf,), generator=g))
         seqs.append(torch.cat(parts))
-    n = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), n), PAD)
-    mask = torch.zeros(len(seqs), n, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, n - len(s) :] = s
-        mask[i, n - len(s) :] = 1
+    ids, mask = _left_pad(seqs)
     pixel = torch.randn(sum(images), 3, IMAGE_SIZE, IMAGE_SIZE, generator=g)
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixel}, list(images)
