@@ -6,6 +6,7 @@ import contextlib
 import weakref
 from collections.abc import Iterator, Sequence
 
+import torch
 from torch import nn
 
 from .config import PumerConfig
@@ -81,7 +82,7 @@ def apply_pumer(
     depth = len(decoder_layers)
     resolved = _resolve_layers(recipe, config, depth)
     per_image = adapter.visual_tokens_per_image(model.config)
-    if keep_tokens is not None and keep_tokens > per_image:
+    if keep_tokens is not None and per_image is not None and keep_tokens > per_image:
         raise ValueError(
             f"keep_tokens={keep_tokens} is larger than the visual span of one image ({per_image} tokens): "
             f"accepted 1..{per_image}, or use ratio"
@@ -124,6 +125,7 @@ def apply_pumer(
         layers=resolved,
         model_ref=weakref.ref(model),
         flash=bool(attn and attn.startswith("flash")),
+        visual_ids=torch.tensor(adapter.visual_token_ids(model.config)),
     )
     handles = state.handles
     handles.append(model.register_forward_pre_hook(llm.top_pre_hook(state), with_kwargs=True))

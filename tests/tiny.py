@@ -102,3 +102,51 @@ def make_mixed_inputs(images=(1, 2, 0), prefix_lens=(3, 2, 4), suffix_lens=(5, 3
     ids, mask = _left_pad(seqs)
     pixel = torch.randn(sum(images), 3, IMAGE_SIZE, IMAGE_SIZE, generator=g)
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixel}, list(images)
+
+
+def tiny_llava_next(kind: str = "llama", attn: str = "sdpa", seed: int = 0):
+    """A tiny LLaVA-NeXT (anyres): each image gives a base view plus crops, so visual counts vary."""
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    torch.manual_seed(seed)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=IMAGE_SIZE, patch_size=PATCH, projection_dim=32)
+    cfg = LlavaNextConfig(
+        vision_config=vision, text_config=text_config(kind), image_token_id=IMAGE_TOKEN, vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        image_grid_pinpoints=[[IMAGE_SIZE, IMAGE_SIZE], [IMAGE_SIZE, 2 * IMAGE_SIZE], [2 * IMAGE_SIZE, IMAGE_SIZE],
+                              [2 * IMAGE_SIZE, 2 * IMAGE_SIZE]],
+    )
+    cfg._attn_implementation = attn
+    model = LlavaNextForConditionalGeneration(cfg)
+    model.set_attn_implementation(attn)
+    with torch.no_grad():
+        for layer in model.model.language_model.layers:
+            layer.self_attn.q_proj.weight.mul_(4.0)
+            layer.self_attn.k_proj.weight.mul_(4.0)
+    model.generation_config.pad_token_id = PAD
+    model.generation_config.eos_token_id = None
+    return model.eval()
+
+
+def make_next_inputs(model, sizes=((IMAGE_SIZE, 2 * IMAGE_SIZE), (2 * IMAGE_SIZE, 2 * IMAGE_SIZE)),
+                     prefix_lens=(3, 5), suffix_lens=(6, 2), seed: int = 0):
+    """Left-padded LLaVA-NeXT batch: the visual count of each image comes from the model itself."""
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    n_patches = [image_size_to_num_patches(list(s), cfg.image_grid_pinpoints, IMAGE_SIZE) for s in sizes]
+    pixel = torch.randn(len(sizes), max(n_patches), 3, IMAGE_SIZE, IMAGE_SIZE, generator=g)
+    image_sizes = torch.tensor(sizes)
+    with torch.no_grad():
+        feats = model.model.get_image_features(pixel, image_sizes, vision_feature_layer=cfg.vision_feature_layer,
+                                               vision_feature_select_strategy=cfg.vision_feature_select_strategy)
+    counts = [f.shape[0] for f in feats.pooler_output]
+    seqs = []
+    for n_vis, pre, suf in zip(counts, prefix_lens, suffix_lens):
+        a = torch.randint(4, VOCAB, (pre,), generator=g)
+        b = torch.randint(4, VOCAB, (suf,), generator=g)
+        seqs.append(torch.cat([a, torch.full((n_vis,), IMAGE_TOKEN), b]))
+    ids, mask = _left_pad(seqs)
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixel, "image_sizes": image_sizes}, counts

@@ -315,8 +315,10 @@ def make_inputs(model, batch: int, prefix: int, suffix: int, seed: int = 0) -> d
     """``batch`` prompts ``prefix text, <image> x T, suffix text`` (no padding) and random pixels."""
     adapter = get_adapter(model)
     cfg = model.config
-    image_id = adapter.image_token_id(cfg)
+    image_id = adapter.visual_token_ids(cfg)[0]
     n_vis = adapter.visual_tokens_per_image(cfg)
+    if n_vis is None:
+        raise ValueError(f"pumer-bench builds prompts with a fixed number of visual tokens; {adapter.class_name} varies it per image")
     text = adapter.text_config(cfg)
     special = {image_id, text.pad_token_id, text.bos_token_id, text.eos_token_id, 0, 1, 2}
     low = max(int(s) for s in special if s is not None and int(s) < 16) + 1

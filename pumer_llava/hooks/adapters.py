@@ -47,10 +47,12 @@ class Adapter:
     language_model: Callable[[nn.Module], nn.Module]
     layers: Callable[[nn.Module], nn.ModuleList]
     text_config: Callable[[object], object]
-    image_token_id: Callable[[object], int]
-    visual_tokens_per_image: Callable[[object], int]
+    visual_token_ids: Callable[[object], tuple[int, ...]]  # image (and video) placeholder ids
+    visual_tokens_per_image: Callable[[object], int | None]  # None: varies per image (anyres)
     attn_parts: Callable[[nn.Module, object], AttnParts]
     vision_parts: Callable[[nn.Module], VisionParts] | None = None
+    text_types: tuple[str, ...] = ("llama", "mistral", "qwen2")
+    notes: str = ""
 
 
 def _llama_style_attn(layer: nn.Module, text_config: object) -> AttnParts:
@@ -109,15 +111,28 @@ ADAPTERS: dict[str, Adapter] = {
         language_model=lambda m: m.model.language_model,
         layers=lambda m: m.model.language_model.layers,
         text_config=lambda c: c.text_config,
-        image_token_id=lambda c: c.image_token_id,
+        visual_token_ids=lambda c: (c.image_token_id,),
         visual_tokens_per_image=_llava_visual_tokens,
         attn_parts=_llama_style_attn,
         vision_parts=_clip_vision_parts,
     ),
+    # anyres: each image becomes a base view plus crops, unpadded, with a newline token per
+    # row, all under the image token id, so samples carry different visual counts; the
+    # newline tokens are visual tokens like the others. The [CLS] attention of several crops
+    # does not map onto the unpadded tokens one to one, so VisPruner is not offered here.
+    "llava_next": Adapter(
+        model_type="llava_next",
+        class_name="LlavaNextForConditionalGeneration",
+        inner=lambda m: m.model,
+        language_model=lambda m: m.model.language_model,
+        layers=lambda m: m.model.language_model.layers,
+        text_config=lambda c: c.text_config,
+        visual_token_ids=lambda c: (c.image_token_id,),
+        visual_tokens_per_image=lambda c: None,
+        attn_parts=_llama_style_attn,
+        notes="anyres: visual tokens per image vary; newline tokens count as visual",
+    ),
 }
-
-# text backbones whose decoder layers match the Llama layout used by _llama_style_attn
-SUPPORTED_TEXT_TYPES = ("llama", "mistral", "qwen2", "vicuna")
 
 
 def get_adapter(model: nn.Module) -> Adapter:
@@ -135,9 +150,9 @@ def get_adapter(model: nn.Module) -> Adapter:
             f"supported: {supported}"
         )
     text_type = getattr(adapter.text_config(config), "model_type", None)
-    if text_type not in SUPPORTED_TEXT_TYPES:
+    if text_type not in adapter.text_types:
         raise ValueError(
             f"unsupported text backbone {text_type!r} inside {type(model).__name__}; "
-            f"supported: {', '.join(SUPPORTED_TEXT_TYPES)}"
+            f"supported: {', '.join(adapter.text_types)}"
         )
     return adapter

@@ -375,7 +375,7 @@ def inner_pre_hook(state: PumerState):
                 "(generate(..., cache_implementation=None))."
             )
         record = state.records.get(cache) if cache is not None else None
-        image_id = state.adapter.image_token_id(state.model_config)
+        visual_ids = state.visual_ids
         if input_ids is None:
             if record is not None:
                 q = kwargs["inputs_embeds"].shape[1]
@@ -386,7 +386,7 @@ def inner_pre_hook(state: PumerState):
         if record is not None and input_ids.shape[1] == 1:  # a decode step: no device sync to look for images
             state.call = _open_extend(state, record, cache, 1, kwargs)
             return None
-        vis = input_ids == image_id
+        vis = torch.isin(input_ids, visual_ids.to(input_ids.device))
         has_images = bool(vis.any())
         if record is not None:
             if has_images:

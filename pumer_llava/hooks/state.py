@@ -144,6 +144,7 @@ class PumerState:
     layers: tuple[int, ...]
     model_ref: Any = None  # weakref to the patched model
     flash: bool = False  # flash attention takes 2-D masks
+    visual_ids: torch.Tensor | None = None  # placeholder ids of visual tokens (images, video)
     handles: list[Any] = field(default_factory=list)
     enabled: bool = True
     last_stats: ReductionStats | None = None
