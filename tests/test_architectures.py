@@ -6,7 +6,7 @@ import torch
 from pumer_llava import apply_pumer, list_methods, remove_pumer
 from pumer_llava.hooks.adapters import ADAPTERS
 from pumer_llava.reduce import plan_stages
-from tiny import make_inputs, make_next_inputs, tiny_llava, tiny_llava_next
+from tiny import alone, assert_cached_equals_recomputed, make_inputs, make_next_inputs, tiny_llava, tiny_llava_next
 
 GEN = dict(do_sample=False, max_new_tokens=5)
 
@@ -33,13 +33,6 @@ def test_every_adapter_row_is_covered():
     assert types == set(ADAPTERS)
 
 
-def _alone(inp, i):
-    keep = inp["attention_mask"][i].bool()
-    out = {k: v[i : i + 1] for k, v in inp.items() if k not in ("input_ids", "attention_mask")}
-    out.update(input_ids=inp["input_ids"][i : i + 1, keep], attention_mask=inp["attention_mask"][i : i + 1, keep])
-    return out
-
-
 @pytest.mark.parametrize("arch", list(BUILDERS))
 def test_ratio_one_equals_unpatched_and_remove_restores(arch):
     model, inp, _ = BUILDERS[arch]()
@@ -60,13 +53,8 @@ def test_exact_counts_cache_and_padding(arch):
     model, inp, counts = BUILDERS[arch]()
     apply_pumer(model, ratio=0.25, merge_share=1.0)  # merge-only: decisions independent of the text
     layers, share = model.pumer.layers, model.pumer.merge_share
+    cached, stats = assert_cached_equals_recomputed(model, inp, **GEN)
     with torch.no_grad():
-        cached = model.generate(**inp, **GEN, output_scores=True, return_dict_in_generate=True)
-        stats = model.pumer.last_stats
-        again = model.generate(**inp, **GEN, output_scores=True, return_dict_in_generate=True, use_cache=False)
-        assert torch.equal(cached.sequences, again.sequences)
-        for a, b in zip(cached.scores, again.scores):
-            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
         for b, total in enumerate(counts):
             plans = plan_stages(total, round(total * 0.25), len(layers), share)
             stage, want = -1, []
@@ -75,7 +63,7 @@ def test_exact_counts_cache_and_padding(arch):
                 want.append(total if stage < 0 else plans[stage].n_out)
             assert [v[b] for v in stats.visual_tokens_per_layer] == want
         for i in range(len(counts)):
-            one = model.generate(**_alone(inp, i), **GEN)
+            one = model.generate(**alone(inp, i), **GEN)
             assert torch.equal(cached.sequences[i, -GEN["max_new_tokens"] :], one[0, -GEN["max_new_tokens"] :])
 
 

@@ -8,20 +8,11 @@ import torch
 
 from pumer_llava import Recipe, apply_pumer, disabled, remove_pumer
 from pumer_llava.reduce import plan_stages
-from tiny import N_VIS, make_inputs, make_mixed_inputs, tiny_llava
+from tiny import N_VIS, alone, assert_cached_equals_recomputed, make_inputs, make_mixed_inputs, tiny_llava
 
 BACKBONES = ["llama", "qwen2"]  # qwen2: grouped-query attention, q/k/v biases
 ATTN = ["sdpa", "eager"]
 GEN = dict(do_sample=False, max_new_tokens=6)
-
-
-def _alone(inp, i):
-    keep = inp["attention_mask"][i].bool()
-    return {
-        "input_ids": inp["input_ids"][i : i + 1, keep],
-        "attention_mask": inp["attention_mask"][i : i + 1, keep],
-        "pixel_values": inp["pixel_values"][i : i + 1],
-    }
 
 
 def _count_layer_inputs(model):
@@ -149,7 +140,7 @@ def test_padded_batch_equals_single_samples(kind, method):
         batch = model.generate(**inp, **GEN)[:, -GEN["max_new_tokens"] :]
         batch_kept = model.pumer.last_stats.kept_patches
         for i in range(3):
-            one = model.generate(**_alone(inp, i), **GEN)[:, -GEN["max_new_tokens"] :]
+            one = model.generate(**alone(inp, i), **GEN)[:, -GEN["max_new_tokens"] :]
             assert torch.equal(batch[i], one[0]), (i, batch[i], one[0])
             for layer, per_sample in model.pumer.last_stats.kept_patches.items():
                 assert batch_kept[layer][i] == per_sample[0]
@@ -329,9 +320,4 @@ def test_mixed_visual_counts_cached_equals_recomputation(attn):
     model = tiny_llava("qwen2", attn)
     inp, _ = make_mixed_inputs()
     apply_pumer(model, ratio=0.25, merge_share=1.0)  # merge-only: decisions independent of the text
-    with torch.no_grad():
-        cached = model.generate(**inp, **GEN, output_scores=True, return_dict_in_generate=True)
-        again = model.generate(**inp, **GEN, output_scores=True, return_dict_in_generate=True, use_cache=False)
-    assert torch.equal(cached.sequences, again.sequences)
-    for a, b in zip(cached.scores, again.scores):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert_cached_equals_recomputed(model, inp, **GEN)

@@ -17,30 +17,30 @@ def _flat(split):
 
 
 @pytest.fixture(scope="module")
-def test_split():
+def split60():
     return task.make_split("test", 60, seed=task.TEST_SEED)
 
 
-def test_same_seed_same_data(test_split):
+def test_same_seed_same_data(split60):
     again = task.make_split("test", 60, seed=task.TEST_SEED)
-    assert [(s.key, s.signature(), s.background, s.clutter) for s, _ in test_split] == [
+    assert [(s.key, s.signature(), s.background, s.clutter) for s, _ in split60] == [
         (s.key, s.signature(), s.background, s.clutter) for s, _ in again
     ]
-    assert [q for _, qs in test_split for q in qs] == [q for _, qs in again for q in qs]
-    a, b = test_split[3][0], again[3][0]
+    assert [q for _, qs in split60 for q in qs] == [q for _, qs in again for q in qs]
+    a, b = split60[3][0], again[3][0]
     assert task.render(a).tobytes() == task.render(b).tobytes()
 
 
-def test_splits_and_seeds_are_disjoint(test_split):
-    test = {s.signature() for s, _ in test_split}
+def test_splits_and_seeds_are_disjoint(split60):
+    test = {s.signature() for s, _ in split60}
     train = {s.signature() for s, _ in task.make_split("train", 60, seed=0)}
     train1 = {s.signature() for s, _ in task.make_split("train", 60, seed=1)}
     val = {s.signature() for s, _ in task.make_split("val", 60, seed=0)}
     assert not test & train and not test & val and not train & val and not train & train1
 
 
-def test_scene_constraints(test_split):
-    for scene, _ in test_split:
+def test_scene_constraints(split60):
+    for scene, _ in split60:
         assert task.MIN_OBJECTS <= len(scene.objects) <= task.MAX_OBJECTS
         cells = [o.cell for o in scene.objects]
         assert len(cells) == len(set(cells)), "at most one object per cell"
@@ -48,8 +48,8 @@ def test_scene_constraints(test_split):
         assert task.render(scene).size == (task.IMAGE_SIZE, task.IMAGE_SIZE)
 
 
-def test_every_type_per_image_and_answers_follow_from_the_scene(test_split):
-    for scene, qs in test_split:
+def test_every_type_per_image_and_answers_follow_from_the_scene(split60):
+    for scene, qs in split60:
         assert [q.type for q in qs] == list(task.QUESTION_TYPES)
         for q in qs:
             assert task.answer_from_scene(scene, q.question) == q.answer, q
@@ -65,8 +65,8 @@ def test_extra_training_questions_are_consistent():
         assert task.answer_from_scene(scene, q.question) == q.answer
 
 
-def test_needed_cells_match_the_question(test_split):
-    for scene, q in _flat(test_split):
+def test_needed_cells_match_the_question(split60):
+    for scene, q in _flat(split60):
         if q.type in task.LOCALIZED_TYPES:
             assert q.needed_cells, q
         if q.type in ("color_at", "shape_at"):
@@ -97,9 +97,9 @@ def test_default_test_split_is_big_enough():
     assert task.TEST_IMAGES * len(task.QUESTION_TYPES) >= 2000
 
 
-def test_vocabulary_covers_all_text(test_split):
+def test_vocabulary_covers_all_text(split60):
     vocab = set(task.vocabulary())
-    for _, q in _flat(test_split):
+    for _, q in _flat(split60):
         assert set(q.question.split()) <= vocab and q.answer in vocab
 
 

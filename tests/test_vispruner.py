@@ -5,16 +5,10 @@ import torch
 
 from pumer_llava import apply_pumer, remove_pumer
 from pumer_llava.reduce.diversity import remove_duplicates
-from tiny import N_VIS, make_inputs, tiny_llava
+from tiny import N_VIS, alone, assert_cached_equals_recomputed, make_inputs, tiny_llava
 
 GEN = dict(do_sample=False, max_new_tokens=5)
 BACKBONES = ["llama", "qwen2"]
-
-
-def _alone(inp, i):
-    keep = inp["attention_mask"][i].bool()
-    return {"input_ids": inp["input_ids"][i : i + 1, keep], "attention_mask": inp["attention_mask"][i : i + 1, keep],
-            "pixel_values": inp["pixel_values"][i : i + 1]}
 
 
 @pytest.mark.parametrize("kind", BACKBONES)
@@ -41,13 +35,7 @@ def test_cached_decoding_equals_recomputation_and_counts(kind, layers):
     n_layers = len(model.model.language_model.layers)
     # hybrid: VisPruner before the LLM, then merge-only PuMer stages (also independent of the text)
     apply_pumer(model, method="vispruner", ratio=0.25, layers=layers, merge_share=1.0 if layers else None)
-    with torch.no_grad():
-        cached = model.generate(**inp, **GEN, output_scores=True, return_dict_in_generate=True)
-        stats = model.pumer.last_stats
-        again = model.generate(**inp, **GEN, output_scores=True, return_dict_in_generate=True, use_cache=False)
-    assert torch.equal(cached.sequences, again.sequences)
-    for a, b in zip(cached.scores, again.scores):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    cached, stats = assert_cached_equals_recomputed(model, inp, **GEN)
     expect = [4] * n_layers if layers is None else [10, 10, 6, 6, 4, 4]  # 16 -> 10 -> 6 -> 4
     assert stats.visual_tokens_per_layer == [[v, v] for v in expect]
     assert -1 in stats.kept_patches and all(len(p) == expect[0] for p in stats.kept_patches[-1])
@@ -64,7 +52,7 @@ def test_padded_batch_equals_single_samples(kind):
         batch = model.generate(**inp, **GEN)[:, -GEN["max_new_tokens"] :]
         kept = model.pumer.last_stats.kept_patches[-1]
         for i in range(3):
-            one = model.generate(**_alone(inp, i), **GEN)[:, -GEN["max_new_tokens"] :]
+            one = model.generate(**alone(inp, i), **GEN)[:, -GEN["max_new_tokens"] :]
             assert torch.equal(batch[i], one[0])
             assert model.pumer.last_stats.kept_patches[-1][0] == kept[i]
 

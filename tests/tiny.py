@@ -150,3 +150,25 @@ def make_next_inputs(model, sizes=((IMAGE_SIZE, 2 * IMAGE_SIZE), (2 * IMAGE_SIZE
         seqs.append(torch.cat([a, torch.full((n_vis,), IMAGE_TOKEN), b]))
     ids, mask = _left_pad(seqs)
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixel, "image_sizes": image_sizes}, counts
+
+
+def alone(inp, i):
+    """Sample i of a left-padded batch, unpadded (pixel_values etc. sliced per sample)."""
+    keep = inp["attention_mask"][i].bool()
+    out = {k: v[i : i + 1] for k, v in inp.items() if k not in ("input_ids", "attention_mask")}
+    out.update(input_ids=inp["input_ids"][i : i + 1, keep], attention_mask=inp["attention_mask"][i : i + 1, keep])
+    return out
+
+
+def assert_cached_equals_recomputed(model, inp, **gen):
+    """Greedy generate with the KV cache and without it: same tokens, close scores.
+
+    Returns the cached run and the ``last_stats`` of its prefill."""
+    with torch.no_grad():
+        cached = model.generate(**inp, **gen, output_scores=True, return_dict_in_generate=True)
+        stats = model.pumer.last_stats
+        again = model.generate(**inp, **gen, output_scores=True, return_dict_in_generate=True, use_cache=False)
+    assert torch.equal(cached.sequences, again.sequences)
+    for a, b in zip(cached.scores, again.scores):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    return cached, stats
