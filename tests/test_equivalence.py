@@ -8,7 +8,7 @@ import torch
 
 from pumer_llava import Recipe, apply_pumer, disabled, remove_pumer
 from pumer_llava.reduce import plan_stages
-from tiny import N_VIS, alone, assert_cached_equals_recomputed, make_inputs, make_mixed_inputs, tiny_llava
+from tiny import IMAGE_TOKEN, N_VIS, alone, assert_cached_equals_recomputed, make_inputs, make_mixed_inputs, tiny_llava
 
 BACKBONES = ["llama", "qwen2"]  # qwen2: grouped-query attention, q/k/v biases
 ATTN = ["sdpa", "eager"]
@@ -321,3 +321,16 @@ def test_mixed_visual_counts_cached_equals_recomputation(attn):
     inp, _ = make_mixed_inputs()
     apply_pumer(model, ratio=0.25, merge_share=1.0)  # merge-only: decisions independent of the text
     assert_cached_equals_recomputed(model, inp, **GEN)
+
+
+def test_placeholder_id_without_an_image_is_a_plain_token():
+    """A decoded token that carries the image id, with no image behind it, is only embedded (as unpatched)."""
+    model = tiny_llava("llama")
+    inp = make_inputs((3,), (5,))
+    step = {"input_ids": torch.full((1, 1), IMAGE_TOKEN),
+            "attention_mask": torch.cat([inp["attention_mask"], torch.ones(1, 1, dtype=torch.long)], 1)}
+    with torch.no_grad():
+        ref = model(**step, past_key_values=model(**inp, use_cache=True).past_key_values).logits
+        apply_pumer(model, ratio=1.0)
+        got = model(**step, past_key_values=model(**inp, use_cache=True).past_key_values).logits
+    assert (got - ref).abs().max().item() <= 1e-5

@@ -361,6 +361,13 @@ def _resolve_use_cache(state: PumerState, kwargs: dict) -> bool:
     return bool(use_cache)
 
 
+def _carries_visual_inputs(kwargs: dict) -> bool:
+    """Whether a forward brings images or video (raw pixels, or features generate() encoded)."""
+    return any(v is not None and k.startswith("pixel_values") for k, v in kwargs.items()) or bool(
+        kwargs.get("mm_encoder_outputs")
+    )
+
+
 def inner_pre_hook(state: PumerState):
     def hook(module, args, kwargs):
         state.call = None
@@ -388,6 +395,11 @@ def inner_pre_hook(state: PumerState):
             return None
         vis = torch.isin(input_ids, visual_ids.to(input_ids.device))
         has_images = bool(vis.any())
+        continuing = record is not None or (cache is not None and cache.get_seq_length() > 0)
+        if continuing and has_images and not _carries_visual_inputs(kwargs):
+            # a generated or typed token that happens to carry a placeholder id, with no image
+            # behind it: the model only embeds it, and so do we
+            has_images = False
         if record is not None:
             if has_images:
                 raise NotImplementedError(
