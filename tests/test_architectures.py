@@ -6,7 +6,16 @@ import torch
 from pumer_llava import apply_pumer, list_methods, remove_pumer
 from pumer_llava.hooks.adapters import ADAPTERS
 from pumer_llava.reduce import plan_stages
-from tiny import alone, assert_cached_equals_recomputed, make_inputs, make_next_inputs, tiny_llava, tiny_llava_next
+from tiny import (
+    alone,
+    assert_cached_equals_recomputed,
+    make_inputs,
+    make_next_inputs,
+    make_onevision_inputs,
+    tiny_llava,
+    tiny_llava_next,
+    tiny_onevision,
+)
 
 GEN = dict(do_sample=False, max_new_tokens=5)
 
@@ -25,7 +34,18 @@ def _llava_next():
     return model, inp, counts
 
 
-BUILDERS = {"llava-llama": _llava("llama"), "llava-qwen2": _llava("qwen2"), "llava_next": _llava_next}
+def _llava_onevision():
+    model = tiny_onevision()
+    inp, counts = make_onevision_inputs(model)
+    return model, inp, counts
+
+
+BUILDERS = {
+    "llava-llama": _llava("llama"),
+    "llava-qwen2": _llava("qwen2"),
+    "llava_next": _llava_next,
+    "llava_onevision": _llava_onevision,
+}
 
 
 def test_every_adapter_row_is_covered():

@@ -172,3 +172,73 @@ def assert_cached_equals_recomputed(model, inp, **gen):
     for a, b in zip(cached.scores, again.scores):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     return cached, stats
+
+
+VIDEO_TOKEN = 4
+# anyres grid: a 32x32 image gives a base view + 1 crop, a 64x40 one a base view + 4 crops (unpadded)
+OV_PINPOINTS = [[IMAGE_SIZE, IMAGE_SIZE], [IMAGE_SIZE, 2 * IMAGE_SIZE], [2 * IMAGE_SIZE, IMAGE_SIZE],
+                [2 * IMAGE_SIZE, 2 * IMAGE_SIZE]]
+
+
+def tiny_onevision(attn: str = "sdpa", seed: int = 0, aspect: str = "anyres_max_9"):
+    """A tiny LLaVA-OneVision: SigLIP tower (no [CLS], all patches kept: strategy "full"), Qwen2 LLM."""
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, SiglipVisionConfig
+
+    torch.manual_seed(seed)
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                image_size=IMAGE_SIZE, patch_size=PATCH)
+    cfg = LlavaOnevisionConfig(
+        vision_config=vision, text_config=text_config("qwen2"), image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN,
+        image_grid_pinpoints=OV_PINPOINTS, vision_aspect_ratio=aspect,
+    )
+    cfg._attn_implementation = attn
+    model = LlavaOnevisionForConditionalGeneration(cfg)
+    model.set_attn_implementation(attn)
+    with torch.no_grad():
+        for layer in model.model.language_model.layers:
+            layer.self_attn.q_proj.weight.mul_(4.0)
+            layer.self_attn.k_proj.weight.mul_(4.0)
+    model.generation_config.pad_token_id = PAD
+    model.generation_config.eos_token_id = None
+    return model.eval()
+
+
+def onevision_counts(model, pixel, image_sizes, batch_num_images=None):
+    """Visual tokens of each image as the model itself packs them (base view, crops, newline tokens)."""
+    cfg = model.config
+    with torch.no_grad():
+        feats = model.model.get_image_features(pixel, image_sizes, batch_num_images=batch_num_images,
+                                               vision_feature_layer=cfg.vision_feature_layer,
+                                               vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+                                               vision_aspect_ratio=cfg.vision_aspect_ratio)
+    return [f.shape[0] for f in feats.pooler_output]
+
+
+def make_onevision_inputs(model, sizes=((IMAGE_SIZE, IMAGE_SIZE), (2 * IMAGE_SIZE, 40)),
+                          prefix_lens=(3, 5), suffix_lens=(6, 2), seed: int = 0):
+    """Left-padded OneVision batch, one anyres image per sample: the counts differ (36 and 72)."""
+    from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
+
+    g = torch.Generator().manual_seed(seed)
+    n_views = [image_size_to_num_patches(list(s), OV_PINPOINTS, IMAGE_SIZE) for s in sizes]
+    pixel = torch.randn(len(sizes), max(n_views), 3, IMAGE_SIZE, IMAGE_SIZE, generator=g)
+    image_sizes = torch.tensor(sizes)
+    counts = onevision_counts(model, pixel, image_sizes)
+    seqs = []
+    for n_vis, pre, suf in zip(counts, prefix_lens, suffix_lens):
+        a = torch.randint(5, VOCAB, (pre,), generator=g)
+        b = torch.randint(5, VOCAB, (suf,), generator=g)
+        seqs.append(torch.cat([a, torch.full((n_vis,), IMAGE_TOKEN), b]))
+    ids, mask = _left_pad(seqs)
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixel, "image_sizes": image_sizes}, counts
+
+
+def make_video_inputs(frames: int = 3, prefix: int = 3, suffix: int = 5, seed: int = 0):
+    """One sample with a video: each frame's patches are pooled 2x2, then one newline token."""
+    g = torch.Generator().manual_seed(seed)
+    side = -(-(IMAGE_SIZE // PATCH) // 2)
+    n_vis = frames * side * side + 1
+    ids = torch.cat([torch.randint(5, VOCAB, (prefix,), generator=g), torch.full((n_vis,), VIDEO_TOKEN),
+                     torch.randint(5, VOCAB, (suffix,), generator=g)])[None]
+    video = torch.randn(1, frames, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values_videos": video}, n_vis

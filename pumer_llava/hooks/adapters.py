@@ -132,6 +132,21 @@ ADAPTERS: dict[str, Adapter] = {
         attn_parts=_llama_style_attn,
         notes="anyres: visual tokens per image vary; newline tokens count as visual",
     ),
+    # anyres like LLaVA-NeXT (base view + unpadded crops + a newline token per row, and the
+    # crops are downscaled past ``vision_aspect_ratio``), plus video: each frame's patches
+    # pooled 2x2, then one newline, all under video_token_id. The SigLIP tower has no [CLS].
+    "llava_onevision": Adapter(
+        model_type="llava_onevision",
+        class_name="LlavaOnevisionForConditionalGeneration",
+        inner=lambda m: m.model,
+        language_model=lambda m: m.model.language_model,
+        layers=lambda m: m.model.language_model.layers,
+        text_config=lambda c: c.text_config,
+        visual_token_ids=lambda c: (c.image_token_id, c.video_token_id),
+        visual_tokens_per_image=lambda c: None,
+        attn_parts=_llama_style_attn,
+        notes="anyres and video: visual tokens per image vary; newline tokens count as visual",
+    ),
 }
 
 
