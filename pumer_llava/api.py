@@ -59,7 +59,9 @@ def apply_pumer(
     merge_share: share of each stage's removal done by merging (0 prune only, 1 merge only).
     prop_attn:   proportional attention for merged tokens (needs an additive-mask backend).
     seed:        seed of the random baseline.
-    important_ratio: VisPruner's share of its budget kept by [CLS] attention (default 0.5).
+    important_ratio: VisPruner's share of its budget kept by importance (default 0.5): the
+                 [CLS] query's attention, or, for towers without a [CLS] (SigLIP) and for
+                 LLaVA's "full" strategy, the mean attention each patch receives.
 
     Applying again replaces the previous setup. Every argument is checked before the
     model is touched; a bad one raises ValueError saying what is accepted.
@@ -88,14 +90,9 @@ def apply_pumer(
             f"accepted 1..{per_image}, or use ratio"
         )
     if recipe.pre_llm:
-        if adapter.vision_parts is None:
+        if adapter.vision_parts is None or adapter.projector is None:
             raise ValueError(f"method {recipe.name!r} needs the vision tower's attention, which {adapter.class_name} does not expose")
         vparts = adapter.vision_parts(model)
-        if not vparts.has_cls:
-            raise ValueError(
-                f"method {recipe.name!r} reads the [CLS] token's attention, but this model keeps the [CLS] among its "
-                "visual tokens (vision_feature_select_strategy='full'): use pumer or fastv"
-            )
     elif important_ratio is not None:
         raise ValueError(f"important_ratio applies to vispruner only, not to method {recipe.name!r}")
     text_config = adapter.text_config(model.config)
@@ -135,6 +132,7 @@ def apply_pumer(
     handles.append(inner.register_forward_hook(llm.inner_post_hook(state), with_kwargs=True))
     if recipe.pre_llm:
         handles.append(vparts.layer.register_forward_pre_hook(llm.vision_pre_hook(state), with_kwargs=True))
+        handles.append(adapter.projector(model).register_forward_hook(llm.projector_hook(state)))
         handles.append(adapter.language_model(model).register_forward_pre_hook(llm.lm_pre_hook(state), with_kwargs=True))
     first = min(resolved[0] + min(recipe.score_offset, 0), resolved[0]) if resolved else depth
     for i in range(first, depth):
@@ -154,6 +152,7 @@ def remove_pumer(model: nn.Module) -> nn.Module:
     state.records.clear()
     state.call = None
     state.importance = None
+    state.vision_calls.clear()
     del model.pumer
     return model
 

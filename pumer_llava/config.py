@@ -24,7 +24,8 @@ class PumerConfig:
     prop_attn:   proportional attention: a merged token standing for ``s`` tokens gets
                  ``log s`` added to its attention logits; ``None`` takes the default.
     seed:        seed of the ``random`` baseline.
-    important_ratio: VisPruner's share of the budget kept for importance ([CLS] attention);
+    important_ratio: VisPruner's share of the budget kept for importance ([CLS] attention, or the
+                 mean attention a patch receives for towers without a [CLS]);
                  the rest is kept for diversity. In [0, 1]; ``None`` takes 0.5 (the paper's).
     """
 

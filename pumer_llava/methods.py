@@ -112,8 +112,8 @@ METHODS: dict[str, Recipe] = {
         scorer="text_attention",
         default_layers=lambda depth: (),
         pre_llm="vision_cls",
-        description="before the LLM: keep tokens by the vision tower's [CLS] attention, then the most "
-        "diverse of the rest (VisPruner)",
+        description="before the LLM: keep tokens by the vision tower's [CLS] attention (without a [CLS]: the "
+        "mean attention each patch receives), then the most diverse of the rest (VisPruner)",
     ),
     "random": Recipe(
         name="random",

@@ -111,13 +111,3 @@ def test_disabled_needs_a_patched_model_and_restores():
         with disabled(model):
             raise RuntimeError("boom")
     assert model.pumer.enabled
-
-
-def test_vispruner_refuses_batches_with_different_visual_counts():
-    model = tiny_llava("llama")
-    apply_pumer(model, method="vispruner")
-    inp = make_inputs((3, 3), (5, 5))
-    inp["input_ids"][1, 3] = 10  # one visual token fewer in sample 1
-    with pytest.raises(NotImplementedError, match="same number of visual tokens in every sample"):
-        with torch.no_grad():
-            model(**inp)

@@ -286,7 +286,7 @@ def _alone_mixed(inp, images, i):
     return out
 
 
-@pytest.mark.parametrize("method", ["pumer", "fastv", "random"])
+@pytest.mark.parametrize("method", ["pumer", "fastv", "random", "vispruner"])
 @pytest.mark.parametrize("kind", BACKBONES)
 def test_mixed_visual_counts_batch_equals_single_samples(kind, method):
     """Samples with 1, 2 and 0 images in one padded batch: re-padded, never truncated."""

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from pumer_llava.reduce import bipartite_merge, decoder_flops, plan_stages
+from pumer_llava.reduce.match import match_rows
 from pumer_llava.reduce.ragged import left_pack, ragged_nonzero, top_per_row
-from pumer_llava.reduce.scoring import apply_rope, mean_over_rows, query_row_attention
+from pumer_llava.reduce.scoring import apply_rope, mean_over_rows, mean_received_attention, query_row_attention
 
 
 @pytest.mark.parametrize("n,r", [(9, 3), (10, 5), (7, 3), (2, 1), (1, 1), (8, 0)])
@@ -114,3 +115,21 @@ def test_ragged_helpers():
     sel, filler = left_pack(m)
     assert sel[0].tolist() == [0, 2, 3] and sel[1, 2].item() == 2
     assert filler.tolist() == [[False] * 3, [True, True, False]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_match_rows_finds_exact_copies_only(dtype):
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(10, 6, generator=g).to(dtype)
+    src = torch.tensor([3, 3, 0, 9, 5])
+    x = torch.cat([y[src], torch.randn(2, 6, generator=g).to(dtype), (y[4:5] + 1e-2).to(dtype)])
+    assert match_rows(x, y).tolist() == src.tolist() + [-1, -1, -1]
+    assert match_rows(x[:0], y).shape == (0,)
+
+
+def test_mean_received_attention_chunks_agree():
+    g = torch.Generator().manual_seed(1)
+    q, k = torch.randn(2, 3, 7, 4, generator=g), torch.randn(2, 3, 7, 4, generator=g)
+    want = (q @ k.transpose(-1, -2) * 0.5).softmax(-1).mean(1).mean(1)  # (n, N): heads, then queries
+    for budget in (1, 40, 1 << 24):
+        torch.testing.assert_close(mean_received_attention(q, k, 0.5, budget=budget), want)

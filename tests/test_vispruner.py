@@ -5,7 +5,19 @@ import torch
 
 from pumer_llava import apply_pumer, remove_pumer
 from pumer_llava.reduce.diversity import remove_duplicates
-from tiny import N_VIS, alone, assert_cached_equals_recomputed, make_inputs, tiny_llava
+from tiny import (
+    IMAGE_SIZE,
+    IMAGE_TOKEN,
+    N_VIS,
+    PATCH,
+    alone,
+    assert_cached_equals_recomputed,
+    make_inputs,
+    make_onevision_inputs,
+    make_video_inputs,
+    tiny_llava,
+    tiny_onevision,
+)
 
 GEN = dict(do_sample=False, max_new_tokens=5)
 BACKBONES = ["llama", "qwen2"]
@@ -109,7 +121,89 @@ def test_bad_vispruner_arguments():
         apply_pumer(model, method="vispruner", important_ratio=1.5)
     with pytest.raises(ValueError, match="important_ratio applies to vispruner only"):
         apply_pumer(model, method="pumer", important_ratio=0.5)
-    model.config.vision_feature_select_strategy = "full"
-    with pytest.raises(ValueError, match=r"\[CLS\]"):
+    model.config.vision_feature_layer = [-2, -1]
+    with pytest.raises(ValueError, match="single vision_feature_layer"):
         apply_pumer(model, method="vispruner")
     assert not hasattr(model, "pumer")
+
+
+# ----------------------------------------------------------------------------- towers without a [CLS] (issue 7)
+
+
+def _full_strategy_llava():
+    model = tiny_llava("llama")
+    model.config.vision_feature_select_strategy = "full"  # the [CLS] is one more visual token
+    return model, -2
+
+
+def _onevision():
+    return tiny_onevision(), -1  # SigLIP: no [CLS]; OneVision reads the last layer
+
+
+@pytest.mark.parametrize("build", [_onevision, _full_strategy_llava], ids=["siglip", "clip-full"])
+def test_mean_received_attention_equals_eager_vision_attention(build):
+    """Without a [CLS] query, importance is the attention each token receives, mean over heads and queries."""
+    model, layer = build()
+    model.model.vision_tower.set_attn_implementation("eager")
+    apply_pumer(model, method="vispruner", ratio=0.25)
+    assert not model.pumer.adapter.vision_parts(model).has_cls
+    pixel = torch.randn(3, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = model.model.vision_tower(pixel, output_attentions=True)  # the hook scores this call too
+    want = out.attentions[layer].mean(1).mean(1)  # (n_img, N): heads, then queries
+    assert model.pumer.importance.shape == want.shape  # every token the projector reads, [CLS] included
+    torch.testing.assert_close(model.pumer.importance, want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(want.sum(-1), torch.ones(3))
+
+
+def test_vispruner_on_onevision_anyres_batch():
+    """Two anyres images (base view + crops, unpadded, newline tokens) of different counts in one batch."""
+    model = tiny_onevision()
+    inp, counts = make_onevision_inputs(model)
+    n_layers = len(model.model.language_model.layers)
+    with torch.no_grad():
+        ref = model(**inp).logits
+        apply_pumer(model, method="vispruner", ratio=1.0)
+        assert (model(**inp).logits - ref).abs().max().item() <= 1e-5
+    apply_pumer(model, method="vispruner", ratio=0.25)
+    cached, stats = assert_cached_equals_recomputed(model, inp, **GEN)
+    keep = [round(c * 0.25) for c in counts]
+    assert stats.visual_tokens_total == counts and stats.visual_tokens_per_layer == [keep] * n_layers
+    assert [len(p) for p in stats.kept_positions[-1]] == keep
+    for b, pos in enumerate(stats.kept_positions[-1]):
+        assert all(inp["input_ids"][b, p] == IMAGE_TOKEN for p in pos)
+    with torch.no_grad():
+        for i in range(len(counts)):
+            one = model.generate(**alone(inp, i), **GEN)
+            assert torch.equal(cached.sequences[i, -GEN["max_new_tokens"] :], one[0, -GEN["max_new_tokens"] :])
+
+
+def test_vispruner_keeps_the_most_attended_onevision_patches():
+    """importance_ratio=1: the kept tokens are the top of the tower's mean received attention, mapped
+    through OneVision's packing (base view first, then the crop grid with a newline per row)."""
+    model = tiny_onevision()
+    inp, counts = make_onevision_inputs(model, sizes=((IMAGE_SIZE, IMAGE_SIZE),), prefix_lens=(3,), suffix_lens=(4,))
+    apply_pumer(model, method="vispruner", keep_tokens=6, important_ratio=1.0)
+    with torch.no_grad():
+        model(**inp)
+    imp = model.pumer.importance  # (2 views, 16 patches): base view, one crop
+    side = IMAGE_SIZE // PATCH
+    crop = torch.cat([imp[1].view(side, side), torch.full((side, 1), float("-inf"))], 1).flatten()  # newline per row
+    per_token = torch.cat([imp[0], crop])  # the order OneVision packs them in
+    assert per_token.shape[0] == counts[0]
+    want = per_token.topk(6).indices.sort().values.tolist()
+    assert model.pumer.last_stats.kept_patches[-1] == [want]
+
+
+def test_vispruner_refuses_interpolated_tokens_clearly():
+    """OneVision downscales large crop grids (anyres_max) and pools video frames: no patch -> token map."""
+    model = tiny_onevision(aspect="anyres_max_1")  # a 64x64 image's 8x8 grid is downscaled to 4x4
+    inp, _ = make_onevision_inputs(model, sizes=((2 * IMAGE_SIZE, 2 * IMAGE_SIZE),), prefix_lens=(3,), suffix_lens=(4,))
+    apply_pumer(model, method="vispruner", ratio=0.25)
+    with torch.no_grad(), pytest.raises(NotImplementedError, match="vispruner: .* interpolated"):
+        model(**inp)
+    model = tiny_onevision()
+    apply_pumer(model, method="vispruner", ratio=0.25)
+    video, _ = make_video_inputs()
+    with torch.no_grad(), pytest.raises(NotImplementedError, match="pools video frames"):
+        model(**video)

@@ -27,7 +27,15 @@ class AttnParts:
 
 @dataclass(frozen=True)
 class VisionParts:
-    """The vision-tower layer whose [CLS] attention VisPruner reads, and its pieces."""
+    """The vision-tower layer whose attention VisPruner reads, and its pieces.
+
+    has_cls:    the tower has a [CLS] token that the LLM does not see: importance is the
+                [CLS] query's attention. Otherwise (SigLIP has none; LLaVA's "full" strategy
+                feeds the [CLS] to the LLM as one more visual token) importance is the mean
+                attention each token receives from all tokens.
+    drop_first: the projector reads the tower's tokens without the first one (LLaVA's
+                "default" feature-select strategy), so importance drops it too.
+    """
 
     layer: nn.Module
     norm: nn.Module
@@ -37,6 +45,7 @@ class VisionParts:
     head_dim: int
     scaling: float
     has_cls: bool
+    drop_first: bool = True
 
 
 @dataclass(frozen=True)
@@ -51,6 +60,8 @@ class Adapter:
     visual_tokens_per_image: Callable[[object], int | None]  # None: varies per image (anyres)
     attn_parts: Callable[[nn.Module, object], AttnParts]
     vision_parts: Callable[[nn.Module], VisionParts] | None = None
+    projector: Callable[[nn.Module], nn.Module] | None = None  # its output rows become visual tokens
+    newline: Callable[[nn.Module], nn.Parameter] | None = None  # the row-end token anyres packing inserts
     text_types: tuple[str, ...] = ("llama", "mistral", "qwen2")
     notes: str = ""
 
@@ -69,14 +80,15 @@ def _llama_style_attn(layer: nn.Module, text_config: object) -> AttnParts:
     )
 
 
-def _clip_vision_parts(model: nn.Module) -> VisionParts:
+def _vision_parts(model: nn.Module) -> VisionParts:
     """The encoder layer whose output LLaVA feeds the projector (``vision_feature_layer``).
 
     ``hidden_states[h]`` is the output of encoder layer ``h - 1`` (index 0 is the embeddings),
-    so the attention that produced the selected features lives in that layer.
+    so the attention that produced the selected features lives in that layer. CLIP and
+    SigLIP towers share the layout (``layer_norm1``, ``self_attn.q_proj/k_proj``).
     """
-    tower = model.model.vision_tower
-    layers = getattr(tower, "vision_model", tower).encoder.layers  # 5.x flattens CLIPVisionModel
+    tower = getattr(model.model.vision_tower, "vision_model", model.model.vision_tower)  # 5.x flattens CLIPVisionModel
+    layers = tower.encoder.layers
     h = model.config.vision_feature_layer
     if not isinstance(h, int):
         raise ValueError(f"VisPruner needs a single vision_feature_layer, got {h!r}")
@@ -85,6 +97,8 @@ def _clip_vision_parts(model: nn.Module) -> VisionParts:
         raise ValueError(f"vision_feature_layer={h} selects no encoder layer's output")
     layer = layers[idx]
     attn = layer.self_attn
+    tower_cls = getattr(tower.embeddings, "class_embedding", None) is not None  # CLIP has one, SigLIP none
+    drop_first = getattr(model.config, "vision_feature_select_strategy", "default") == "default"
     return VisionParts(
         layer=layer,
         norm=layer.layer_norm1,
@@ -93,7 +107,8 @@ def _clip_vision_parts(model: nn.Module) -> VisionParts:
         num_heads=attn.num_heads,
         head_dim=attn.head_dim,
         scaling=attn.scale,
-        has_cls=getattr(model.config, "vision_feature_select_strategy", "default") == "default",
+        has_cls=tower_cls and drop_first,
+        drop_first=drop_first,
     )
 
 
@@ -114,7 +129,8 @@ ADAPTERS: dict[str, Adapter] = {
         visual_token_ids=lambda c: (c.image_token_id,),
         visual_tokens_per_image=_llava_visual_tokens,
         attn_parts=_llama_style_attn,
-        vision_parts=_clip_vision_parts,
+        vision_parts=_vision_parts,
+        projector=lambda m: m.model.multi_modal_projector,
     ),
     # anyres: each image becomes a base view plus crops, unpadded, with a newline token per
     # row, all under the image token id, so samples carry different visual counts; the
@@ -134,7 +150,8 @@ ADAPTERS: dict[str, Adapter] = {
     ),
     # anyres like LLaVA-NeXT (base view + unpadded crops + a newline token per row, and the
     # crops are downscaled past ``vision_aspect_ratio``), plus video: each frame's patches
-    # pooled 2x2, then one newline, all under video_token_id. The SigLIP tower has no [CLS].
+    # pooled 2x2, then one newline, all under video_token_id. The SigLIP tower has no [CLS]:
+    # VisPruner reads the mean attention each patch receives, and refuses interpolated tokens.
     "llava_onevision": Adapter(
         model_type="llava_onevision",
         class_name="LlavaOnevisionForConditionalGeneration",
@@ -145,6 +162,9 @@ ADAPTERS: dict[str, Adapter] = {
         visual_token_ids=lambda c: (c.image_token_id, c.video_token_id),
         visual_tokens_per_image=lambda c: None,
         attn_parts=_llama_style_attn,
+        vision_parts=_vision_parts,
+        projector=lambda m: m.model.multi_modal_projector,
+        newline=lambda m: m.model.image_newline,
         notes="anyres and video: visual tokens per image vary; newline tokens count as visual",
     ),
 }

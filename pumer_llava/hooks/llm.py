@@ -28,8 +28,9 @@ from transformers.cache_utils import Cache, DynamicCache
 from ..methods import ScoreContext
 from ..reduce import StagePlan, bipartite_merge, decoder_flops, plan_stages
 from ..reduce.diversity import remove_duplicates
+from ..reduce.match import match_rows
 from ..reduce.ragged import left_pack, ragged_nonzero, top_per_row
-from ..reduce.scoring import apply_rope, mean_over_rows, query_row_attention
+from ..reduce.scoring import apply_rope, mean_over_rows, mean_received_attention, query_row_attention
 from .state import CallState, PumerState, Record, ReductionStats
 
 
@@ -417,6 +418,7 @@ def inner_pre_hook(state: PumerState):
             )
         call = _open_prefill(state, input_ids, vis, kwargs)
         state.call = call
+        state.vision_consumed = True  # the next tower run encodes new images
         if call.mode == "prefill" and cache is None and _resolve_use_cache(state, kwargs):
             # own the cache object, so the next forward on it can be recognised
             cache = DynamicCache(config=state.adapter.text_config(state.model_config))
@@ -444,10 +446,6 @@ def _open_prefill(state: PumerState, input_ids: torch.Tensor, vis: torch.Tensor,
             keeps.append(min(cfg.keep_tokens, total))
         else:
             keeps.append(min(total, max(1, round(total * cfg.ratio))))
-    if state.recipe.pre_llm and len(set(totals)) > 1:
-        raise NotImplementedError(
-            f"{state.recipe.name} needs the same number of visual tokens in every sample of a batch, got {totals}"
-        )
     last_vis = n0 - 1 - vis.flip(1).to(torch.int8).argmax(1)
     call = CallState(
         mode="prefill" if keeps != totals else "off",
@@ -507,10 +505,14 @@ def _open_extend(state: PumerState, record: Record, cache, q: int, kwargs: dict)
     new_full = torch.arange(record.n_full, record.n_full + q, device=dev)
     mask2d = kwargs.get("attention_mask")
     call = CallState(mode="extend", record=record, new_pos=new_pos, new_full=new_full)
+    if mask2d is None and record.pre_fill is not None:
+        mask2d = torch.ones(bsz, record.n_full + q, dtype=torch.bool, device=dev)  # fillers still need masking
     if mask2d is not None and mask2d.ndim == 2:
         mask2d = mask2d.bool().to(dev)
         if record.pre_cols is not None:
             mask2d = mask2d.gather(1, torch.cat([record.pre_cols, new_full.expand(bsz, q)], dim=1))
+            if record.pre_fill is not None:
+                mask2d[:, : record.pre_fill.shape[1]] &= ~record.pre_fill
         call.mask2d = mask2d
     for s, cols in enumerate(record.stage_cols):
         call.ext_cols[s] = torch.cat([cols, new_pos.expand(bsz, q)], dim=1)
@@ -537,6 +539,8 @@ def inner_post_hook(state: PumerState):
             rec.n_lm += q
             if rec.pre_cols is not None:
                 rec.pre_cols = torch.cat([rec.pre_cols, call.new_full.expand(rec.pre_cols.shape[0], q)], dim=1)
+                if rec.pre_fill is not None:
+                    rec.pre_fill = torch.cat([rec.pre_fill, rec.pre_fill.new_zeros(rec.pre_fill.shape[0], q)], dim=1)
             return None
         if call.mode != "prefill":
             return None
@@ -555,6 +559,7 @@ def inner_post_hook(state: PumerState):
                 n_full=call.input_ids.shape[1],
                 n_lm=call.pre_cols.shape[1] if call.pre_cols is not None else call.input_ids.shape[1],
                 pre_cols=call.pre_cols,
+                pre_fill=call.pre_fill,
             )
         state.last_stats = _stats_reduced(state, call)
         return _scatter_back(call, output)
@@ -580,7 +585,14 @@ def _scatter_back(call: CallState, output):
 
 
 def vision_pre_hook(state: PumerState):
-    """VisPruner's importance: the [CLS] query's attention over the patches, head mean.
+    """VisPruner's importance of every token the tower hands the projector, per image view.
+
+    - Towers with a [CLS] the LLM does not see (CLIP, "default" strategy): the attention the
+      [CLS] query gives each patch, head mean (the paper's rule).
+    - Towers without a [CLS] (SigLIP), and CLIP under the "full" strategy (its [CLS] is one
+      more visual token): the mean attention each token *receives*, over heads and over all
+      queries. No single query summarises the image there; a token that the whole image
+      attends to is one the tower itself treats as salient, and the rule needs no training.
 
     Recomputed from the selected layer's own norm and q/k projections, so the tower may run
     under sdpa (no attention weights) and nothing depends on ``output_attentions``.
@@ -590,36 +602,80 @@ def vision_pre_hook(state: PumerState):
         if not state.enabled:
             return None
         parts = state.adapter.vision_parts(state.model)
-        h = args[0] if args else kwargs["hidden_states"]  # (n_img, 1 + P, dv)
+        h = args[0] if args else kwargs["hidden_states"]  # (n_img, N, dv)
         with torch.no_grad():
             x = parts.norm(h)
             n_img, n, _ = x.shape
-            q = parts.q_proj(x[:, :1]).view(n_img, 1, parts.num_heads, parts.head_dim).transpose(1, 2)
-            k = parts.k_proj(x).view(n_img, n, parts.num_heads, parts.head_dim).transpose(1, 2)
-            allowed = torch.ones(n_img, 1, n, dtype=torch.bool, device=x.device)
-            probs = query_row_attention(q, k, allowed, parts.scaling)  # (n_img, H, 1, 1 + P)
-        # kept until the tower runs again: generate(use_cache=False) encodes the image once and
-        # re-runs prefill on the same features at every step
-        state.importance = probs.mean(1)[:, 0, 1:]  # (n_img, P): drop [CLS] itself
+            k = parts.k_proj(x).view(n_img, n, parts.num_heads, parts.head_dim).transpose(1, 2)  # (n_img, H, N, hd)
+            if parts.has_cls:
+                q = parts.q_proj(x[:, :1]).view(n_img, 1, parts.num_heads, parts.head_dim).transpose(1, 2)
+                allowed = torch.ones(n_img, 1, n, dtype=torch.bool, device=x.device)
+                imp = query_row_attention(q, k, allowed, parts.scaling).mean(1)[:, 0]  # (n_img, N)
+            else:
+                q = parts.q_proj(x).view(n_img, n, parts.num_heads, parts.head_dim).transpose(1, 2)
+                imp = mean_received_attention(q, k, parts.scaling)  # (n_img, N)
+        imp = imp[:, 1:] if parts.drop_first else imp  # the tokens the projector reads
+        # kept until the tower runs after a prefill: generate(use_cache=False) encodes the image
+        # once and re-runs prefill on the same features at every step
+        if state.vision_consumed:
+            state.vision_calls.clear()
+            state.vision_consumed = False
+        state.vision_calls.append([imp, None])
+        state.importance = imp
         return None
 
     return hook
 
 
-def _importance_per_sample(state: PumerState, call: CallState) -> torch.Tensor:
-    if state.importance is None:
+def projector_hook(state: PumerState):
+    """Keep the projector's output next to the importance of the same tower call."""
+
+    def hook(module, args, output):
+        if state.enabled and state.vision_calls and state.vision_calls[-1][1] is None:
+            state.vision_calls[-1][1] = output.detach()
+        return None
+
+    return hook
+
+
+def _token_importance(state: PumerState, call: CallState, emb: torch.Tensor) -> torch.Tensor:
+    """(B, N0) importance of every visual token of the LM input (NaN elsewhere).
+
+    Each visual token is matched, bit for bit, to the projected patch it is a copy of
+    (``reduce.match``), so any packing that only moves rows maps correctly: LLaVA's one view
+    per image, anyres crops unpadded, several images, inputs expanded for beam search.
+    Newline tokens get -inf: they are kept for diversity only, never for importance.
+    """
+    calls = [c for c in state.vision_calls if c[1] is not None]
+    if not calls:
         raise RuntimeError(
-            "VisPruner found no [CLS] attention for this prefill: the vision tower did not run under this "
-            "model's hooks (were image features passed in precomputed?)"
+            f"{state.recipe.name} found no vision-tower attention for this prefill: the vision tower did not run "
+            "under this model's hooks (were image features passed in precomputed?)"
         )
-    imp = state.importance  # (n_img, P)
-    bsz, total = call.input_ids.shape[0], call.n_totals[0]
-    if imp.numel() == bsz * total:
-        return imp.reshape(bsz, total)
-    if (bsz * total) % imp.numel() == 0 and total % imp.shape[1] == 0:  # inputs expanded after encoding (beams)
-        per = imp.reshape(-1, total)
-        return per.repeat_interleave(bsz // per.shape[0], dim=0)
-    raise RuntimeError(f"[CLS] attention for {tuple(imp.shape)} patches does not match {bsz} x {total} visual tokens")
+    d = emb.shape[-1]
+    y = torch.cat([proj.reshape(-1, proj.shape[-1]).to(emb.device) for _, proj in calls])  # (K, d)
+    imp = torch.cat([i.reshape(-1).to(emb.device) for i, _ in calls])  # (K,)
+    if y.shape[0] != imp.shape[0] or y.shape[-1] != d:
+        raise RuntimeError(f"the projector returned {tuple(y.shape)} rows for {imp.shape[0]} tower tokens")
+    vis = call.is_vis.to(emb.device)
+    x = emb[vis]  # (M, d) visual tokens, row-major over the batch
+    j = match_rows(x, y.to(x.dtype))  # (M,) which projected patch each is, -1: none
+    vals = imp[j.clamp_min(0)]
+    loose = j < 0
+    if bool(loose.any()):
+        newline = state.adapter.newline(state.model) if state.adapter.newline is not None else None
+        is_nl = (x[loose] == newline.to(x)).all(-1) if newline is not None else torch.zeros_like(loose[loose])
+        if not bool(is_nl.all()):
+            raise NotImplementedError(
+                f"{state.recipe.name}: {int((~is_nl).sum())} visual tokens are not copies of a projected vision-tower "
+                "patch, so the tower's attention does not map onto them: this model interpolated them (LLaVA-OneVision "
+                "downscales large anyres grids past vision_aspect_ratio and pools video frames 2x2). Use pumer, fastv or "
+                "random for such inputs"
+            )
+        vals = vals.masked_fill(loose, float("-inf"))
+    out = torch.full(vis.shape, float("nan"), device=emb.device)
+    out[vis] = vals
+    return out
 
 
 def lm_pre_hook(state: PumerState):
@@ -640,36 +696,42 @@ def lm_pre_hook(state: PumerState):
             return None
         emb = kwargs["inputs_embeds"]  # (B, N0, d)
         t0 = _now(emb.device)
-        importance = _importance_per_sample(state, call).to(emb.device)  # (B, T), T equal in every sample
-        vis_idx, _ = ragged_nonzero(call.is_vis)  # (B, T)
-        n_keep = call.pre_plan[0].n_out
-        n_imp = round(n_keep * state.important_ratio)
-        imp = importance.topk(n_imp, dim=1).indices  # local visual indices
-        rest_mask = torch.ones_like(importance, dtype=torch.bool).scatter(1, imp, False)
-        rest = rest_mask.nonzero()[:, 1].view(emb.shape[0], -1)  # (B, T - n_imp), ascending
-        feats = _take(emb, vis_idx.gather(1, rest.to(vis_idx.device)))
-        diverse = rest.gather(1, remove_duplicates(feats, n_keep - n_imp).to(rest.device))
-        kept_local = torch.cat([imp, diverse], dim=1).to(vis_idx.device)
-        kept_mask = torch.zeros_like(call.is_vis).scatter(1, vis_idx.gather(1, kept_local), True)
+        importance = _token_importance(state, call, emb)  # (B, N0)
+        kept_mask = torch.zeros_like(call.is_vis)
+        for b, plan in enumerate(call.pre_plan):  # samples may carry different numbers of visual tokens
+            vis_b = call.is_vis[b].nonzero()[:, 0]  # (T_b,) positions of this sample's visual tokens
+            n_keep = plan.n_out
+            if n_keep >= vis_b.shape[0]:
+                kept_mask[b, vis_b] = True
+                continue
+            n_imp = round(n_keep * state.important_ratio)
+            imp = importance[b, vis_b.to(emb.device)].topk(n_imp).indices.to(vis_b.device)  # local indices
+            rest = torch.ones_like(vis_b, dtype=torch.bool).scatter(0, imp, False).nonzero()[:, 0]  # ascending
+            feats = emb[b, vis_b[rest].to(emb.device)][None]  # (1, T_b - n_imp, d)
+            diverse = rest[remove_duplicates(feats, n_keep - n_imp)[0].to(rest.device)]
+            kept_mask[b, vis_b[torch.cat([imp, diverse])]] = True
+            call.score_flops += feats.shape[1] ** 2 * feats.shape[2]
         emb = _repack(call, emb, ~call.is_vis | kept_mask, -1)
-        call.pre_cols = call.pos
+        # LM position -> full position; a filler slot (a sample that kept fewer) points at a dropped
+        # token, so gathers stay in range, and is masked out below
+        call.pre_cols = call.idx
+        call.pre_fill = call.filler if call.has_fillers else None
         call.lm_counts = (call.valid.sum(1), (call.is_vis & call.valid).sum(1))
-        call.idx = torch.arange(call.pos.shape[1], device=call.pos.device).expand_as(call.pos)
         kwargs["inputs_embeds"] = emb
         mask = kwargs.get("attention_mask")
         if mask is not None and mask.ndim == 2:
-            kwargs["attention_mask"] = mask.gather(1, call.pos.to(mask.device))
+            mask = mask.gather(1, call.pre_cols.to(mask.device))
         elif mask is None:
             # Kept tokens keep their original positions, so the ids now have gaps; with no mask and no
             # cache, transformers would read the gaps as packed sequences and mask across them.
-            kwargs["attention_mask"] = torch.ones(call.pos.shape, dtype=torch.long, device=emb.device)
+            mask = torch.ones(call.pos.shape, dtype=torch.long, device=emb.device)
+        if mask.ndim == 2 and call.pre_fill is not None:
+            mask = mask * (~call.pre_fill).to(mask.device, mask.dtype)
+        kwargs["attention_mask"] = mask
         pid = kwargs.get("position_ids")
-        if pid is None:
-            kwargs["position_ids"] = call.pos.to(emb.device)
-        else:
-            kwargs["position_ids"] = _take(pid, call.pos)
+        kwargs["position_ids"] = call.pre_cols.to(emb.device) if pid is None else _take(pid, call.pre_cols)
+        call.idx = torch.arange(call.pos.shape[1], device=call.pos.device).expand_as(call.pos)
         call.select_seconds += _now(emb.device) - t0
-        call.score_flops += emb.shape[0] * feats.shape[1] ** 2 * feats.shape[2]
         return args, kwargs
 
     return hook

@@ -81,6 +81,7 @@ class Record:
     n_full: int  # full positions seen so far (prefill + appended)
     n_lm: int  # LM positions seen so far = what the first layer's cache holds
     pre_cols: torch.Tensor | None = None
+    pre_fill: torch.Tensor | None = None  # (B, N_lm) LM slots that are fillers (their pre_cols is a dropped token)
     stage_fill: list[torch.Tensor | None] = field(default_factory=list)  # (B, N_s) filler slots per stage
 
 
@@ -97,6 +98,7 @@ class CallState:
     input_ids: torch.Tensor | None = None  # (B, N0)
     plans: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # per stage: (prune, merge), (B,) each
     pre_plan: list[StagePlan] | None = None  # per sample: removal before the first decoder layer
+    pre_fill: torch.Tensor | None = None  # (B, N_lm) filler slots of the LM input (samples that kept fewer)
     lm_counts: tuple[torch.Tensor, torch.Tensor] | None = None  # (tokens, visual) per sample at the LM input
     stage_of_layer: dict[int, int] = field(default_factory=dict)  # reducing layer -> stage
     score_at: dict[int, int] = field(default_factory=dict)  # scoring layer -> stage (offset < 0)
@@ -150,7 +152,10 @@ class PumerState:
     last_stats: ReductionStats | None = None
     call: CallState | None = None
     records: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary)
-    importance: torch.Tensor | None = None  # VisPruner: [CLS] attention of the last images encoded
+    importance: torch.Tensor | None = None  # VisPruner: (n_views, P) importance of the last tower call
+    # VisPruner: per tower call since the last prefill, [importance (V, P), projector output (V, P, d)]
+    vision_calls: list[list[Any]] = field(default_factory=list)
+    vision_consumed: bool = False  # a prefill read vision_calls: the next tower call starts a new list
     pending_logits_to_keep: Any = 0
 
     @property

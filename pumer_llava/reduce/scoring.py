@@ -56,3 +56,23 @@ def mean_over_rows(probs: torch.Tensor, row_valid: torch.Tensor) -> torch.Tensor
     per_row = probs.mean(dim=1)  # (B, R, N)
     w = row_valid.to(per_row.dtype)
     return (per_row * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp_min(1.0)
+
+
+def mean_received_attention(q: torch.Tensor, k: torch.Tensor, scaling: float, budget: int = 1 << 24) -> torch.Tensor:
+    """Mean attention each token receives, over heads and over every query, in float32.
+
+    VisPruner's importance for towers without a [CLS] query (SigLIP; CLIP when LLaVA feeds
+    the [CLS] to the LLM too): a patch that every patch attends to is one the tower itself
+    treats as salient. Full (unmasked) attention, as in a ViT.
+
+    q, k: (n, H, N, hd) the layer's queries and keys. Returns (n, N); each row sums to 1.
+    Queries are taken in chunks so that no more than ``budget`` probabilities exist at once.
+    """
+    n, h, t, _ = q.shape
+    chunk = max(1, budget // max(1, n * h * t))
+    kf = k.float().transpose(-1, -2)  # (n, H, hd, N)
+    total = torch.zeros(n, t, dtype=torch.float32, device=q.device)
+    for s in range(0, t, chunk):
+        logits = torch.matmul(q[:, :, s : s + chunk].float(), kf) * scaling  # (n, H, c, N)
+        total += logits.softmax(dim=-1).sum(dim=(1, 2))
+    return total / (h * t)
