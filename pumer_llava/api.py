@@ -51,9 +51,10 @@ def apply_pumer(
 ) -> nn.Module:
     """Turn visual-token reduction on for ``model`` (in place) and return it.
 
-    ratio:       fraction of each sample's visual tokens still in the sequence after the
-                 last reducing layer, in (0, 1] (default 0.25; 1.0 removes nothing).
-    keep_tokens: the budget as an absolute number of visual tokens instead of ``ratio``.
+    ratio:       fraction of each image's visual tokens still in the sequence after the
+                 last reducing layer, in (0, 1] (default 0.25; 1.0 removes nothing). Every
+                 image (or video) of a prompt is scored and budgeted on its own.
+    keep_tokens: the budget as an absolute number of visual tokens per image instead of ``ratio``.
     method:      "pumer" (default), "vispruner", "fastv", "random" (``list_methods()``), or a Recipe.
     layers:      decoder layers (0-based) that reduce; default: the method's for this depth.
     merge_share: share of each stage's removal done by merging (0 prune only, 1 merge only).

@@ -12,9 +12,10 @@ class PumerConfig:
     """What to reduce, where, and by how much.
 
     method:      a name from :data:`pumer_llava.methods.METHODS`.
-    ratio:       fraction of each sample's visual tokens still in the sequence after the
-                 last reducing layer, in (0, 1]; 1.0 removes nothing.
-    keep_tokens: the same budget as an absolute count of visual tokens (per sample).
+    ratio:       fraction of each image's visual tokens still in the sequence after the
+                 last reducing layer, in (0, 1]; 1.0 removes nothing. Several images (or a
+                 video) in one prompt each keep their own share.
+    keep_tokens: the same budget as an absolute count of visual tokens (per image).
                  Give ``ratio`` or ``keep_tokens``, not both.
     layers:      decoder layers (0-based) at which tokens are removed; ``None`` takes the
                  method's default for the model's depth. Several layers make a cascade:

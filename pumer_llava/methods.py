@@ -29,7 +29,8 @@ class ScoreContext:
                     i.e. which image patch each one is (merged tokens: their destination).
     input_ids:      (B, N) the original input ids.
     keep:           how many of the n tokens the stage keeps after pruning (the most of
-                    any sample; see ``keep_per_sample``).
+                    any sample; see ``keep_per_sample``). The top-k is taken per image:
+                    each image of a sample keeps its own share of that count.
     valid:          (B, n) bool; rows with fewer visual tokens are padded at the end.
     """
 

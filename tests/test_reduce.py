@@ -6,7 +6,13 @@ import torch
 from pumer_llava.reduce import bipartite_merge, decoder_flops, plan_stages
 from pumer_llava.reduce.match import match_rows
 from pumer_llava.reduce.ragged import left_pack, ragged_nonzero, top_per_row
-from pumer_llava.reduce.scoring import apply_rope, mean_over_rows, mean_received_attention, query_row_attention
+from pumer_llava.reduce.scoring import (
+    apply_rope,
+    mean_over_rows,
+    mean_over_rows_after,
+    mean_received_attention,
+    query_row_attention,
+)
 
 
 @pytest.mark.parametrize("n,r", [(9, 3), (10, 5), (7, 3), (2, 1), (1, 1), (8, 0)])
@@ -133,3 +139,13 @@ def test_mean_received_attention_chunks_agree():
     want = (q @ k.transpose(-1, -2) * 0.5).softmax(-1).mean(1).mean(1)  # (n, N): heads, then queries
     for budget in (1, 40, 1 << 24):
         torch.testing.assert_close(mean_received_attention(q, k, 0.5, budget=budget), want)
+
+
+def test_mean_over_rows_after_uses_each_keys_own_followers():
+    probs = torch.rand(1, 2, 3, 4, generator=torch.Generator().manual_seed(2))  # (B, H, R, N)
+    row_pos = torch.tensor([[5, 9, 12]])
+    key_end = torch.tensor([[4, 8, 11, 20]])  # key 3's image ends after every row: all rows
+    got = mean_over_rows_after(probs, row_pos, torch.ones(1, 3, dtype=torch.bool), key_end)
+    per_row = probs.mean(1)[0]
+    want = [per_row[:, 0].mean(), per_row[1:, 1].mean(), per_row[2:, 2].mean(), per_row[:, 3].mean()]
+    torch.testing.assert_close(got[0], torch.stack(want))

@@ -28,9 +28,16 @@ from transformers.cache_utils import Cache, DynamicCache
 from ..methods import ScoreContext
 from ..reduce import StagePlan, bipartite_merge, decoder_flops, plan_stages
 from ..reduce.diversity import remove_duplicates
+from ..reduce.images import split_images
 from ..reduce.match import match_rows
 from ..reduce.ragged import left_pack, ragged_nonzero, top_per_row
-from ..reduce.scoring import apply_rope, mean_over_rows, mean_received_attention, query_row_attention
+from ..reduce.scoring import (
+    apply_rope,
+    mean_over_rows,
+    mean_over_rows_after,
+    mean_received_attention,
+    query_row_attention,
+)
 from .state import CallState, PumerState, Record, ReductionStats
 
 
@@ -123,9 +130,10 @@ def _query_rows(call: CallState, kind: str) -> tuple[torch.Tensor, torch.Tensor]
         last = (call.valid.long() * torch.arange(n, device=call.pos.device)).argmax(1)  # (B,)
         return last[:, None], torch.ones_like(last[:, None], dtype=torch.bool)
     text = call.valid & ~call.is_vis
-    after = text & (call.pos > call.last_vis[:, None])
-    # a prompt that ends with its image has no question after it: use all its text
-    rows_mask = torch.where(after.any(1, keepdim=True), after, text)
+    after_last = text & (call.pos > call.last_vis[:, None])
+    # every image reads the text after it (mean_over_rows_after picks each image's rows); a
+    # prompt that ends with its last image has no question after it: use all its text
+    rows_mask = torch.where(after_last.any(1, keepdim=True), text & (call.pos > call.vis_start[:, None]), text)
     count = rows_mask.sum(1)
     r = max(int(count.max()), 1)
     order = torch.argsort((~rows_mask).to(torch.int8), dim=1, stable=True)[:, :r]
@@ -133,7 +141,9 @@ def _query_rows(call: CallState, kind: str) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def _attention_scores(state: PumerState, call: CallState, module, hs: torch.Tensor, kw: dict, kind: str, layer: int = -1):
-    """(B, N) mean attention the query rows give every current token (layer's own q/k/RoPE)."""
+    """(B, N) mean attention the query rows give every current token (layer's own q/k/RoPE).
+
+    PuMer's rows are the text after each token's own image; FastV's the last prompt token."""
     parts = state.adapter.attn_parts(module, state.adapter.text_config(state.model_config))
     w = parts.q_proj.weight
     if w.device.type == "meta":
@@ -163,7 +173,11 @@ def _attention_scores(state: PumerState, call: CallState, module, hs: torch.Tens
     probs = query_row_attention(q, k, allowed, parts.scaling, key_bias)  # (B, H, R, N)
     hq, hkv, hd = parts.num_heads * parts.head_dim, parts.num_kv_heads * parts.head_dim, parts.head_dim
     call.score_flops += bsz * (r * d * hq + n * d * hkv + parts.num_heads * r * n * hd)
-    return mean_over_rows(probs, row_valid).to(hs.device)
+    if kind != "text_attention":
+        return mean_over_rows(probs, row_valid).to(hs.device)
+    group = call.group.to(dev)
+    key_end = torch.where(group >= 0, call.images.end.to(dev)[group.clamp_min(0)], torch.full_like(group, -1))  # (B, N)
+    return mean_over_rows_after(probs, call.pos.to(dev).gather(1, rows), row_valid, key_end).to(hs.device)
 
 
 def _random_scores(state: PumerState, call: CallState, n: int, device) -> torch.Tensor:
@@ -186,7 +200,7 @@ def _score(state: PumerState, call: CallState, module, layer: int, stage: int, h
     n_vis = vis_idx.shape[1]
     if callable(scorer):
         positions = call.pos.gather(1, vis_idx)
-        keep = (vis_ok.sum(1) - call.plans[stage][0]).tolist()
+        keep = (vis_ok.sum(1) - _per_sample(call, call.plans[stage][0])).tolist()
         ctx = ScoreContext(
             layer=state.layers[stage],
             stage=stage,
@@ -211,32 +225,49 @@ def _score(state: PumerState, call: CallState, module, layer: int, stage: int, h
 # ----------------------------------------------------------------------------- reduction
 
 
+def _per_sample(call: CallState, per_image: torch.Tensor) -> torch.Tensor:
+    """(B,) sums of a per-image quantity (G,) over each sample's images."""
+    out = torch.zeros(call.input_ids.shape[0], dtype=per_image.dtype, device=per_image.device)
+    return out.index_add_(0, call.images.sample.to(per_image.device), per_image)
+
+
 def _reduce(state: PumerState, call: CallState, module, layer: int, stage: int, hs: torch.Tensor, scores):
-    prune, merge = call.plans[stage]  # (B,) each: per-sample counts of this stage
-    bsz, n, d = hs.shape
-    vis_idx, vis_ok = ragged_nonzero(call.is_vis)  # (B, n_max) current indices of the visual tokens
-    top, kept_ok = top_per_row(scores, vis_ok.to(scores.device), (vis_ok.sum(1) - prune).to(scores.device))
-    kept = vis_idx.gather(1, top.to(vis_idx.device))  # (B, k_max) current indices, ascending
-    kept_ok = kept_ok.to(kept.device)
+    """Prune, then merge, within each image: every image keeps its own budget (issue 8).
+
+    Images are the rows here (G of them across the batch), so top-k and bipartite merging
+    never move a token's share from one image to another."""
+    prune, merge = call.plans[stage]  # (G,) each: per-image counts of this stage
+    imgs = call.images
+    dev0 = call.is_vis.device
+    vis_idx, vis_ok = ragged_nonzero(call.is_vis)  # (B, n_max): the layout ``scores`` come in
+    full = _scatter_rows(torch.zeros(call.is_vis.shape, device=dev0), vis_idx, vis_ok, scores.to(dev0).float())
+    own = call.group[imgs.sample] == torch.arange(imgs.n, device=dev0)[:, None]  # (G, N)
+    img_idx, img_ok = ragged_nonzero(own)  # (G, m) current indices of each image's tokens
+    rows = imgs.sample[:, None].expand_as(img_idx)
+    top, kept_ok = top_per_row(full[rows, img_idx], img_ok, img_ok.sum(1) - prune)
+    kept = img_idx.gather(1, top)  # (G, k_max) current indices, ascending
+    rows = imgs.sample[:, None].expand_as(kept)
     if bool(merge.any()):
         parts = state.adapter.attn_parts(module, state.adapter.text_config(state.model_config))
         dev = parts.k_proj.weight.device
-        xv = _take(hs, kept).to(dev)  # (B, k_max, d)
-        k_max = kept.shape[1]
+        hrows, hkept = rows.to(hs.device), kept.to(hs.device)
+        xv = hs[hrows, hkept].to(dev)  # (G, k_max, d)
+        n_img, k_max, d = xv.shape
         reuse = call.key_metric is not None and call.key_metric[0] == layer
         if reuse:
-            metric = _take(call.key_metric[1], kept.to(dev))  # keys the scoring already computed
+            metric = call.key_metric[1][rows.to(dev), kept.to(dev)]  # keys the scoring already computed
         else:
             with torch.no_grad():
-                metric = parts.k_proj(parts.norm(xv)).view(bsz, k_max, parts.num_kv_heads, parts.head_dim).mean(2)
-        res = bipartite_merge(xv, metric, call.size.gather(1, kept).to(dev), merge.to(dev), valid=kept_ok.to(dev))
-        hs = _scatter_rows(hs, kept.to(hs.device), kept_ok.to(hs.device), res.x.to(hs.device))
-        call.size = _scatter_rows(call.size, kept, kept_ok, res.size.to(call.size.device))
-        kept_ok = res.survive.to(kept.device)
+                metric = parts.k_proj(parts.norm(xv)).view(n_img, k_max, parts.num_kv_heads, parts.head_dim).mean(2)
+        res = bipartite_merge(xv, metric, call.size[rows, kept].to(dev), merge.to(dev), valid=kept_ok.to(dev))
+        ok = kept_ok
+        hs = hs.index_put((hrows[ok.to(hs.device)], hkept[ok.to(hs.device)]), res.x[ok.to(dev)].to(hs.device, hs.dtype))
+        call.size = call.size.index_put((rows[ok], kept[ok]), res.size[ok.to(dev)].to(call.size.device))
+        kept_ok = res.survive.to(dev0)
         call.merged = True
         if not reuse:
-            call.score_flops += bsz * k_max * d * parts.num_kv_heads * parts.head_dim
-    kept_mask = _scatter_rows(torch.zeros_like(call.is_vis), kept, kept_ok, torch.ones_like(kept_ok))
+            call.score_flops += n_img * k_max * d * parts.num_kv_heads * parts.head_dim
+    kept_mask = torch.zeros_like(call.is_vis).index_put((rows[kept_ok], kept[kept_ok]), torch.tensor(True, device=dev0))
     return _repack(call, hs, (~call.is_vis & ~call.filler) | kept_mask, layer)
 
 
@@ -247,6 +278,7 @@ def _repack(call: CallState, hs: torch.Tensor, keep: torch.Tensor, key: int) -> 
     call.pos = call.pos.gather(1, sel).masked_fill(filler, -1)  # -1: a filler is no position
     call.idx = call.idx.gather(1, sel)  # fillers keep a real index, so gathers stay in range
     call.is_vis = call.is_vis.gather(1, sel) & ~filler
+    call.group = call.group.gather(1, sel).masked_fill(filler, -1)
     call.valid = call.valid.gather(1, sel) & ~filler
     call.size = call.size.gather(1, sel).masked_fill(filler, 1.0)
     call.filler = filler
@@ -435,25 +467,31 @@ def _open_prefill(state: PumerState, input_ids: torch.Tensor, vis: torch.Tensor,
     valid = mask2d.bool() if (mask2d is not None and mask2d.ndim == 2) else torch.ones_like(vis)
     valid = valid.to(vis.device)
     totals = vis.sum(1).tolist()  # samples may carry different numbers of visual tokens
+    # every image (or video) is budgeted on its own: a prompt with several keeps each one's share
+    images = split_images(input_ids.to(vis.device), vis, state.adapter.visual_tokens_per_image(state.model_config))
+    counts, owners = images.count.tolist(), images.sample.tolist()
     cfg = state.config
     keeps = []
-    for b, total in enumerate(totals):
+    for n, b in zip(counts, owners):
         if cfg.keep_tokens is not None:
-            if 0 < total < cfg.keep_tokens:
+            if n < cfg.keep_tokens:
                 raise ValueError(
-                    f"keep_tokens={cfg.keep_tokens} is larger than the visual span of sample {b} ({total} tokens)"
+                    f"keep_tokens={cfg.keep_tokens} is larger than an image of sample {b} ({n} visual tokens): "
+                    "keep_tokens is a budget per image"
                 )
-            keeps.append(min(cfg.keep_tokens, total))
+            keeps.append(cfg.keep_tokens)
         else:
-            keeps.append(min(total, max(1, round(total * cfg.ratio))))
+            keeps.append(min(n, max(1, round(n * cfg.ratio))))
     last_vis = n0 - 1 - vis.flip(1).to(torch.int8).argmax(1)
     call = CallState(
-        mode="prefill" if keeps != totals else "off",
+        mode="prefill" if keeps != counts else "off",
         input_ids=input_ids,
         pos=torch.arange(n0, device=vis.device).expand(bsz, n0),
         idx=torch.arange(n0, device=vis.device).expand(bsz, n0),
         is_vis=vis,
         is_vis_full=vis,
+        group=images.group,
+        images=images,
         size=torch.ones(bsz, n0, device=vis.device),
         valid=valid,
         valid_full=valid,
@@ -468,15 +506,13 @@ def _open_prefill(state: PumerState, input_ids: torch.Tensor, vis: torch.Tensor,
         return call
     pre = 1 if state.recipe.pre_llm else 0
     n_stages = len(state.layers) + pre
-    per_sample = [
-        plan_stages(t, k, n_stages, state.merge_share) if t else [StagePlan(0, 0, 0)] * n_stages
-        for t, k in zip(totals, keeps)
-    ]
+    per_image = [plan_stages(n, k, n_stages, state.merge_share) for n, k in zip(counts, keeps)]
     if pre:  # removal before the LLM is pruning only: fold its merge share into pruning
-        call.pre_plan = [StagePlan(n_in=p[0].n_in, prune=p[0].prune + p[0].merge, merge=0) for p in per_sample]
+        call.pre_plan = [StagePlan(n_in=p[0].n_in, prune=p[0].prune + p[0].merge, merge=0) for p in per_image]
     dev = vis.device
     call.plans = [
-        (torch.tensor([p[s].prune for p in per_sample], device=dev), torch.tensor([p[s].merge for p in per_sample], device=dev))
+        (torch.tensor([p[s].prune for p in per_image], device=dev, dtype=torch.long),
+         torch.tensor([p[s].merge for p in per_image], device=dev, dtype=torch.long))
         for s in range(pre, n_stages)
     ]
     call.stage_of_layer = {layer: s for s, layer in enumerate(state.layers)}
@@ -698,8 +734,9 @@ def lm_pre_hook(state: PumerState):
         t0 = _now(emb.device)
         importance = _token_importance(state, call, emb)  # (B, N0)
         kept_mask = torch.zeros_like(call.is_vis)
-        for b, plan in enumerate(call.pre_plan):  # samples may carry different numbers of visual tokens
-            vis_b = call.is_vis[b].nonzero()[:, 0]  # (T_b,) positions of this sample's visual tokens
+        for g, plan in enumerate(call.pre_plan):  # every image on its own budget, any count
+            b = int(call.images.sample[g])
+            vis_b = (call.group[b] == g).nonzero()[:, 0]  # (T_g,) positions of this image's tokens
             n_keep = plan.n_out
             if n_keep >= vis_b.shape[0]:
                 kept_mask[b, vis_b] = True
@@ -707,7 +744,7 @@ def lm_pre_hook(state: PumerState):
             n_imp = round(n_keep * state.important_ratio)
             imp = importance[b, vis_b.to(emb.device)].topk(n_imp).indices.to(vis_b.device)  # local indices
             rest = torch.ones_like(vis_b, dtype=torch.bool).scatter(0, imp, False).nonzero()[:, 0]  # ascending
-            feats = emb[b, vis_b[rest].to(emb.device)][None]  # (1, T_b - n_imp, d)
+            feats = emb[b, vis_b[rest].to(emb.device)][None]  # (1, T_g - n_imp, d)
             diverse = rest[remove_duplicates(feats, n_keep - n_imp)[0].to(rest.device)]
             kept_mask[b, vis_b[torch.cat([imp, diverse])]] = True
             call.score_flops += feats.shape[1] ** 2 * feats.shape[2]

@@ -11,6 +11,7 @@ import torch
 from ..config import PumerConfig
 from ..methods import Recipe
 from ..reduce import StagePlan
+from ..reduce.images import Images
 from .adapters import Adapter
 
 
@@ -96,8 +97,10 @@ class CallState:
     n_totals: list[int] = field(default_factory=list)  # visual tokens per sample in the input
     # prefill
     input_ids: torch.Tensor | None = None  # (B, N0)
-    plans: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # per stage: (prune, merge), (B,) each
-    pre_plan: list[StagePlan] | None = None  # per sample: removal before the first decoder layer
+    images: Images | None = None  # which image each input token belongs to (reduce.images)
+    group: torch.Tensor | None = None  # (B, N) image of each token present, -1 for text, padding, fillers
+    plans: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # per stage: (prune, merge), (G,) each
+    pre_plan: list[StagePlan] | None = None  # per image: removal before the first decoder layer
     pre_fill: torch.Tensor | None = None  # (B, N_lm) filler slots of the LM input (samples that kept fewer)
     lm_counts: tuple[torch.Tensor, torch.Tensor] | None = None  # (tokens, visual) per sample at the LM input
     stage_of_layer: dict[int, int] = field(default_factory=dict)  # reducing layer -> stage

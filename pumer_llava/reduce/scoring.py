@@ -76,3 +76,21 @@ def mean_received_attention(q: torch.Tensor, k: torch.Tensor, scaling: float, bu
         logits = torch.matmul(q[:, :, s : s + chunk].float(), kf) * scaling  # (n, H, c, N)
         total += logits.softmax(dim=-1).sum(dim=(1, 2))
     return total / (h * t)
+
+
+def mean_over_rows_after(
+    probs: torch.Tensor, row_pos: torch.Tensor, row_valid: torch.Tensor, key_end: torch.Tensor
+) -> torch.Tensor:
+    """Average attention over heads and over the query rows that come after each key's image.
+
+    PuMer's text-informed score of a visual token is the attention it gets from the text
+    that follows its image; with several images in a prompt, each image has its own
+    followers. probs: (B, H, R, N); row_pos: (B, R) positions of the query rows; row_valid:
+    (B, R) bool; key_end: (B, N) position of the last token of each key's image. A key with
+    no valid row after its image (a prompt that ends with it) averages over all valid rows.
+    Returns (B, N).
+    """
+    per_row = probs.mean(dim=1)  # (B, R, N)
+    after = row_valid[:, :, None] & (row_pos[:, :, None] > key_end[:, None, :])  # (B, R, N)
+    w = torch.where(after.any(1, keepdim=True), after, row_valid[:, :, None].expand_as(after)).to(per_row.dtype)
+    return (per_row * w).sum(1) / w.sum(1).clamp_min(1.0)
