@@ -94,6 +94,7 @@ def apply_pumer(
         if adapter.vision_parts is None or adapter.projector is None:
             raise ValueError(f"method {recipe.name!r} needs the vision tower's attention, which {adapter.class_name} does not expose")
         vparts = adapter.vision_parts(model)
+        projector = adapter.projector(model)
     elif important_ratio is not None:
         raise ValueError(f"important_ratio applies to vispruner only, not to method {recipe.name!r}")
     text_config = adapter.text_config(model.config)
@@ -133,7 +134,7 @@ def apply_pumer(
     handles.append(inner.register_forward_hook(llm.inner_post_hook(state), with_kwargs=True))
     if recipe.pre_llm:
         handles.append(vparts.layer.register_forward_pre_hook(llm.vision_pre_hook(state), with_kwargs=True))
-        handles.append(adapter.projector(model).register_forward_hook(llm.projector_hook(state)))
+        handles.append(projector.register_forward_hook(llm.projector_hook(state)))
         handles.append(adapter.language_model(model).register_forward_pre_hook(llm.lm_pre_hook(state), with_kwargs=True))
     first = min(resolved[0] + min(recipe.score_offset, 0), resolved[0]) if resolved else depth
     for i in range(first, depth):
