@@ -51,6 +51,7 @@ class Adapter:
     visual_tokens_per_image: Callable[[object], int | None]  # None: varies per image (anyres)
     attn_parts: Callable[[nn.Module, object], AttnParts]
     vision_parts: Callable[[nn.Module], VisionParts] | None = None
+    no_vision_parts: str = "the model does not expose it"  # why vision_parts is None, for the refusal
     text_types: tuple[str, ...] = ("llama", "mistral", "qwen2")
     notes: str = ""
 
@@ -103,6 +104,35 @@ def _llava_visual_tokens(config: object) -> int:
     return n + (1 if getattr(config, "vision_feature_select_strategy", "default") == "full" else 0)
 
 
+def _qwen_vl(model_type: str, class_name: str) -> Adapter:
+    """Qwen2-VL and Qwen2.5-VL: one row shape, two class names.
+
+    The tower (NaViT-style, any image size, no [CLS]) merges 2x2 patches before the LLM: an
+    image or video of (t, h, w) patches gives t * (h/2) * (w/2) tokens under the image or
+    video id, so counts vary per image. Positions are M-RoPE: the model computes (3, B, N)
+    temporal/height/width ids (``get_rope_index``; generate() prepends a text row, (4, B, N)),
+    and the text model hands every decoder layer cos/sin already interleaved by
+    ``mrope_section``, (B, N, head_dim), with the text row (or None) as ``position_ids``.
+    Gathering those with the kept indices keeps each token's original 3-D position. Decode
+    positions (generate's, or the model's own from the cache length and ``rope_deltas``) are
+    those of the unreduced sequence, because the first decoder layer's cache keeps every token.
+    """
+    return Adapter(
+        model_type=model_type,
+        class_name=class_name,
+        inner=lambda m: m.model,
+        language_model=lambda m: m.model.language_model,
+        layers=lambda m: m.model.language_model.layers,
+        text_config=lambda c: c.text_config,
+        visual_token_ids=lambda c: (c.image_token_id, c.video_token_id),
+        visual_tokens_per_image=lambda c: None,
+        attn_parts=_llama_style_attn,  # Qwen2 attention: q/k/v biases, grouped-query heads
+        no_vision_parts="its vision tower has no [CLS] token (a NaViT-style ViT whose patches are merged 2x2)",
+        text_types=(f"{model_type}_text",),
+        notes="M-RoPE positions; visual tokens per image vary with the image size; video tokens count as visual",
+    )
+
+
 ADAPTERS: dict[str, Adapter] = {
     "llava": Adapter(
         model_type="llava",
@@ -130,8 +160,11 @@ ADAPTERS: dict[str, Adapter] = {
         visual_token_ids=lambda c: (c.image_token_id,),
         visual_tokens_per_image=lambda c: None,
         attn_parts=_llama_style_attn,
+        no_vision_parts="one [CLS] per anyres crop does not map onto the unpadded visual tokens",
         notes="anyres: visual tokens per image vary; newline tokens count as visual",
     ),
+    "qwen2_vl": _qwen_vl("qwen2_vl", "Qwen2VLForConditionalGeneration"),
+    "qwen2_5_vl": _qwen_vl("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration"),
 }
 
 
