@@ -6,7 +6,16 @@ import torch
 from pumer_llava import apply_pumer, list_methods, remove_pumer
 from pumer_llava.hooks.adapters import ADAPTERS
 from pumer_llava.reduce import plan_stages
-from tiny import alone, assert_cached_equals_recomputed, make_inputs, make_next_inputs, tiny_llava, tiny_llava_next
+from tiny import (
+    alone,
+    assert_cached_equals_recomputed,
+    make_inputs,
+    make_next_inputs,
+    make_qwen_vl_inputs,
+    tiny_llava,
+    tiny_llava_next,
+    tiny_qwen_vl,
+)
 
 GEN = dict(do_sample=False, max_new_tokens=5)
 
@@ -25,7 +34,21 @@ def _llava_next():
     return model, inp, counts
 
 
-BUILDERS = {"llava-llama": _llava("llama"), "llava-qwen2": _llava("qwen2"), "llava_next": _llava_next}
+def _qwen_vl(version):
+    def build():  # an image; an image and a video (M-RoPE time rows differ): 16 and 20 tokens
+        model = tiny_qwen_vl(version)
+        inp, counts = make_qwen_vl_inputs(model)
+        return model, inp, counts
+    return build
+
+
+BUILDERS = {
+    "llava-llama": _llava("llama"),
+    "llava-qwen2": _llava("qwen2"),
+    "llava_next": _llava_next,
+    "qwen2_vl": _qwen_vl("2"),
+    "qwen2_5_vl": _qwen_vl("2.5"),
+}
 
 
 def test_every_adapter_row_is_covered():
