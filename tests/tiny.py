@@ -264,6 +264,12 @@ def alone(inp, i):
     return out
 
 
+def append_tokens(inp, ids):
+    """The inputs with text tokens ``ids`` (B, q) appended: per-token inputs grow (mask 1, type text)."""
+    grow = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "mm_token_type_ids": torch.zeros_like(ids)}
+    return {k: torch.cat([v, grow[k].to(v.dtype)], 1) if k in _PER_TOKEN else v for k, v in inp.items()}
+
+
 def assert_cached_equals_recomputed(model, inp, **gen):
     """Greedy generate with the KV cache and without it: same tokens, close scores.
 
