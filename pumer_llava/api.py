@@ -92,7 +92,10 @@ def apply_pumer(
         )
     if recipe.pre_llm:
         if adapter.vision_parts is None or adapter.projector is None:
-            raise ValueError(f"method {recipe.name!r} needs the vision tower's attention, which {adapter.class_name} does not expose")
+            raise ValueError(
+                f"method {recipe.name!r} reads the vision tower's attention, which {adapter.class_name} "
+                f"does not offer here: {adapter.no_vision_parts}. Use pumer, fastv or random"
+            )
         vparts = adapter.vision_parts(model)
         projector = adapter.projector(model)
     elif important_ratio is not None:

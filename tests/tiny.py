@@ -1,4 +1,4 @@
-"""Tiny LLaVA models built from a config (no download), shared by the tests."""
+"""Tiny VLMs (LLaVA, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL) built from a config (no download), shared by the tests."""
 
 from __future__ import annotations
 
@@ -6,10 +6,12 @@ import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, Qwen2Config
 
 IMAGE_TOKEN = 3
+VIDEO_TOKEN = 4  # Qwen2-VL's video placeholder; the Qwen inputs draw text ids above it
 PAD = 0
 VOCAB = 64
 IMAGE_SIZE, PATCH = 32, 8
 N_VIS = (IMAGE_SIZE // PATCH) ** 2  # 16 visual tokens per image
+QWEN_PATCH = 4  # Qwen2-VL: a (t, h, w) grid of patches gives t*h*w/4 tokens (2x2 merged)
 
 
 def text_config(kind: str, layers: int = 6):
@@ -52,6 +54,10 @@ def tiny_llava(kind: str = "llama", attn: str = "sdpa", layers: int = 6, seed: i
     cfg._attn_implementation = attn
     model = LlavaForConditionalGeneration(cfg)
     model.set_attn_implementation(attn) if hasattr(model, "set_attn_implementation") else None
+    return _sharpen(model)
+
+
+def _sharpen(model):
     # sharper attention, so that different selections give clearly different logits
     with torch.no_grad():
         for layer in model.model.language_model.layers:
@@ -120,13 +126,7 @@ def tiny_llava_next(kind: str = "llama", attn: str = "sdpa", seed: int = 0):
     cfg._attn_implementation = attn
     model = LlavaNextForConditionalGeneration(cfg)
     model.set_attn_implementation(attn)
-    with torch.no_grad():
-        for layer in model.model.language_model.layers:
-            layer.self_attn.q_proj.weight.mul_(4.0)
-            layer.self_attn.k_proj.weight.mul_(4.0)
-    model.generation_config.pad_token_id = PAD
-    model.generation_config.eos_token_id = None
-    return model.eval()
+    return _sharpen(model)
 
 
 def make_next_inputs(model, sizes=((IMAGE_SIZE, 2 * IMAGE_SIZE), (2 * IMAGE_SIZE, 2 * IMAGE_SIZE)),
@@ -152,12 +152,122 @@ def make_next_inputs(model, sizes=((IMAGE_SIZE, 2 * IMAGE_SIZE), (2 * IMAGE_SIZE
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixel, "image_sizes": image_sizes}, counts
 
 
+def tiny_qwen_vl(version: str = "2", attn: str = "sdpa", seed: int = 0):
+    """A tiny Qwen2-VL (version "2") or Qwen2.5-VL ("2.5"): M-RoPE, 2x2-merged patches, no [CLS].
+
+    head_dim 16, so mrope_section (2, 3, 3) splits its 8 frequencies over time, height, width.
+    """
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    text = dict(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, pad_token_id=PAD, bos_token_id=1, eos_token_id=2,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+    )
+    ids = dict(image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN, vision_start_token_id=VOCAB - 1)
+    common = dict(depth=2, num_heads=2, patch_size=QWEN_PATCH, spatial_merge_size=2, temporal_patch_size=2)
+    if version == "2":
+        vision = dict(embed_dim=32, hidden_size=64, mlp_ratio=2, **common)
+        cfg = tf.Qwen2VLConfig(text_config=text, vision_config=vision, **ids)
+        cls = tf.Qwen2VLForConditionalGeneration
+    elif version == "2.5":  # window attention in block 0 (windows of 2x2 merged tokens), full in block 1
+        vision = dict(hidden_size=32, intermediate_size=64, out_hidden_size=64, window_size=4 * QWEN_PATCH,
+                      fullatt_block_indexes=[1], **common)
+        cfg = tf.Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
+        cls = tf.Qwen2_5_VLForConditionalGeneration
+    else:
+        raise ValueError(version)
+    cfg._attn_implementation = attn
+    model = cls(cfg)
+    model.set_attn_implementation(attn)
+    # with random weights a placeholder id can win greedy decoding; re-fed without its features
+    # (use_cache=False) it breaks the model itself, so keep generation to text ids
+    model.generation_config.suppress_tokens = [IMAGE_TOKEN, VIDEO_TOKEN]
+    return _sharpen(model)
+
+
+def make_qwen_vl_inputs(model, samples=((("image", (1, 8, 8)),), (("image", (1, 4, 8)), ("video", (2, 4, 6)))),
+                        prefix_lens=(3, 2), suffix_lens=(5, 3), seed: int = 0):
+    """Left-padded Qwen2-VL batch, built by hand as the processor would (no download).
+
+    Each sample is a list of (kind, (t, h, w)) items, a grid in patches; an item becomes
+    t*h*w / merge^2 placeholders followed by one text token. ``pixel_values`` (and
+    ``pixel_values_videos``) are the flat patch rows of all items in order of appearance, as
+    the tower takes them; ``mm_token_type_ids`` marks text 0, image 1, video 2 for M-RoPE.
+    Returns the inputs and the visual-token count of each sample.
+    """
+    g = torch.Generator().manual_seed(seed)
+    vc = model.config.vision_config
+    merge2 = vc.spatial_merge_size**2
+    row = vc.in_channels * vc.temporal_patch_size * vc.patch_size**2
+    kinds = {"image": (IMAGE_TOKEN, 1, "pixel_values", "image_grid_thw"),
+             "video": (VIDEO_TOKEN, 2, "pixel_values_videos", "video_grid_thw")}
+    seqs, types, grids, counts = [], [], {"image": [], "video": []}, []
+    for items, pre, suf in zip(samples, prefix_lens, suffix_lens):
+        parts, tparts, n_vis = [torch.randint(VIDEO_TOKEN + 1, VOCAB - 1, (pre,), generator=g)], [torch.zeros(pre)], 0
+        for kind, grid in items:
+            token, ttype = kinds[kind][:2]
+            n = grid[0] * grid[1] * grid[2] // merge2
+            parts += [torch.full((n,), token), torch.randint(VIDEO_TOKEN + 1, VOCAB - 1, (1,), generator=g)]
+            tparts += [torch.full((n,), ttype), torch.zeros(1)]
+            grids[kind].append(grid)
+            n_vis += n
+        parts.append(torch.randint(VIDEO_TOKEN + 1, VOCAB - 1, (suf,), generator=g))
+        tparts.append(torch.zeros(suf))
+        seqs.append(torch.cat(parts))
+        types.append(torch.cat(tparts).int())
+        counts.append(n_vis)
+    ids, mask = _left_pad(seqs)
+    tt, _ = _left_pad(types)
+    inp = {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": tt.int()}
+    for kind, gl in grids.items():
+        if gl:
+            _, _, pix_key, grid_key = kinds[kind]
+            grid = torch.tensor(gl)
+            inp[pix_key] = torch.randn(int(grid.prod(-1).sum()), row, generator=g)
+            inp[grid_key] = grid
+    return inp, counts
+
+
+_PER_TOKEN = ("input_ids", "attention_mask", "mm_token_type_ids")
+# Qwen2-VL's flat layout: each grid row (t, h, w) owns t*h*w rows of the pixel tensor
+_FLAT_VISUALS = (("pixel_values", "image_grid_thw", 1), ("pixel_values_videos", "video_grid_thw", 2))
+
+
 def alone(inp, i):
-    """Sample i of a left-padded batch, unpadded (pixel_values etc. sliced per sample)."""
+    """Sample i of a left-padded batch, unpadded.
+
+    Per-token inputs (ids, mask, ``mm_token_type_ids``) lose their padding. Per-image inputs
+    are cut to sample i's images: one row per sample (LLaVA, LLaVA-NeXT), or, where a grid
+    lists every image of the batch (Qwen2-VL), the sample's grid rows and their patch rows.
+    """
     keep = inp["attention_mask"][i].bool()
-    out = {k: v[i : i + 1] for k, v in inp.items() if k not in ("input_ids", "attention_mask")}
-    out.update(input_ids=inp["input_ids"][i : i + 1, keep], attention_mask=inp["attention_mask"][i : i + 1, keep])
+    out = {k: inp[k][i : i + 1, keep] for k in _PER_TOKEN if k in inp}
+    absent = set()
+    for key, grid_key, ttype in _FLAT_VISUALS:
+        if grid_key not in inp:
+            continue
+        per_sample = []  # items of this modality in each sample: runs of its token type
+        for tt in inp["mm_token_type_ids"]:
+            hit = tt == ttype
+            per_sample.append(int((hit & ~torch.cat([hit.new_zeros(1), hit[:-1]])).sum()))
+        first, count = sum(per_sample[:i]), per_sample[i]
+        if count == 0:  # the model takes no grid rather than an empty one
+            absent |= {key, grid_key}
+            continue
+        grid = inp[grid_key]
+        rows = torch.cat([grid.new_zeros(1), grid.prod(-1).cumsum(0)])
+        out[grid_key] = grid[first : first + count]
+        out[key] = inp[key][rows[first] : rows[first + count]]
+    out.update({k: v[i : i + 1] for k, v in inp.items() if k not in out and k not in absent})
     return out
+
+
+def append_tokens(inp, ids):
+    """The inputs with text tokens ``ids`` (B, q) appended: per-token inputs grow (mask 1, type text)."""
+    grow = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "mm_token_type_ids": torch.zeros_like(ids)}
+    return {k: torch.cat([v, grow[k].to(v.dtype)], 1) if k in _PER_TOKEN else v for k, v in inp.items()}
 
 
 def assert_cached_equals_recomputed(model, inp, **gen):

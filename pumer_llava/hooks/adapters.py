@@ -62,6 +62,7 @@ class Adapter:
     vision_parts: Callable[[nn.Module], VisionParts] | None = None
     projector: Callable[[nn.Module], nn.Module] | None = None  # its output rows become visual tokens
     newline: Callable[[nn.Module], nn.Parameter] | None = None  # the row-end token anyres packing inserts
+    no_vision_parts: str = "the model does not expose it"  # why vision_parts is None, for the refusal
     text_types: tuple[str, ...] = ("llama", "mistral", "qwen2")
     notes: str = ""
 
@@ -118,6 +119,38 @@ def _llava_visual_tokens(config: object) -> int:
     return n + (1 if getattr(config, "vision_feature_select_strategy", "default") == "full" else 0)
 
 
+def _qwen_vl(model_type: str, class_name: str) -> Adapter:
+    """Qwen2-VL and Qwen2.5-VL: one row shape, two class names.
+
+    The tower (NaViT-style, any image size, no [CLS]) merges 2x2 patches before the LLM: an
+    image or video of (t, h, w) patches gives t * (h/2) * (w/2) tokens under the image or
+    video id, so counts vary per image. Positions are M-RoPE: the model computes (3, B, N)
+    temporal/height/width ids (``get_rope_index``; generate() prepends a text row, (4, B, N)),
+    and the text model hands every decoder layer cos/sin already interleaved by
+    ``mrope_section``, (B, N, head_dim), with the text row (or None) as ``position_ids``.
+    Gathering those with the kept indices keeps each token's original 3-D position. Decode
+    positions (generate's, or the model's own from the cache length and ``rope_deltas``) are
+    those of the unreduced sequence, because the first decoder layer's cache keeps every token.
+    """
+    return Adapter(
+        model_type=model_type,
+        class_name=class_name,
+        inner=lambda m: m.model,
+        language_model=lambda m: m.model.language_model,
+        layers=lambda m: m.model.language_model.layers,
+        text_config=lambda c: c.text_config,
+        visual_token_ids=lambda c: (c.image_token_id, c.video_token_id),
+        visual_tokens_per_image=lambda c: None,
+        attn_parts=_llama_style_attn,  # Qwen2 attention: q/k/v biases, grouped-query heads
+        no_vision_parts=(
+            "its tower merges each 2x2 block of patches after its last attention layer, so patch importance "
+            "does not map onto one visual token, and the pre-LLM path does not build M-RoPE decode positions"
+        ),
+        text_types=(f"{model_type}_text",),
+        notes="M-RoPE positions; visual tokens per image vary with the image size; video tokens count as visual",
+    )
+
+
 ADAPTERS: dict[str, Adapter] = {
     "llava": Adapter(
         model_type="llava",
@@ -146,6 +179,7 @@ ADAPTERS: dict[str, Adapter] = {
         visual_token_ids=lambda c: (c.image_token_id,),
         visual_tokens_per_image=lambda c: None,
         attn_parts=_llama_style_attn,
+        no_vision_parts="one [CLS] per anyres crop does not map onto the unpadded visual tokens",
         notes="anyres: visual tokens per image vary; newline tokens count as visual",
     ),
     # anyres like LLaVA-NeXT (base view + unpadded crops + a newline token per row, and the
@@ -167,6 +201,8 @@ ADAPTERS: dict[str, Adapter] = {
         newline=lambda m: m.model.image_newline,
         notes="anyres and video: visual tokens per image vary; newline tokens count as visual",
     ),
+    "qwen2_vl": _qwen_vl("qwen2_vl", "Qwen2VLForConditionalGeneration"),
+    "qwen2_5_vl": _qwen_vl("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration"),
 }
 
 

@@ -59,6 +59,15 @@ def _take(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return t.gather(1, idx.view(*idx.shape, *([1] * (t.ndim - 2))).expand(-1, -1, *t.shape[2:]))
 
 
+def _take_positions(pid: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Gather position ids with idx (B, N') along the sequence: (b0, N) 1-D RoPE ids, or
+    (R, b0, N) M-RoPE rows (Qwen2-VL: temporal, height, width, plus a text row in generate),
+    every row with the same indices so each kept token keeps its whole original position."""
+    if pid.ndim == 3:
+        return torch.stack([_take(row, idx) for row in pid])  # (R, B, N')
+    return _take(pid, idx)
+
+
 def _scatter_rows(dst: torch.Tensor, idx: torch.Tensor, ok: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     """dst (B, N, ...) with src (B, k, ...) written at idx (B, k) where ok; other entries untouched."""
     n = dst.shape[1]
@@ -295,7 +304,7 @@ def _stage_kwargs(state: PumerState, call: CallState, kwargs: dict, dtype) -> di
         out["position_embeddings"] = tuple(_take(t, call.idx) for t in pe)
     pid = kwargs.get("position_ids")
     if pid is not None:
-        out["position_ids"] = _take(pid, call.idx)
+        out["position_ids"] = _take_positions(pid, call.idx)
     log_size = call.size.log() if (state.prop_attn and call.merged) else None
     out["attention_mask"] = _gather_mask(
         kwargs.get("attention_mask"), call.idx, call.valid, log_size, dtype, call.has_fillers, state.flash
@@ -766,7 +775,7 @@ def lm_pre_hook(state: PumerState):
             mask = mask * (~call.pre_fill).to(mask.device, mask.dtype)
         kwargs["attention_mask"] = mask
         pid = kwargs.get("position_ids")
-        kwargs["position_ids"] = call.pre_cols.to(emb.device) if pid is None else _take(pid, call.pre_cols)
+        kwargs["position_ids"] = call.pre_cols.to(emb.device) if pid is None else _take_positions(pid, call.pre_cols)
         call.idx = torch.arange(call.pos.shape[1], device=call.pos.device).expand_as(call.pos)
         call.select_seconds += _now(emb.device) - t0
         return args, kwargs
