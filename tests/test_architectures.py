@@ -7,6 +7,7 @@ from pumer_llava import apply_pumer, list_methods, remove_pumer
 from pumer_llava.hooks import llm
 from pumer_llava.hooks.adapters import ADAPTERS, get_adapter
 from pumer_llava.reduce import plan_stages
+from pumer_llava.reduce.images import split_images
 from tiny import (
     alone,
     append_tokens,
@@ -205,10 +206,16 @@ def test_query_row_score_equals_eager_attention_weights(arch):
     vis = _visual(model, ids)
     with torch.no_grad():
         attn = model(**inp, output_attentions=True).attentions[layer]  # (B, H, N, N)
+    images = split_images(ids, vis)  # each image is scored by the text that follows it
     want = []
     for b in range(ids.shape[0]):
-        rows = (torch.arange(ids.shape[1]) > vis[b].nonzero().max()) & mask[b] & ~vis[b]
-        want.append(attn[b][:, rows][:, :, vis[b]].mean(dim=(0, 1)))
+        cols = vis[b].nonzero()[:, 0]
+        score = []
+        for c in cols.tolist():
+            end = images.end[images.group[b, c]]
+            rows = (torch.arange(ids.shape[1]) > end) & mask[b] & ~vis[b]
+            score.append(attn[b][:, rows, c].mean())
+        want.append(torch.stack(score))
     got = []
     orig = llm._attention_scores
 
