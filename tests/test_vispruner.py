@@ -7,15 +7,16 @@ from pumer_llava import apply_pumer, remove_pumer
 from pumer_llava.reduce.diversity import remove_duplicates
 from tiny import (
     IMAGE_SIZE,
-    IMAGE_TOKEN,
     N_VIS,
     PATCH,
     alone,
     assert_cached_equals_recomputed,
     make_inputs,
+    make_next_inputs,
     make_onevision_inputs,
     make_video_inputs,
     tiny_llava,
+    tiny_llava_next,
     tiny_onevision,
 )
 
@@ -156,10 +157,16 @@ def test_mean_received_attention_equals_eager_vision_attention(build):
     torch.testing.assert_close(want.sum(-1), torch.ones(3))
 
 
-def test_vispruner_on_onevision_anyres_batch():
-    """Two anyres images (base view + crops, unpadded, newline tokens) of different counts in one batch."""
-    model = tiny_onevision()
-    inp, counts = make_onevision_inputs(model)
+ANYRES = {"llava_next": (tiny_llava_next, make_next_inputs), "llava_onevision": (tiny_onevision, make_onevision_inputs)}
+
+
+@pytest.mark.parametrize("arch", list(ANYRES))
+def test_vispruner_on_anyres_batch(arch):
+    """Two anyres images (base view + crops, unpadded, newline tokens) of different counts in one
+    batch: each crop's own attention, mapped onto the packed tokens."""
+    build, make = ANYRES[arch]
+    model = build()
+    inp, counts = make(model)
     n_layers = len(model.model.language_model.layers)
     with torch.no_grad():
         ref = model(**inp).logits
@@ -171,7 +178,7 @@ def test_vispruner_on_onevision_anyres_batch():
     assert stats.visual_tokens_total == counts and stats.visual_tokens_per_layer == [keep] * n_layers
     assert [len(p) for p in stats.kept_positions[-1]] == keep
     for b, pos in enumerate(stats.kept_positions[-1]):
-        assert all(inp["input_ids"][b, p] == IMAGE_TOKEN for p in pos)
+        assert all(inp["input_ids"][b, p] == model.config.image_token_id for p in pos)
     with torch.no_grad():
         for i in range(len(counts)):
             one = model.generate(**alone(inp, i), **GEN)

@@ -167,8 +167,8 @@ ADAPTERS: dict[str, Adapter] = {
     ),
     # anyres: each image becomes a base view plus crops, unpadded, with a newline token per
     # row, all under the image token id, so samples carry different visual counts; the
-    # newline tokens are visual tokens like the others. The [CLS] attention of several crops
-    # does not map onto the unpadded tokens one to one, so VisPruner is not offered here.
+    # newline tokens are visual tokens like the others. VisPruner reads each crop's own [CLS]
+    # attention and maps it onto the packed tokens through the projector rows they copy.
     "llava_next": Adapter(
         model_type="llava_next",
         class_name="LlavaNextForConditionalGeneration",
@@ -179,7 +179,9 @@ ADAPTERS: dict[str, Adapter] = {
         visual_token_ids=lambda c: (c.image_token_id,),
         visual_tokens_per_image=lambda c: None,
         attn_parts=_llama_style_attn,
-        no_vision_parts="one [CLS] per anyres crop does not map onto the unpadded visual tokens",
+        vision_parts=_vision_parts,
+        projector=lambda m: m.model.multi_modal_projector,
+        newline=lambda m: m.model.image_newline,
         notes="anyres: visual tokens per image vary; newline tokens count as visual",
     ),
     # anyres like LLaVA-NeXT (base view + unpadded crops + a newline token per row, and the
