@@ -502,9 +502,23 @@ def write_examples(out_dir: str | Path, num_images: int = 3, seed: int = TEST_SE
     return path
 
 
+CAPTION_PROMPT = "describe the image"
+
+
+def caption(scene: Scene) -> str:
+    """Dense description in reading order: ``"b1 red circle e1 blue cross ..."``.
+
+    Trained as a caption (LLaVA's stage-1 alignment in miniature); it teaches the skill
+    every localised question needs, finding the visual token of a named cell, with a
+    target at every object instead of one per question."""
+    objs = sorted(scene.objects, key=lambda o: o.cell)
+    return " ".join(f"{cell_name(o.row, o.col)} {o.color} {o.shape}" for o in objs)
+
+
 def vocabulary() -> list[str]:
     """Every word any question or answer can use (for the word-level tokenizer)."""
     words = {"what", "color", "shape", "is", "the", "object", "at", "cell", "?", "only"}
+    words |= set(CAPTION_PROMPT.split())
     words |= {"is", "there", "a", "how", "many", "objects", "are", "yes", "no"}
     words |= set(COLORS) | set(SHAPES) | set(SHAPE_PLURALS.values()) | set(NUMBER_WORDS)
     words |= {w for name in DIRECTIONS for w in name.split()}

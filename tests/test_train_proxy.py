@@ -1,0 +1,72 @@
+"""The proxy trainer's packed batches (eval/train_proxy.py): what training sees is what the
+public path computes, and every supervised position predicts the token that follows it."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+EVAL = Path(__file__).resolve().parent.parent / "eval"
+sys.path.insert(0, str(EVAL))
+
+tp = pytest.importorskip("train_proxy")
+task = pytest.importorskip("proxy_task")
+
+
+@pytest.fixture(scope="module")
+def small():
+    args = tp.parse_args(["--text-layers", "2", "--vision-layers", "2", "--text-hidden", "64", "--text-mlp", "128",
+                          "--vision-hidden", "64"])
+    tok = tp.build_tokenizer()
+    model = tp.build_model(tok, args).eval()
+    return tok, tp.build_processor(tok), model, tp.Packer(tok)
+
+
+def test_every_packed_question_equals_the_processor_path(small):
+    """Each question after the shared image prefix (and after caption segments) gets the logits
+    that ``model(**processor(...))`` gives it alone."""
+    tok, proc, model, packer = small
+    examples = task.make_split("val", 2, seed=0)
+    batch = packer.pack(examples, captions=2)
+    with torch.no_grad():
+        logits, _, _, _ = tp.packed_forward(model, batch)
+        i = 0
+        for scene, questions in examples:
+            for q in questions:
+                enc = proc(images=[task.render(scene)], text=[tp.prompt_text(q.question)], return_tensors="pt")
+                ref = model(**enc).logits[0, -1]
+                assert (ref - logits[i]).abs().max().item() < 1e-4
+                i += 1
+    assert i == len(batch["targets"])
+
+
+def test_caption_targets_are_the_next_tokens(small):
+    tok, _, _, packer = small
+    examples = task.make_split("val", 2, seed=0)
+    batch = packer.pack(examples, captions=3)
+    cap, ids = batch["captions"], batch["input_ids"]
+    assert len(cap) > 0
+    assert torch.equal(ids[cap[:, 0], cap[:, 1] + 1], cap[:, 2])  # each position predicts its successor
+    colors = {tok.convert_tokens_to_ids(c) for c in task.COLORS}
+    assert {int(t) for t, k in zip(cap[:, 2], cap[:, 3]) if k == 2} <= colors
+    # the first caption is in reading order; the extra ones list the same objects
+    for b, (scene, _) in enumerate(examples):
+        n_color = int(((cap[:, 0] == b) & (cap[:, 3] == 2)).sum())
+        assert n_color == 3 * len(scene.objects)
+
+
+def test_attention_supervision_targets_point_at_the_needed_cells(small):
+    tok, _, model, packer = small
+    examples = task.make_split("val", 1, seed=0)
+    batch = packer.pack(examples)
+    image_start = packer.prefix.index(tok.convert_tokens_to_ids(tp.IMAGE_TOKEN))
+    image_id = tok.convert_tokens_to_ids(tp.IMAGE_TOKEN)
+    for (b, *_), need, q in zip(batch["targets"].tolist(), batch["needed"], examples[0][1]):
+        cells = [c for c in need.tolist() if c >= 0]
+        assert cells == (list(q.needed_cells) if q.type in tp.SUPERVISED_TYPES else [])
+        assert all(batch["input_ids"][b, image_start + c] == image_id for c in cells)
+    with torch.no_grad():
+        tp.packed_forward(model, batch, capture_layer=1)
+        loss = tp.attention_supervision(model, batch, 1, 1, image_start)
+    assert torch.isfinite(loss) and loss.item() > 0
