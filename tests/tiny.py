@@ -304,13 +304,7 @@ def tiny_onevision(attn: str = "sdpa", seed: int = 0, aspect: str = "anyres_max_
     cfg._attn_implementation = attn
     model = LlavaOnevisionForConditionalGeneration(cfg)
     model.set_attn_implementation(attn)
-    with torch.no_grad():
-        for layer in model.model.language_model.layers:
-            layer.self_attn.q_proj.weight.mul_(4.0)
-            layer.self_attn.k_proj.weight.mul_(4.0)
-    model.generation_config.pad_token_id = PAD
-    model.generation_config.eos_token_id = None
-    return model.eval()
+    return _sharpen(model)
 
 
 def onevision_counts(model, pixel, image_sizes, batch_num_images=None):
