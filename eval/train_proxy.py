@@ -432,11 +432,7 @@ def packed_forward(model, batch, capture_layer=None):
         # colour and shape, i.e. the tokens of eval/lookup_toy.py, which learns the lookup in
         # ~150 steps. In this trainer it still did not (session 2), so the stall is on the
         # language-model side of the training setup, not in the vision tower.
-        emb = inner.get_input_embeddings().weight.detach()
-        tgt = torch.zeros_like(image_embeds)
-        for t in batch["ground"]:
-            tgt = tgt + emb[t.clamp_min(0)] * (t >= 0).unsqueeze(-1).to(tgt.dtype)
-        image_embeds = tgt
+        image_embeds = word_sums(model, batch["ground"])
     ids = batch["input_ids"]
     embeds = inner.get_input_embeddings()(ids)  # (B, T, D)
     image_mask = (ids == cfg.image_token_id).unsqueeze(-1)
@@ -516,6 +512,13 @@ def grounding_loss(model, image_embeds, targets):
     return sum(F.cross_entropy(logits, t.flatten(), ignore_index=-100) for t in targets) / len(targets)
 
 
+def word_sums(model, targets) -> torch.Tensor:
+    """(B, 64, D): per cell, the sum of the (detached) word embeddings of ``targets``, the
+    (B, 64) word-id tensors of ``grounding_targets`` (-100: no word)."""
+    emb = model.get_input_embeddings().weight.detach()  # (V, D)
+    return sum(emb[t.clamp_min(0)] * (t >= 0).unsqueeze(-1).to(emb.dtype) for t in targets)
+
+
 def align_loss(model, image_embeds, targets):
     """Each visual token regresses onto the sum of the word embeddings of what its cell
     holds: its name (``c5``), and its colour and shape words when occupied (targets from
@@ -526,11 +529,7 @@ def align_loss(model, image_embeds, targets):
     with components no word has, and the 1-hop lookup "the word c5 finds the token of cell
     c5" never formed (chance after 500 steps), while on tokens that are exactly such sums a
     toy of the same decoder learns it in ~150 steps."""
-    emb = model.get_input_embeddings().weight.detach()  # (V, D)
-    target = torch.zeros_like(image_embeds)
-    for t in targets:  # (B, 64) word ids, -100: none
-        ok = (t >= 0).unsqueeze(-1).to(image_embeds.dtype)
-        target = target + emb[t.clamp_min(0)] * ok
+    target = word_sums(model, targets)
     err = (image_embeds - target).pow(2).sum(-1) / target.pow(2).sum(-1).clamp_min(1e-6)
     return err.mean()
 
@@ -786,11 +785,11 @@ def main(argv=None):
         for g in opt.param_groups:
             g["lr"] = args.lr * lr_factor(progress, step, args.warmup, args.min_lr_ratio)
         sup_w = args.attn_sup_weight * max(0.0, 1.0 - progress / args.attn_sup_until) if args.attn_sup_until > 0 else 0.0
-        batch["ground"] = grounding_targets(tokenizer, cell_color, cell_shape)
+        batch["ground"] = ground = grounding_targets(tokenizer, cell_color, cell_shape)
         batch["oracle_visual"] = args.oracle_visual_tokens
         loss, parts, correct = losses(
             model, heads, batch, pairs, cell_color, cell_shape, args.aux_weight, args.patch_weight,
-            grounding_targets(tokenizer, cell_color, cell_shape), args.ground_weight, sup, sup_w,
+            ground, args.ground_weight, sup, sup_w,
             args.caption_weight, args.align_weight,
         )
         opt.zero_grad(set_to_none=True)
