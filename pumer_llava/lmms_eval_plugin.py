@@ -549,11 +549,11 @@ def flatten_visuals(visuals: Any) -> list:
 def _model_class_for(model_type: str):
     import transformers
 
-    names = {
-        "llava": "LlavaForConditionalGeneration",
-        "llava_next": "LlavaNextForConditionalGeneration",
-        "llava_onevision": "LlavaOnevisionForConditionalGeneration",
-    }
+    from .hooks.adapters import ADAPTERS
+
+    # the LLaVA rows of the adapter table: their processors take images and a chat prompt the
+    # way this class feeds them (Qwen2-VL's image_grid_thw path is not wired here)
+    names = {k: a.class_name for k, a in ADAPTERS.items() if k.startswith("llava")}
     if model_type not in names or not hasattr(transformers, names[model_type]):
         raise ValueError(f"pumer_llava evaluates LLaVA-family models ({', '.join(names)}); got model_type={model_type!r}")
     return getattr(transformers, names[model_type])

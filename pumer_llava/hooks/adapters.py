@@ -151,36 +151,39 @@ def _qwen_vl(model_type: str, class_name: str) -> Adapter:
     )
 
 
-ADAPTERS: dict[str, Adapter] = {
-    "llava": Adapter(
-        model_type="llava",
-        class_name="LlavaForConditionalGeneration",
+def _llava_family(model_type: str, class_name: str, **fields) -> Adapter:
+    """LLaVA-1.5, -NeXT and -OneVision share the module layout (``model.language_model``,
+    ``model.multi_modal_projector``), the decoder attention and the CLIP/SigLIP tower."""
+    return Adapter(
+        model_type=model_type,
+        class_name=class_name,
         inner=lambda m: m.model,
         language_model=lambda m: m.model.language_model,
         layers=lambda m: m.model.language_model.layers,
         text_config=lambda c: c.text_config,
-        visual_token_ids=lambda c: (c.image_token_id,),
-        visual_tokens_per_image=_llava_visual_tokens,
         attn_parts=_llama_style_attn,
         vision_parts=_vision_parts,
         projector=lambda m: m.model.multi_modal_projector,
+        **fields,
+    )
+
+
+ADAPTERS: dict[str, Adapter] = {
+    "llava": _llava_family(
+        "llava",
+        "LlavaForConditionalGeneration",
+        visual_token_ids=lambda c: (c.image_token_id,),
+        visual_tokens_per_image=_llava_visual_tokens,
     ),
     # anyres: each image becomes a base view plus crops, unpadded, with a newline token per
     # row, all under the image token id, so samples carry different visual counts; the
     # newline tokens are visual tokens like the others. VisPruner reads each crop's own [CLS]
     # attention and maps it onto the packed tokens through the projector rows they copy.
-    "llava_next": Adapter(
-        model_type="llava_next",
-        class_name="LlavaNextForConditionalGeneration",
-        inner=lambda m: m.model,
-        language_model=lambda m: m.model.language_model,
-        layers=lambda m: m.model.language_model.layers,
-        text_config=lambda c: c.text_config,
+    "llava_next": _llava_family(
+        "llava_next",
+        "LlavaNextForConditionalGeneration",
         visual_token_ids=lambda c: (c.image_token_id,),
         visual_tokens_per_image=lambda c: None,
-        attn_parts=_llama_style_attn,
-        vision_parts=_vision_parts,
-        projector=lambda m: m.model.multi_modal_projector,
         newline=lambda m: m.model.image_newline,
         notes="anyres: visual tokens per image vary; newline tokens count as visual",
     ),
@@ -188,18 +191,11 @@ ADAPTERS: dict[str, Adapter] = {
     # crops are downscaled past ``vision_aspect_ratio``), plus video: each frame's patches
     # pooled 2x2, then one newline, all under video_token_id. The SigLIP tower has no [CLS]:
     # VisPruner reads the mean attention each patch receives, and refuses interpolated tokens.
-    "llava_onevision": Adapter(
-        model_type="llava_onevision",
-        class_name="LlavaOnevisionForConditionalGeneration",
-        inner=lambda m: m.model,
-        language_model=lambda m: m.model.language_model,
-        layers=lambda m: m.model.language_model.layers,
-        text_config=lambda c: c.text_config,
+    "llava_onevision": _llava_family(
+        "llava_onevision",
+        "LlavaOnevisionForConditionalGeneration",
         visual_token_ids=lambda c: (c.image_token_id, c.video_token_id),
         visual_tokens_per_image=lambda c: None,
-        attn_parts=_llama_style_attn,
-        vision_parts=_vision_parts,
-        projector=lambda m: m.model.multi_modal_projector,
         newline=lambda m: m.model.image_newline,
         notes="anyres and video: visual tokens per image vary; newline tokens count as visual",
     ),
