@@ -503,6 +503,9 @@ def write_examples(out_dir: str | Path, num_images: int = 3, seed: int = TEST_SE
 
 
 CAPTION_PROMPT = "describe the image"
+# Training-only caption variants: (cell, colour) or (cell, shape) pairs, each answer predicted
+# at its cell name; the prompt tells which attribute follows a cell name.
+LIST_PROMPTS = {"color": "list the colors", "shape": "list the shapes"}
 
 
 def caption(scene: Scene) -> str:
@@ -519,6 +522,7 @@ def vocabulary() -> list[str]:
     """Every word any question or answer can use (for the word-level tokenizer)."""
     words = {"what", "color", "shape", "is", "the", "object", "at", "cell", "?", "only"}
     words |= set(CAPTION_PROMPT.split())
+    words |= {w for prompt in LIST_PROMPTS.values() for w in prompt.split()}
     words |= {"is", "there", "a", "how", "many", "objects", "are", "yes", "no"}
     words |= set(COLORS) | set(SHAPES) | set(SHAPE_PLURALS.values()) | set(NUMBER_WORDS)
     words |= {w for name in DIRECTIONS for w in name.split()}

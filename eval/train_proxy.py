@@ -57,6 +57,10 @@ import proxy_task as task  # noqa: E402
 from pumer_llava.reduce.scoring import apply_rope  # noqa: E402
 
 IMAGE_TOKEN = "<image>"
+# Kinds of caption targets (the token predicted): 0 prompt, 1 next cell name in reading order,
+# 2 colour at its cell name, 3 shape after the colour (reading order), 4 </s>, 5 cell name in a
+# shuffled list (unpredictable), 6 shape at its cell name.
+CAPTION_KINDS = ("prompt", "name", "color", "shape_after_color", "eos", "shuffled_name", "shape")
 # Question types whose needed cells supervise one attention head (see attention_supervision).
 SUPERVISED_TYPES = ("color_at", "shape_at", "relation", "exists", "rare")
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", IMAGE_TOKEN]
@@ -293,22 +297,34 @@ class Packer:
 
     def caption_segment(self, scene, k: int = 0):
         """Ids of ``{CAPTION_PROMPT} ASSISTANT: {caption}</s>`` and, per caption word, its
-        kind: 0 prompt, 1 cell name, 2 colour, 3 shape, 4 </s>, 5 cell name not to predict.
+        kind (see ``CAPTION_KINDS``).
 
-        ``k == 0`` is the caption in reading order (the one a user gets); ``k > 0`` lists the
-        objects in a shuffled order, whose cell names are not predictable (kind 5), but whose
-        colours and shapes are more "find the token of this cell" lookups for the same image
-        at little cost (the image prefix is shared)."""
-        prompt = self.suffix(task.CAPTION_PROMPT)
+        ``k == 0`` is the caption in reading order, the one a user gets: ``c5 red circle ...``.
+        Its shape word is predicted at the colour word, one token after the cell name, so it
+        needs two attention hops (carry "c5" forward, then find its cell), and its next cell
+        name needs a search. Trained from the start, those targets kept the one-hop lookup
+        "the word c5 finds the visual token of cell c5" from forming at all (session 3: colour
+        targets alone learnt it in ~250 steps, with the shape and name targets added it was
+        still at chance after 400). So the extra segments are one-hop pairs of the same objects
+        in a shuffled order, after a prompt that says which attribute follows a cell name: ``k``
+        odd ``list the colors ASSISTANT: c5 red d2 blue ...``, ``k`` even ``list the shapes
+        ASSISTANT: c5 circle d2 square ...``; every target is predicted at its own cell name.
+        (Without the two prompts, colour and shape pairs made the same "c5" ambiguous and the
+        lookup stalled again.) The reading-order targets are weighted in later
+        (``caption_weights``)."""
+        attr = "color" if k % 2 else "shape"
+        prompt = self.suffix(task.CAPTION_PROMPT if k == 0 else task.LIST_PROMPTS[attr])
         if k == 0:
-            text, name_kind = task.caption(scene), 1
+            text = task.caption(scene)
+            kinds_cycle = (1, 2, 3)
         else:
             objs = list(scene.objects)
             random.Random(f"caption-{scene.key}-{k}").shuffle(objs)
-            text = " ".join(f"{task.cell_name(o.row, o.col)} {o.color} {o.shape}" for o in objs)
-            name_kind = 5
+            text = " ".join(f"{task.cell_name(o.row, o.col)} {getattr(o, attr)}" for o in objs)
+            kinds_cycle = (5, 2 if k % 2 else 6)
         words = self.tok(text, add_special_tokens=False)["input_ids"]
-        kinds = [0] * len(prompt) + [(name_kind, 2, 3)[i % 3] for i in range(len(words))] + [4]
+        n = len(kinds_cycle)
+        kinds = [0] * len(prompt) + [kinds_cycle[i % n] for i in range(len(words))] + [4]
         return prompt + words + [self.eos], kinds
 
     def pack(self, examples, captions: int = 0):
@@ -359,7 +375,7 @@ class Packer:
         mask = causal & ((k_seg == 0) | (k_seg == q_seg)) & (k_seg >= 0)  # (B, T, T)
         mask |= torch.eye(T, dtype=torch.bool)  # padding rows attend to themselves (no NaN)
         pv = pixels([task.render(scene) for scene, _ in examples])
-        width = max(1, max(len(n) for n in needed))
+        width = max([1] + [len(n) for n in needed])
         needed_t = torch.full((len(needed), width), -1, dtype=torch.long)
         for i, n in enumerate(needed):
             needed_t[i, : len(n)] = torch.tensor(n, dtype=torch.long)
@@ -370,7 +386,7 @@ class Packer:
             "input_ids": input_ids,
             "position_ids": position_ids,
             "mask": mask[:, None],
-            "targets": torch.tensor(targets, dtype=torch.long),
+            "targets": torch.tensor(targets, dtype=torch.long).view(-1, 4),
             "types": types,
         }
 
@@ -426,17 +442,23 @@ def packed_forward(model, batch, capture_layer=None):
     vis = inner.vision_tower(batch["pixel_values"], output_hidden_states=True, return_dict=True)
     feats = vis.hidden_states[cfg.vision_feature_layer][:, 1:]  # (B, 64, Cv), [CLS] dropped
     image_embeds = inner.multi_modal_projector(feats)  # (B, 64, D)
-    if batch.get("oracle_visual") and "ground" in batch:
-        # Diagnostic (--oracle-visual-tokens): the language model gets, instead of the
-        # projector's output, the exact sum of the word embeddings of each cell's name,
-        # colour and shape, i.e. the tokens of eval/lookup_toy.py, which learns the lookup in
-        # ~150 steps. In this trainer it still did not (session 2), so the stall is on the
-        # language-model side of the training setup, not in the vision tower.
-        image_embeds = word_sums(model, batch["ground"])
+    mix = float(batch.get("oracle_visual", 0.0))
+    if mix > 0 and "ground" in batch:
+        # Teacher forcing of the visual tokens (``--oracle-until``; ``--oracle-visual-tokens``
+        # keeps it on throughout, as a diagnostic): the language model gets, instead of (or
+        # mixed into) the projector's output, the exact sum of the word embeddings of each
+        # cell's name, colour and shape, the tokens the projector is being aligned to. With
+        # both sides moving at once the lookup never formed (session 2); on fixed tokens it
+        # forms in ~450 steps, and by the time the mix fades out the projector's tokens are
+        # within a few percent of those sums (the alignment loss).
+        oracle = word_sums(model, batch["ground"])
+        image_embeds_lm = mix * oracle + (1.0 - mix) * image_embeds
+    else:
+        image_embeds_lm = image_embeds
     ids = batch["input_ids"]
     embeds = inner.get_input_embeddings()(ids)  # (B, T, D)
     image_mask = (ids == cfg.image_token_id).unsqueeze(-1)
-    embeds = embeds.masked_scatter(image_mask, image_embeds.to(embeds.dtype))
+    embeds = embeds.masked_scatter(image_mask, image_embeds_lm.to(embeds.dtype))
     try:
         out = inner.language_model(
             inputs_embeds=embeds, attention_mask=batch["mask"], position_ids=batch["position_ids"], use_cache=False
@@ -534,9 +556,25 @@ def align_loss(model, image_embeds, targets):
     return err.mean()
 
 
+def oracle_mix(progress: float, until: float) -> float:
+    """Weight of the teacher-forced visual tokens: 1 for the first 60% of ``until``, then a
+    linear fade to 0 at ``until`` (0 disables it)."""
+    if until <= 0:
+        return 0.0
+    hold = 0.6 * until
+    return 1.0 if progress <= hold else max(0.0, (until - progress) / (until - hold))
+
+
+def caption_weights(order: float) -> torch.Tensor:
+    """Loss weight per caption-target kind (``CAPTION_KINDS``); ``order`` in [0, 1] scales the
+    reading-order targets that need more than one hop (the next cell name, the shape after the
+    colour), which are weighted in once the one-hop lookup has formed."""
+    return torch.tensor([0.0, 0.25 * order, 1.0, 1.0 * order, 0.25, 0.0, 1.0])
+
+
 def losses(model, heads, batch, aux_pairs, aux_color, aux_shape, aux_weight, patch_weight=0.5,
            ground=None, ground_weight=0.0, sup=None, sup_weight=0.0, caption_weight=1.0,
-           align_weight=0.0):
+           align_weight=0.0, caption_kind_weights=None):
     capture = sup["layer"] if (sup is not None and sup_weight > 0) else None
     logits_ans, logits_eos, vis, image_embeds = packed_forward(model, batch, capture)
     t = batch["targets"]
@@ -563,8 +601,9 @@ def losses(model, heads, batch, aux_pairs, aux_color, aux_shape, aux_weight, pat
     c = batch.get("captions")
     if c is not None and len(c):
         ce = F.cross_entropy(batch["caption_logits"], c[:, 2], reduction="none")  # (M,)
-        w = torch.tensor([0.0, 0.25, 1.0, 1.0, 0.25, 0.0])[c[:, 3]]  # cell names: where the next object is
-        cap = (ce * w).sum() / w.sum()
+        kw = caption_weights(1.0) if caption_kind_weights is None else caption_kind_weights
+        w = kw[c[:, 3]]
+        cap = (ce * w).sum() / w.sum().clamp_min(1e-6)
         total = total + caption_weight * cap
         cap_acc = (batch["caption_logits"].argmax(-1) == c[:, 2])[c[:, 3] == 2].float().mean().item()
     else:
@@ -662,7 +701,7 @@ def parse_args(argv=None):
     p.add_argument("--min-lr-ratio", type=float, default=0.05)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--curriculum", type=float, default=0.35,
+    p.add_argument("--curriculum", type=float, default=0.0,
                    help="share of the schedule over which scenes grow from sparse to full (0: off)")
     p.add_argument("--curriculum-start", type=float, default=0.1)
     p.add_argument("--aux-weight", type=float, default=1.0)
@@ -691,6 +730,12 @@ def parse_args(argv=None):
     p.add_argument("--captions", type=int, default=3, help="caption segments per image per step")
     p.add_argument("--caption-weight", type=float, default=1.0,
                    help="weight of the dense caption loss (one caption segment per image; 0: off)")
+    p.add_argument("--oracle-until", type=float, default=0.35,
+                   help="training progress until which the language model is fed (fading out from 60%% of it) the "
+                        "word-embedding sums the visual tokens are aligned to, instead of the projector's output")
+    p.add_argument("--caption-order-from", type=float, default=0.2,
+                   help="training progress at which the reading-order caption's two-hop targets start")
+    p.add_argument("--caption-order-ramp", type=float, default=0.1, help="...and the progress they take to reach full weight")
     p.add_argument("--attn-sup-weight", type=float, default=0.5,
                    help="weight of the attention supervision (answer position -> needed cells; 0: off)")
     p.add_argument("--attn-sup-layer", type=int, default=-2, help="decoder layer of the supervised heads")
@@ -786,11 +831,12 @@ def main(argv=None):
             g["lr"] = args.lr * lr_factor(progress, step, args.warmup, args.min_lr_ratio)
         sup_w = args.attn_sup_weight * max(0.0, 1.0 - progress / args.attn_sup_until) if args.attn_sup_until > 0 else 0.0
         batch["ground"] = ground = grounding_targets(tokenizer, cell_color, cell_shape)
-        batch["oracle_visual"] = args.oracle_visual_tokens
+        batch["oracle_visual"] = 1.0 if args.oracle_visual_tokens else oracle_mix(progress, args.oracle_until)
         loss, parts, correct = losses(
             model, heads, batch, pairs, cell_color, cell_shape, args.aux_weight, args.patch_weight,
             ground, args.ground_weight, sup, sup_w,
             args.caption_weight, args.align_weight,
+            caption_weights(min(1.0, max(0.0, (progress - args.caption_order_from) / args.caption_order_ramp))),
         )
         opt.zero_grad(set_to_none=True)
         loss.backward()

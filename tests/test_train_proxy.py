@@ -50,10 +50,26 @@ def test_caption_targets_are_the_next_tokens(small):
     assert torch.equal(ids[cap[:, 0], cap[:, 1] + 1], cap[:, 2])  # each position predicts its successor
     colors = {tok.convert_tokens_to_ids(c) for c in task.COLORS}
     assert {int(t) for t, k in zip(cap[:, 2], cap[:, 3]) if k == 2} <= colors
-    # the first caption is in reading order; the extra ones list the same objects
+    shapes = {tok.convert_tokens_to_ids(s) for s in task.SHAPES}
+    assert {int(t) for t, k in zip(cap[:, 2], cap[:, 3]) if k in (3, 6)} <= shapes
+    # the first caption is in reading order (colour and shape); the second lists (cell, colour)
+    # and the third (cell, shape) pairs of the same objects, each target at its cell name
     for b, (scene, _) in enumerate(examples):
-        n_color = int(((cap[:, 0] == b) & (cap[:, 3] == 2)).sum())
-        assert n_color == 3 * len(scene.objects)
+        mine = cap[:, 0] == b
+        n = len(scene.objects)
+        assert int((mine & (cap[:, 3] == 2)).sum()) == 2 * n
+        assert int((mine & (cap[:, 3] == 3)).sum()) == n
+        assert int((mine & (cap[:, 3] == 6)).sum()) == n
+        names = {task.cell_name(r, c) for r in range(task.GRID) for c in range(task.GRID)}
+        for pos, kind in zip(cap[mine, 1].tolist(), cap[mine, 3].tolist()):
+            if kind in (2, 6):  # a one-hop target is predicted at a cell name
+                assert tok.convert_ids_to_tokens(int(ids[b, pos])) in names
+
+
+def test_caption_weights_hold_back_the_two_hop_targets():
+    early, late = tp.caption_weights(0.0), tp.caption_weights(1.0)
+    assert early[1] == 0 and early[3] == 0 and early[2] > 0 and early[6] > 0
+    assert late[1] > 0 and late[3] > 0
 
 
 def test_attention_supervision_targets_point_at_the_needed_cells(small):
