@@ -52,7 +52,10 @@ from pumer_llava import Recipe, apply_pumer, list_methods, remove_pumer  # noqa:
 from pumer_llava.reduce.scoring import apply_rope, mean_over_rows, query_row_attention  # noqa: E402
 
 DEFAULT_FRACTIONS = (1.0, 0.5, 0.25, 0.11)
-CONTROLS = ("oracle_aware", "oracle_blind", "lowest")
+CONTROLS = ("oracle_aware", "oracle_blind", "lowest", "feature_norm")
+# The hybrid of issue 7: VisPruner before the language model, then PuMer's text-informed
+# pruning and merging at a deeper layer, all under one budget.
+HYBRIDS = {"vispruner+pumer": {"method": "vispruner", "merge_share": 0.5}}
 
 
 def prompt(question: str) -> str:
@@ -164,6 +167,30 @@ class LowestTextAttention:
         return -score.gather(1, ctx.positions.to(score.device))
 
 
+class FeatureNorm:
+    """Scores = L2 norm of each visual token as it enters the language model (the projector's
+    output): the question-blind heuristic that beat both attention scores on an easy version
+    of this task (issue 9). Captured by a pre-hook on decoder layer 0."""
+
+    def __init__(self, model):
+        self.hidden = None
+        layer0 = model.model.language_model.layers[0]
+        self._handle = layer0.register_forward_pre_hook(self._grab, with_kwargs=True)
+
+    def _grab(self, module, args, kwargs):
+        h = args[0] if args else kwargs["hidden_states"]
+        if h.shape[1] > 1:  # prefill only
+            self.hidden = h
+
+    def close(self):
+        self._handle.remove()
+
+    @torch.no_grad()
+    def scorer(self, ctx):
+        norms = self.hidden.norm(dim=-1)  # (B, N) full length: nothing was removed before
+        return norms.gather(1, ctx.positions.to(norms.device))
+
+
 def control_recipe(name: str, scorer, layer: int) -> Recipe:
     return Recipe(name=name, scorer=scorer, default_layers=lambda depth: (layer,), description=f"control: {name}")
 
@@ -225,7 +252,8 @@ def evaluate(model, processor, batches, before_batch=None) -> dict:
     return res
 
 
-def run(model, processor, records, methods, fractions, controls, control_layer, batch_size, log=print) -> dict:
+def run(model, processor, records, methods, fractions, controls, control_layer, batch_size, log=print,
+        hybrids=None, hybrid_layers=(2,)) -> dict:
     total = task.NUM_CELLS
     rows = []
     batches = make_batches(processor, records, batch_size)
@@ -248,6 +276,11 @@ def run(model, processor, records, methods, fractions, controls, control_layer, 
             res = evaluate(model, processor, batches)
             add(name, "method", fraction, keep, res, list(model.pumer.layers))
             remove_pumer(model)
+        for name, kwargs in (HYBRIDS if hybrids is None else hybrids).items():
+            apply_pumer(model, keep_tokens=keep, layers=list(hybrid_layers), **kwargs)
+            res = evaluate(model, processor, batches)
+            add(name, "method", fraction, keep, res, ["pre"] + list(model.pumer.layers))
+            remove_pumer(model)
         for name in controls:
             before, lowest = None, None
             if name.startswith("oracle"):
@@ -255,6 +288,9 @@ def run(model, processor, records, methods, fractions, controls, control_layer, 
                 before = lambda chunk, kind=name: priorities.set(chunk, kind)  # noqa: E731
             elif name == "lowest":
                 lowest = LowestTextAttention(model, control_layer)
+                recipe = control_recipe(name, lowest.scorer, control_layer)
+            elif name == "feature_norm":
+                lowest = FeatureNorm(model)
                 recipe = control_recipe(name, lowest.scorer, control_layer)
             else:
                 raise ValueError(f"unknown control {name!r}; known: {', '.join(CONTROLS)}")
@@ -333,6 +369,8 @@ def parse_args(argv=None):
     p.add_argument("--fractions", nargs="*", type=float, default=list(DEFAULT_FRACTIONS))
     p.add_argument("--controls", nargs="*", default=list(CONTROLS))
     p.add_argument("--control-layer", type=int, default=2)
+    p.add_argument("--hybrid-layers", nargs="*", type=int, default=[2],
+                   help="decoder layers of the hybrid's PuMer stages (after VisPruner before the LLM)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="eval/results")
@@ -359,8 +397,9 @@ def main(argv=None) -> dict:
     methods = args.methods if args.methods is not None else list_methods()
     t0 = time.perf_counter()
     results = run(model, processor, records, methods, args.fractions, args.controls, args.control_layer,
-                  args.batch_size)
+                  args.batch_size, hybrid_layers=args.hybrid_layers)
     results["meta"] = {
+        "hybrids": {name: {**kw, "layers": args.hybrid_layers} for name, kw in HYBRIDS.items()},
         "model": args.model,
         "questions": len(records),
         "fractions": args.fractions,

@@ -81,6 +81,28 @@ def test_lowest_control_is_minus_the_pumer_score(small_proxy, records):
         assert len(set(a) & set(b)) <= 2, "lowest keeps what PuMer drops (ties aside)"
 
 
+def test_feature_norm_control_keeps_the_largest_input_tokens(small_proxy, records):
+    model, processor = small_proxy
+    (chunk, inputs), = accuracy.make_batches(processor, records[:3], batch_size=3)
+    image_id = model.config.image_token_id
+    with torch.no_grad():
+        feats = model.get_image_features(pixel_values=inputs["pixel_values"])
+    feats = feats.pooler_output if hasattr(feats, "pooler_output") else feats
+    feats = torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
+    expected = [sorted(feats[b].reshape(64, -1).norm(dim=-1).topk(16).indices.tolist()) for b in range(3)]
+    fn = accuracy.FeatureNorm(model)
+    apply_pumer(model, keep_tokens=16, method=accuracy.control_recipe("feature_norm", fn.scorer, 2))
+    try:
+        with torch.no_grad():
+            model(**inputs)
+        kept = model.pumer.last_stats.kept_patches[2]
+    finally:
+        remove_pumer(model)
+        fn.close()
+    assert (inputs["input_ids"] == image_id).sum(1).tolist() == [64] * 3
+    assert [sorted(k) for k in kept] == expected
+
+
 def test_benchmark_runs_and_writes_outputs(small_proxy, records, tmp_path):
     model, processor = small_proxy
     res = accuracy.run(model, processor, records, ["pumer", "fastv", "random"], [1.0, 0.25],
@@ -88,7 +110,11 @@ def test_benchmark_runs_and_writes_outputs(small_proxy, records, tmp_path):
     res["meta"] = {"questions": len(records), "model": "small", "control_layer": 2}
     names = [r["name"] for r in res["rows"]]
     assert names[0] == "unreduced"
-    assert set(names) == {"unreduced", "pumer", "fastv", "random", *accuracy.CONTROLS}
+    assert set(names) == {"unreduced", "pumer", "fastv", "random", *accuracy.HYBRIDS, *accuracy.CONTROLS}
+    hybrid = next(r for r in res["rows"] if r["name"] == "vispruner+pumer")
+    assert hybrid["layers"] == ["pre", 2]
+    # VisPruner removes part of the budget before layer 0, PuMer the rest at layer 2
+    assert 16 < hybrid["visual_tokens_per_layer"][0] < 64 and hybrid["visual_tokens_per_layer"][2] == 16
     for r in res["rows"]:
         assert r["n"] == len(records) and 0.0 <= r["accuracy"] <= 1.0
         assert set(r["per_type"]) == {rec["type"] for rec in records}
