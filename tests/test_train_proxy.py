@@ -83,6 +83,42 @@ def test_attention_supervision_targets_point_at_the_needed_cells(small):
         assert cells == (list(q.needed_cells) if q.type in tp.SUPERVISED_TYPES else [])
         assert all(batch["input_ids"][b, image_start + c] == image_id for c in cells)
     with torch.no_grad():
-        tp.packed_forward(model, batch, capture_layer=1)
+        tp.packed_forward(model, batch, capture_layers=[1])
         loss = tp.attention_supervision(model, batch, 1, 1, image_start)
     assert torch.isfinite(loss) and loss.item() > 0
+
+
+def test_lookup_supervision_is_minus_log_eager_attention_to_the_named_cell(small):
+    """The loss equals -log of head 0's attention (eager weights of the real layer) from each
+    one-hop caption target's cell name to that cell's visual token."""
+    tok, _, model, packer = small
+    examples = [(s, q[:1]) for s, q in task.make_split("val", 2, seed=0)]
+    batch = packer.pack(examples, captions=3)
+    image_start = packer.prefix.index(tok.convert_tokens_to_ids(tp.IMAGE_TOKEN))
+    table = tp.cell_of_token(tok)
+    assert int((table >= 0).sum()) == task.NUM_CELLS
+    assert table[tok.convert_tokens_to_ids(task.cell_name(2, 3))] == 2 * task.GRID + 3
+    grabbed = {}
+    layer0 = model.model.language_model.layers[0].self_attn
+    def grab(module, args, out):  # first forward only; returns None (keeps the output)
+        grabbed.setdefault("w", out[1])
+
+    handle = layer0.register_forward_hook(grab)
+    impl = model.config.text_config._attn_implementation
+    model.config.text_config._attn_implementation = "eager"
+    # eager attention adds the mask to the scores: give it the additive form of the bool mask
+    additive = torch.zeros(batch["mask"].shape).masked_fill(~batch["mask"], torch.finfo(torch.float32).min)
+    try:
+        with torch.no_grad():
+            tp.packed_forward(model, {**batch, "mask": additive})
+            tp.packed_forward(model, batch, capture_layers=[0])
+            loss = tp.lookup_supervision(model, batch, 0, 1, image_start, table)
+    finally:
+        handle.remove()
+        model.config.text_config._attn_implementation = impl
+    c = batch["captions"]
+    c = c[(c[:, 3] == 2) | (c[:, 3] == 6)]
+    cells = table[batch["input_ids"][c[:, 0], c[:, 1]]]
+    assert (cells >= 0).all()
+    w = grabbed["w"][c[:, 0], 0, c[:, 1], image_start + cells]  # head 0
+    assert torch.allclose(loss, -w.log().mean(), atol=1e-4)
