@@ -122,3 +122,22 @@ def test_lookup_supervision_is_minus_log_eager_attention_to_the_named_cell(small
     assert (cells >= 0).all()
     w = grabbed["w"][c[:, 0], 0, c[:, 1], image_start + cells]  # head 0
     assert torch.allclose(loss, -w.log().mean(), atol=1e-4)
+
+
+def test_content_targets_are_the_cells_holding_the_word(small):
+    tok, _, model, packer = small
+    examples = task.make_split("val", 3, seed=0)
+    batch = packer.pack(examples)
+    pos, cells = batch["content_pos"], batch["content_cells"]
+    assert len(pos) > 0
+    for (b, p), row in zip(pos.tolist(), cells.tolist()):
+        word = tok.convert_ids_to_tokens(int(batch["input_ids"][b, p]))
+        scene = examples[b][0]
+        want = sorted(o.cell for o in scene.objects
+                      if word in (o.color, o.shape, task.SHAPE_PLURALS[o.shape]))
+        assert sorted(c for c in row if c >= 0) == want and want
+    image_start = packer.prefix.index(tok.convert_tokens_to_ids(tp.IMAGE_TOKEN))
+    with torch.no_grad():
+        tp.packed_forward(model, batch, capture_layers=[0])
+        loss = tp.content_supervision(model, batch, 0, 1, image_start, first_head=1)
+    assert torch.isfinite(loss) and loss.item() > 0
