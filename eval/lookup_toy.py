@@ -10,9 +10,13 @@ Measured on 2 CPU cores (session 2), D=256, 6 layers, RoPE base 1e6, embeddings 
 ``one`` jumps from chance to ~100% between steps 130 and 200 (also with batch 8,
 gradient clipping 1.0, weight decay 0.05, betas (0.9, 0.98), lr 1.5e-3); ``two`` alone
 stays at chance for 400 steps; ``both`` learns the one-hop part by step ~200 and the
-two-hop answer by step ~1,000 (2 layers). The same skill inside ``train_proxy.py`` did
-not form within 350 steps even with exact word-embedding visual tokens
-(``--oracle-visual-tokens``), which is the open question of issue 3.
+two-hop answer by step ~1,000 (2 layers). Inside ``train_proxy.py`` the same skill did
+not form even on exact word-sum visual tokens (session 2). Session 3 found why, bisecting
+from this toy towards the trainer: two-hop caption targets trained from the start (the
+shape after the colour, the next cell name) kept it from forming, and even without them
+its formation was erratic (one run in ~450 steps, five runs not in 600). The trainer now
+supervises the lookup on one head of decoder layer 0 (``lookup_supervision``), with which
+it forms in ~100 steps.
 
 Usage: python eval/lookup_toy.py --mode one --layers 6 --steps 400
 """
