@@ -46,9 +46,11 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # the package, when not installed
 import proxy_task as task  # noqa: E402
 
 from pumer_llava import Recipe, apply_pumer, list_methods, remove_pumer  # noqa: E402
+from pumer_llava.methods import get_recipe  # noqa: E402
 from pumer_llava.reduce.scoring import apply_rope, mean_over_rows, query_row_attention  # noqa: E402
 
 DEFAULT_FRACTIONS = (1.0, 0.5, 0.25, 0.11)
@@ -116,15 +118,22 @@ class LowestTextAttention:
     """
 
     def __init__(self, model, layer: int):
-        if layer < 1:
-            raise ValueError("the lowest-score control needs a reducing layer >= 1")
+        if layer < 0:
+            raise ValueError("the lowest-score control needs a reducing layer >= 0")
         self.model, self.layer = model, layer
         self.captured: dict = {}
         layers = model.model.language_model.layers
-        self._handles = [
-            layers[layer - 1].register_forward_pre_hook(self._grab_pos, with_kwargs=True),
-            layers[layer - 1].register_forward_hook(self._grab_out),
-        ]
+        if layer == 0:  # the input of layer 0 itself (registered before apply_pumer's hooks)
+            self._handles = [layers[0].register_forward_pre_hook(self._grab_in, with_kwargs=True)]
+        else:
+            self._handles = [
+                layers[layer - 1].register_forward_pre_hook(self._grab_pos, with_kwargs=True),
+                layers[layer - 1].register_forward_hook(self._grab_out),
+            ]
+
+    def _grab_in(self, module, args, kwargs):
+        self.captured["pos_emb"] = kwargs["position_embeddings"]
+        self.captured["hidden"] = args[0] if args else kwargs["hidden_states"]
 
     def _grab_pos(self, module, args, kwargs):
         self.captured["pos_emb"] = kwargs["position_embeddings"]
@@ -253,7 +262,9 @@ def evaluate(model, processor, batches, before_batch=None) -> dict:
 
 
 def run(model, processor, records, methods, fractions, controls, control_layer, batch_size, log=print,
-        hybrids=None, hybrid_layers=(2,)) -> dict:
+        hybrids=None, hybrid_layers=(2,), method_layers=None) -> dict:
+    """``method_layers``: reducing layers for every in-LLM method instead of its defaults
+    (raised to a method's smallest allowed layer, FastV's 1); VisPruner stays before the LLM."""
     total = task.NUM_CELLS
     rows = []
     batches = make_batches(processor, records, batch_size)
@@ -272,7 +283,11 @@ def run(model, processor, records, methods, fractions, controls, control_layer, 
             continue
         keep = max(1, round(total * fraction))
         for name in methods:
-            apply_pumer(model, keep_tokens=keep, method=name)
+            recipe = get_recipe(name)
+            override = {}
+            if method_layers is not None and not recipe.pre_llm:
+                override["layers"] = sorted({max(x, recipe.min_layer) for x in method_layers})
+            apply_pumer(model, keep_tokens=keep, method=name, **override)
             res = evaluate(model, processor, batches)
             add(name, "method", fraction, keep, res, list(model.pumer.layers))
             remove_pumer(model)
@@ -369,6 +384,8 @@ def parse_args(argv=None):
     p.add_argument("--fractions", nargs="*", type=float, default=list(DEFAULT_FRACTIONS))
     p.add_argument("--controls", nargs="*", default=list(CONTROLS))
     p.add_argument("--control-layer", type=int, default=2)
+    p.add_argument("--method-layers", nargs="*", type=int, default=None,
+                   help="reducing layers for every in-LLM method (default: each method's own)")
     p.add_argument("--hybrid-layers", nargs="*", type=int, default=[2],
                    help="decoder layers of the hybrid's PuMer stages (after VisPruner before the LLM)")
     p.add_argument("--batch-size", type=int, default=64)
@@ -397,7 +414,7 @@ def main(argv=None) -> dict:
     methods = args.methods if args.methods is not None else list_methods()
     t0 = time.perf_counter()
     results = run(model, processor, records, methods, args.fractions, args.controls, args.control_layer,
-                  args.batch_size, hybrid_layers=args.hybrid_layers)
+                  args.batch_size, hybrid_layers=args.hybrid_layers, method_layers=args.method_layers)
     results["meta"] = {
         "hybrids": {name: {**kw, "layers": args.hybrid_layers} for name, kw in HYBRIDS.items()},
         "model": args.model,
@@ -406,6 +423,7 @@ def main(argv=None) -> dict:
         "methods": methods,
         "controls": args.controls,
         "control_layer": args.control_layer,
+        "method_layers": args.method_layers,
         "batch_size": args.batch_size,
         "threads": torch.get_num_threads(),
         "total_seconds": round(time.perf_counter() - t0, 1),

@@ -125,3 +125,14 @@ def test_benchmark_runs_and_writes_outputs(small_proxy, records, tmp_path):
     assert json.loads(paths["json"].read_text())["rows"][0]["name"] == "unreduced"
     assert "| oracle_aware | 16 |" in paths["md"].read_text()
     assert paths["png"].stat().st_size > 0
+
+
+def test_method_layers_override_and_layer0_controls(small_proxy, records):
+    model, processor = small_proxy
+    res = accuracy.run(model, processor, records[:6], ["pumer", "fastv", "vispruner"], [0.25], ["lowest"],
+                       control_layer=0, batch_size=6, log=lambda *_: None, hybrids={}, method_layers=[0])
+    layers = {r["name"]: r["layers"] for r in res["rows"]}
+    assert layers["pumer"] == [0] and layers["fastv"] == [1] and layers["vispruner"] == []
+    assert layers["lowest"] == [0]
+    low = next(r for r in res["rows"] if r["name"] == "lowest")
+    assert low["visual_tokens_per_layer"][0] == 16  # reduced before layer 0 runs
