@@ -66,9 +66,9 @@ if [ -n "${PUMER_LMMS_INSTALL_ONLY:-}" ]; then
 fi
 
 echo "== lmms-eval: data and model"
-if [ ! -f "$DATA/questions.jsonl" ]; then
-  "$PY" eval/proxy_task.py --out "$DATA"
-fi
+# always rewritten: a split left by an older checkout (other phrasing) would be scored silently
+rm -rf "$DATA"
+"$PY" eval/proxy_task.py --out "$DATA"
 if [ ! -f "$MODEL/config.json" ]; then
   echo "FAILED: no model at $MODEL (the embedded proxy checkpoint)" >&2
   exit 1
