@@ -284,6 +284,10 @@ class Packer:
         last_image = max(i for i, t in enumerate(full) if t == image_id)
         self.prefix = full[: last_image + 1]  # <s> USER: <image>x64
         self._cache: dict[str, list[int]] = {}
+        ids = tokenizer.convert_tokens_to_ids  # word id -> (attribute, value) for the content search
+        self._attr = {ids(c): ("color", c) for c in task.COLORS}
+        self._attr.update({ids(sh): ("shape", sh) for sh in task.SHAPES})
+        self._attr.update({ids(pl): ("shape", sh) for sh, pl in task.SHAPE_PLURALS.items()})
 
     def suffix(self, question: str) -> list[int]:
         """Ids after the image for one question, up to and including ``ASSISTANT:``."""
@@ -330,11 +334,6 @@ class Packer:
     def attribute_cells(self, scene, token_id: int) -> list[int]:
         """Cells of ``scene`` whose object has the colour or shape the word ``token_id`` names
         (a shape's plural too); [] for any other word or when none has it."""
-        if not hasattr(self, "_attr"):
-            ids = self.tok.convert_tokens_to_ids
-            self._attr = {ids(c): ("color", c) for c in task.COLORS}
-            self._attr.update({ids(sh): ("shape", sh) for sh in task.SHAPES})
-            self._attr.update({ids(pl): ("shape", sh) for sh, pl in task.SHAPE_PLURALS.items()})
         if token_id not in self._attr:
             return []
         attr, value = self._attr[token_id]
@@ -569,11 +568,16 @@ def content_supervision(model, batch, layer_idx: int, heads: int, image_start: i
     return _head_attention_nll(model, batch, layer_idx, heads, pos[:, 0], pos[:, 1], cols, first_head)
 
 
+def cell_name_ids(tokenizer) -> torch.Tensor:
+    """(64,) the token id of each cell's name (``c5``), in cell order."""
+    ids = tokenizer.convert_tokens_to_ids
+    return torch.tensor([ids(task.cell_name(i // task.GRID, i % task.GRID)) for i in range(task.NUM_CELLS)])
+
+
 def cell_of_token(tokenizer) -> torch.Tensor:
     """(V,) the cell index of each cell-name token id, -1 for other tokens."""
     table = torch.full((len(tokenizer),), -1, dtype=torch.long)
-    for i in range(task.NUM_CELLS):
-        table[tokenizer.convert_tokens_to_ids(task.cell_name(i // task.GRID, i % task.GRID))] = i
+    table[cell_name_ids(tokenizer)] = torch.arange(task.NUM_CELLS)
     return table
 
 
@@ -581,7 +585,7 @@ def grounding_targets(tokenizer, cell_color, cell_shape):
     """Word ids each visual token should resemble: its cell's name (``c5``), and for an
     occupied cell its colour and shape words (-100 where empty)."""
     ids = tokenizer.convert_tokens_to_ids
-    names = torch.tensor([ids(task.cell_name(i // task.GRID, i % task.GRID)) for i in range(task.NUM_CELLS)])
+    names = cell_name_ids(tokenizer)
     colors = torch.tensor([ids(c) for c in task.COLORS] + [-100])
     shapes = torch.tensor([ids(s) for s in task.SHAPES] + [-100])
     b = cell_color.shape[0]

@@ -68,6 +68,17 @@ def _sharpen(model):
     return model.eval()
 
 
+def _image_prompts(counts, prefix_lens, suffix_lens, g, first_text_id: int):
+    """Left-padded rows of random text ids (>= ``first_text_id``), each with one image of
+    ``counts[i]`` visual tokens between a prefix and a suffix: (input_ids, attention_mask)."""
+    seqs = []
+    for n_vis, pre, suf in zip(counts, prefix_lens, suffix_lens):
+        a = torch.randint(first_text_id, VOCAB, (pre,), generator=g)
+        b = torch.randint(first_text_id, VOCAB, (suf,), generator=g)
+        seqs.append(torch.cat([a, torch.full((n_vis,), IMAGE_TOKEN), b]))
+    return _left_pad(seqs)
+
+
 def _left_pad(seqs):
     n = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), n), PAD)
@@ -143,12 +154,7 @@ def make_next_inputs(model, sizes=((IMAGE_SIZE, 2 * IMAGE_SIZE), (2 * IMAGE_SIZE
         feats = model.model.get_image_features(pixel, image_sizes, vision_feature_layer=cfg.vision_feature_layer,
                                                vision_feature_select_strategy=cfg.vision_feature_select_strategy)
     counts = [f.shape[0] for f in feats.pooler_output]
-    seqs = []
-    for n_vis, pre, suf in zip(counts, prefix_lens, suffix_lens):
-        a = torch.randint(4, VOCAB, (pre,), generator=g)
-        b = torch.randint(4, VOCAB, (suf,), generator=g)
-        seqs.append(torch.cat([a, torch.full((n_vis,), IMAGE_TOKEN), b]))
-    ids, mask = _left_pad(seqs)
+    ids, mask = _image_prompts(counts, prefix_lens, suffix_lens, g, first_text_id=4)
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixel, "image_sizes": image_sizes}, counts
 
 
@@ -328,12 +334,7 @@ def make_onevision_inputs(model, sizes=((IMAGE_SIZE, IMAGE_SIZE), (2 * IMAGE_SIZ
     pixel = torch.randn(len(sizes), max(n_views), 3, IMAGE_SIZE, IMAGE_SIZE, generator=g)
     image_sizes = torch.tensor(sizes)
     counts = onevision_counts(model, pixel, image_sizes)
-    seqs = []
-    for n_vis, pre, suf in zip(counts, prefix_lens, suffix_lens):
-        a = torch.randint(5, VOCAB, (pre,), generator=g)
-        b = torch.randint(5, VOCAB, (suf,), generator=g)
-        seqs.append(torch.cat([a, torch.full((n_vis,), IMAGE_TOKEN), b]))
-    ids, mask = _left_pad(seqs)
+    ids, mask = _image_prompts(counts, prefix_lens, suffix_lens, g, first_text_id=5)
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixel, "image_sizes": image_sizes}, counts
 
 

@@ -119,6 +119,16 @@ def _llava_visual_tokens(config: object) -> int:
     return n + (1 if getattr(config, "vision_feature_select_strategy", "default") == "full" else 0)
 
 
+# Where every row of this table keeps its decoder: ``model.model.language_model`` (transformers >= 4.52
+# layout for LLaVA-1.5/-NeXT/-OneVision and Qwen2-VL/2.5-VL alike).
+_MODEL_LANGUAGE_MODEL = dict(
+    inner=lambda m: m.model,
+    language_model=lambda m: m.model.language_model,
+    layers=lambda m: m.model.language_model.layers,
+    text_config=lambda c: c.text_config,
+)
+
+
 def _qwen_vl(model_type: str, class_name: str) -> Adapter:
     """Qwen2-VL and Qwen2.5-VL: one row shape, two class names.
 
@@ -135,10 +145,7 @@ def _qwen_vl(model_type: str, class_name: str) -> Adapter:
     return Adapter(
         model_type=model_type,
         class_name=class_name,
-        inner=lambda m: m.model,
-        language_model=lambda m: m.model.language_model,
-        layers=lambda m: m.model.language_model.layers,
-        text_config=lambda c: c.text_config,
+        **_MODEL_LANGUAGE_MODEL,
         visual_token_ids=lambda c: (c.image_token_id, c.video_token_id),
         visual_tokens_per_image=lambda c: None,
         attn_parts=_llama_style_attn,  # Qwen2 attention: q/k/v biases, grouped-query heads
@@ -157,10 +164,7 @@ def _llava_family(model_type: str, class_name: str, **fields) -> Adapter:
     return Adapter(
         model_type=model_type,
         class_name=class_name,
-        inner=lambda m: m.model,
-        language_model=lambda m: m.model.language_model,
-        layers=lambda m: m.model.language_model.layers,
-        text_config=lambda c: c.text_config,
+        **_MODEL_LANGUAGE_MODEL,
         attn_parts=_llama_style_attn,
         vision_parts=_vision_parts,
         projector=lambda m: m.model.multi_modal_projector,
