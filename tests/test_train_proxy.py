@@ -23,6 +23,15 @@ def small():
     return tok, tp.build_processor(tok), model, tp.Packer(tok)
 
 
+@pytest.fixture(scope="module")
+def small_deep():
+    """Three decoder layers, so every route's layer (ROUTE_HEADS) exists."""
+    args = tp.parse_args(["--text-layers", "3", "--vision-layers", "2", "--text-hidden", "64", "--text-mlp", "128",
+                          "--vision-hidden", "64"])
+    tok = tp.build_tokenizer()
+    return tok, tp.build_model(tok, args).eval(), tp.Packer(tok)
+
+
 def test_every_packed_question_equals_the_processor_path(small):
     """Each question after the shared image prefix (and after caption segments) gets the logits
     that ``model(**processor(...))`` gives it alone."""
@@ -124,20 +133,91 @@ def test_lookup_supervision_is_minus_log_eager_attention_to_the_named_cell(small
     assert torch.allclose(loss, -w.log().mean(), atol=1e-4)
 
 
-def test_content_targets_are_the_cells_holding_the_word(small):
-    tok, _, model, packer = small
-    examples = task.make_split("val", 3, seed=0)
+def _route_table(tok, batch, image_start):
+    """Per route entry: (name, row, query word, key cells or words)."""
+    out = []
+    for (r, b, p), keys in zip(batch["routes"].tolist(), batch["route_keys"].tolist()):
+        ids = batch["input_ids"][b]
+        keys = [k for k in keys if k >= 0]
+        named = ["<s>" if k == tp.SINK else (k - image_start if k < len(tp.Packer(tok).prefix) else
+                 tok.convert_ids_to_tokens(int(ids[k]))) for k in keys]
+        out.append((tp.ROUTES[r], b, p, tok.convert_ids_to_tokens(int(ids[p])), named))
+    return out
+
+
+def test_route_targets_follow_the_scene(small):
+    """Each supervised hop points where the answer is: content words at <s> and every cell
+    holding the word, conj at <s> and the cells with both attributes, a relation's neighbour
+    hop at the cell whose colour is the answer."""
+    tok, _, _, packer = small
+    examples = task.make_split("val", 12, seed=0)
     batch = packer.pack(examples)
-    pos, cells = batch["content_pos"], batch["content_cells"]
-    assert len(pos) > 0
-    for (b, p), row in zip(pos.tolist(), cells.tolist()):
-        word = tok.convert_ids_to_tokens(int(batch["input_ids"][b, p]))
+    table = _route_table(tok, batch, packer.image_start)
+    seen = {name for name, *_ in table}
+    assert seen == set(tp.ROUTES)
+    ids = batch["input_ids"]
+    for name, b, p, word, keys in table:
         scene = examples[b][0]
-        want = sorted(o.cell for o in scene.objects
-                      if word in (o.color, o.shape, task.SHAPE_PLURALS[o.shape]))
-        assert sorted(c for c in row if c >= 0) == want and want
-    image_start = packer.prefix.index(tok.convert_tokens_to_ids(tp.IMAGE_TOKEN))
-    with torch.no_grad():
-        tp.packed_forward(model, batch, capture_layers=[0])
-        loss = tp.content_supervision(model, batch, 0, 1, image_start, first_head=1)
-    assert torch.isfinite(loss) and loss.item() > 0
+        if name == "content":
+            want = sorted(o.cell for o in scene.objects if word in (o.color, o.shape, task.SHAPE_PLURALS[o.shape]))
+            assert keys[0] == "<s>" and sorted(keys[1:]) == want
+        elif name == "prev":
+            assert keys == [tok.convert_ids_to_tokens(int(ids[b, p - 1]))]
+        elif name == "direction":
+            assert keys[0] in ("left", "right", "above", "below")
+        elif name == "conj":
+            color = tok.convert_ids_to_tokens(int(ids[b, p - 1]))
+            want = sorted(o.cell for o in scene.objects if o.color == color and o.shape == word)
+            assert keys[0] == "<s>" and sorted(keys[1:]) == want
+    # the neighbour hops land on the answer: the colour of the cell they point at
+    starts = {}
+    for (b, ans_pos, answer_id, _), q in zip(batch["targets"].tolist(), [q for _, qs in examples for q in qs]):
+        starts.setdefault(b, []).append((ans_pos, q))
+    n_rel = 0
+    for name, b, p, word, keys in table:
+        if name in ("neighbour", "neighbour2"):
+            q = next(q for ans_pos, q in starts[b] if ans_pos > p)
+            assert q.type == "relation"
+            (cell,) = keys
+            (o,) = [o for o in examples[b][0].objects if o.cell == cell]
+            assert o.color == q.answer == task.answer_from_scene(examples[b][0], q.question)
+            n_rel += 1
+    assert n_rel == sum(q.type == "relation" for _, qs in examples for q in qs)
+
+
+def test_route_supervision_is_cross_entropy_of_eager_attention(small_deep):
+    """The loss of each route equals -mean log of the real layer's eager attention weights
+    (its head, from its query position) on its keys."""
+    tok, model, packer = small_deep
+    examples = task.make_split("val", 6, seed=0)
+    batch = packer.pack(examples, captions=1)
+    grabbed = {}
+
+    def grab(module, args, out, i):  # first forward only; returns None (keeps the output)
+        grabbed.setdefault(i, out[1])
+
+    hooks = [layer.self_attn.register_forward_hook(lambda m, a, out, i=i: grab(m, a, out, i))
+             for i, layer in enumerate(model.model.language_model.layers)]
+    impl = model.config.text_config._attn_implementation
+    model.config.text_config._attn_implementation = "eager"
+    additive = torch.zeros(batch["mask"].shape).masked_fill(~batch["mask"], torch.finfo(torch.float32).min)
+    try:
+        with torch.no_grad():
+            tp.packed_forward(model, {**batch, "mask": additive})
+    finally:
+        for h in hooks:
+            h.remove()
+        model.config.text_config._attn_implementation = impl
+    with torch.no_grad():  # the training path (sdpa, boolean mask); eager would add the bool mask as 0/1
+        tp.packed_forward(model, batch, capture_layers=[0, 1, 2])
+        got = tp.route_supervision(model, batch)
+    assert set(got) == set(tp.ROUTES)
+    r, keys = batch["routes"], batch["route_keys"]
+    for name, loss in got.items():
+        layer, head = tp.ROUTE_HEADS[name]
+        sel = r[:, 0] == tp.ROUTES.index(name)
+        per = []
+        for (_, b, p), k in zip(r[sel].tolist(), keys[sel].tolist()):
+            k = [x for x in k if x >= 0]
+            per.append(-grabbed[layer][b, head, p, k].log().mean())
+        assert torch.allclose(loss, torch.stack(per).mean(), atol=1e-4), name
