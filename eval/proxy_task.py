@@ -235,7 +235,7 @@ def _color_counts(scene: Scene) -> dict[str, int]:
     return counts
 
 
-def _pair_cells(scene: Scene, color: str, shape: str) -> list[int]:
+def pair_cells(scene: Scene, color: str, shape: str) -> list[int]:
     return [o.cell for o in scene.objects if o.color == color and o.shape == shape]
 
 
@@ -253,7 +253,7 @@ def _q_relation(scene: Scene, rng: random.Random):
     named_object = rng.random() < 0.5
     options = []
     for ref in scene.objects:
-        if named_object and len(_pair_cells(scene, ref.color, ref.shape)) != 1:
+        if named_object and len(pair_cells(scene, ref.color, ref.shape)) != 1:
             continue  # the reference must be unambiguous
         for name, (dr, dc) in DIRECTIONS.items():
             r, c = ref.row + dr, ref.col + dc
@@ -271,15 +271,15 @@ def _q_relation(scene: Scene, rng: random.Random):
 
 def _q_exists(scene: Scene, rng: random.Random):
     pairs = [(c, s) for c in COLORS for s in SHAPES]
-    present_once = [p for p in pairs if len(_pair_cells(scene, *p)) == 1]
-    absent = [p for p in pairs if not _pair_cells(scene, *p)]
+    present_once = [p for p in pairs if len(pair_cells(scene, *p)) == 1]
+    absent = [p for p in pairs if not pair_cells(scene, *p)]
     want_yes = rng.random() < 0.5
     if (want_yes and not present_once) or (not want_yes and not absent):
         want_yes = not want_yes
     if want_yes and not present_once:
         return None
     color, shape = rng.choice(present_once if want_yes else absent)
-    cells = _pair_cells(scene, color, shape)
+    cells = pair_cells(scene, color, shape)
     return f"is there a {color} {shape} ?", ("yes" if want_yes else "no"), cells
 
 
@@ -377,7 +377,7 @@ def answer_from_scene(scene: Scene, question: str) -> str:
         return scene.at(r + dr, c + dc).color
     if question.startswith("is there a "):
         color, shape = words[3], words[4]
-        return "yes" if _pair_cells(scene, color, shape) else "no"
+        return "yes" if pair_cells(scene, color, shape) else "no"
     if question.startswith("how many "):
         what = words[2]
         if what in COLORS:

@@ -147,8 +147,8 @@ def _route_table(tok, batch, image_start):
 
 def test_route_targets_follow_the_scene(small):
     """Each supervised hop points where the answer is: content words at <s> and every cell
-    holding the word, conj at <s> and the cells with both attributes, a relation's neighbour
-    hop at the cell whose colour is the answer."""
+    holding the word (<s> when none does), conj at the cells with both attributes, a
+    relation's direction hop at its direction word."""
     tok, _, _, packer = small
     examples = task.make_split("val", 12, seed=0)
     batch = packer.pack(examples)
@@ -160,7 +160,7 @@ def test_route_targets_follow_the_scene(small):
         scene = examples[b][0]
         if name == "content":
             want = sorted(o.cell for o in scene.objects if word in (o.color, o.shape, task.SHAPE_PLURALS[o.shape]))
-            assert keys[0] == "<s>" and sorted(keys[1:]) == want
+            assert keys[0] == "<s>" and sorted(keys[1:]) == want  # <s> counts only without cells (mass)
         elif name == "prev":
             assert keys == [tok.convert_ids_to_tokens(int(ids[b, p - 1]))]
         elif name == "direction":
@@ -169,18 +169,27 @@ def test_route_targets_follow_the_scene(small):
             color = tok.convert_ids_to_tokens(int(ids[b, p - 1]))
             want = sorted(o.cell for o in scene.objects if o.color == color and o.shape == word)
             assert keys[0] == "<s>" and sorted(keys[1:]) == want
-    # the neighbour hops land on the answer: the colour of the cell they point at
+    # a relation's hops end at its reference, whose token then holds the reference cell (the
+    # relay target of its lookup or conj): that cell's neighbour fact in the asked direction is
+    # the answer
     starts = {}
     for (b, ans_pos, answer_id, _), q in zip(batch["targets"].tolist(), [q for _, qs in examples for q in qs]):
         starts.setdefault(b, []).append((ans_pos, q))
+    classes = tp.fact_classes(tp.cell_facts(examples))
+    relay = {}
+    for b, p, cell, layer in batch["relay"].tolist():
+        relay.setdefault((b, p), []).append((cell, layer))
     n_rel = 0
     for name, b, p, word, keys in table:
-        if name in ("neighbour", "neighbour2"):
+        if name == "direction":
             q = next(q for ans_pos, q in starts[b] if ans_pos > p)
             assert q.type == "relation"
-            (cell,) = keys
-            (o,) = [o for o in examples[b][0].objects if o.cell == cell]
-            assert o.color == q.answer == task.answer_from_scene(examples[b][0], q.question)
+            ((cell, layer),) = relay[(b, p)]
+            assert layer == (1 if word in {task.cell_name(r, c) for r in range(8) for c in range(8)} else 2)
+            direction = keys[0] + (" of" if keys[0] in ("left", "right") else "")
+            slot = tp.FACT_DIRECTIONS.index(direction)
+            assert list(task.COLORS)[int(classes[b, cell, slot])] == q.answer == task.answer_from_scene(
+                examples[b][0], q.question)
             n_rel += 1
     assert n_rel == sum(q.type == "relation" for _, qs in examples for q in qs)
 
@@ -221,3 +230,231 @@ def test_route_supervision_is_cross_entropy_of_eager_attention(small_deep):
             k = [x for x in k if x >= 0]
             per.append(-grabbed[layer][b, head, p, k].log().mean())
         assert torch.allclose(loss, torch.stack(per).mean(), atol=1e-4), name
+
+
+def test_cell_facts_follow_the_scene():
+    """Each occupied cell's facts are its neighbours' colours and how many objects share its
+    colour and its shape; empty cells hold none; the probe classes decode the same facts."""
+    examples = task.make_split("val", 6, seed=0)
+    facts = tp.cell_facts(examples)
+    classes = tp.fact_classes(facts)
+    colors = list(task.COLORS)
+    nd = len(tp.FACT_DIRECTIONS)
+    assert facts.shape == (6, task.NUM_CELLS, tp.FACT_SLOTS)
+    assert int(facts.max()) < tp.NUM_FACTS
+    seen_neighbour = 0
+    for b, (scene, _) in enumerate(examples):
+        occupied = {o.cell: o for o in scene.objects}
+        for cell in range(task.NUM_CELLS):
+            if cell not in occupied:
+                assert (facts[b, cell] == -1).all() and (classes[b, cell] == -100).all()
+                continue
+            o = occupied[cell]
+            for slot, name in enumerate(tp.FACT_DIRECTIONS):
+                dr, dc = task.DIRECTIONS[name]
+                r, c = o.row + dr, o.col + dc
+                nb = scene.at(r, c) if 0 <= r < task.GRID and 0 <= c < task.GRID else None
+                if nb is None:
+                    assert facts[b, cell, slot] == -1 and classes[b, cell, slot] == -100
+                else:
+                    assert classes[b, cell, slot] == colors.index(nb.color)
+                    seen_neighbour += 1
+            n_color = sum(p.color == o.color for p in scene.objects)
+            n_shape = sum(p.shape == o.shape for p in scene.objects)
+            assert classes[b, cell, nd] == min(n_color, tp.MAX_FACT_COUNT) - 1
+            assert classes[b, cell, nd + 1] == min(n_shape, tp.MAX_FACT_COUNT) - 1
+    assert seen_neighbour > 0
+    # distinct facts have distinct rows, and the vectors are the sum of those rows
+    table = tp.fact_table(16, 0.5, seed=0)
+    sums = tp.fact_sums(table, facts)
+    b, cell = 0, examples[0][0].objects[0].cell
+    want = sum(table[i] for i in facts[b, cell].tolist() if i >= 0)
+    assert torch.allclose(sums[b, cell], want)
+    assert torch.equal(sums[~(facts >= 0).any(-1)], torch.zeros_like(sums[~(facts >= 0).any(-1)]))
+
+
+def test_a_relation_answer_is_a_fact_of_its_reference_cell():
+    """What a relation question asks is carried by the reference's own token: the neighbour
+    fact in the asked direction decodes to the answer."""
+    examples = task.make_split("val", 20, seed=0)
+    classes = tp.fact_classes(tp.cell_facts(examples))
+    n = 0
+    for b, (scene, questions) in enumerate(examples):
+        for q in questions:
+            if q.type != "relation":
+                continue
+            words = q.question.split()
+            direction = words[5] + (" of" if words[5] in ("left", "right") else "")
+            dr, dc = task.DIRECTIONS[direction]
+            # needed_cells is sorted: the reference is the one the direction leads away from
+            (ref,) = [cell for cell in q.needed_cells
+                      if 0 <= cell // task.GRID + dr < task.GRID and 0 <= cell % task.GRID + dc < task.GRID
+                      and cell + dr * task.GRID + dc in q.needed_cells]
+            slot = tp.FACT_DIRECTIONS.index(direction)
+            assert list(task.COLORS)[int(classes[b, ref, slot])] == q.answer
+            n += 1
+    assert n == 20
+
+
+def test_tower_routes_point_at_neighbours_and_equals(small):
+    tok, _, model, packer = small
+    examples = task.make_split("val", 3, seed=0)
+    routes, keys = tp.tower_routes(examples)
+    nd = len(tp.FACT_DIRECTIONS)
+    for (slot, b, query), k in zip(routes.tolist(), keys.tolist()):
+        k = [x for x in k if x >= 0]
+        cell = query - 1
+        r, c = divmod(cell, task.GRID)
+        scene = examples[b][0]
+        if slot < nd:
+            dr, dc = task.DIRECTIONS[tp.FACT_DIRECTIONS[slot]]
+            assert k == [1 + (r + dr) * task.GRID + (c + dc)]
+        else:
+            o = scene.at(r, c)
+            attr = "color" if slot == nd else "shape"
+            want = sorted(1 + p.cell for p in scene.objects if getattr(p, attr) == getattr(o, attr))
+            assert k[0] == 0 and sorted(k[1:]) == want  # [CLS] first, then the equals, itself included
+    # every cell with a neighbour in a direction has its route; every object its two counts
+    for slot, name in enumerate(tp.FACT_DIRECTIONS):
+        dr, dc = task.DIRECTIONS[name]
+        on_grid = sum(0 <= r + dr < task.GRID and 0 <= c + dc < task.GRID
+                      for r in range(task.GRID) for c in range(task.GRID))
+        assert int((routes[:, 0] == slot).sum()) == 3 * on_grid
+    n_objects = sum(len(s.objects) for s, _ in examples)
+    assert int((routes[:, 0] == nd).sum()) == int((routes[:, 0] == nd + 1).sum()) == n_objects
+
+
+def test_tower_supervision_is_cross_entropy_of_the_towers_eager_attention():
+    """The loss equals -mean log of the real tower layers' eager attention weights, per
+    supervised head, on its keys."""
+    args = tp.parse_args(["--text-layers", "1", "--vision-layers", "3", "--text-hidden", "64", "--text-mlp", "128",
+                          "--vision-hidden", "64"])
+    model = tp.build_model(tp.build_tokenizer(), args).eval()
+    examples = task.make_split("val", 2, seed=0)
+    routes, keys = tp.tower_routes(examples)
+    tower = model.model.vision_tower
+    impl = tower.config._attn_implementation
+    tower.config._attn_implementation = "eager"
+    try:
+        with torch.no_grad():
+            out = tower(tp.pixels([task.render(s) for s, _ in examples]), output_hidden_states=True,
+                        output_attentions=True)
+    finally:
+        tower.config._attn_implementation = impl
+    with torch.no_grad():
+        got = tp.tower_supervision(model, out.hidden_states, routes, keys)
+    per_slot = []
+    for slot, (layer, head) in enumerate(tp.TOWER_HEADS):
+        sel = routes[:, 0] == slot
+        assert sel.any()
+        vals = []
+        for (_, b, q), k in zip(routes[sel].tolist(), keys[sel].tolist()):
+            k = [x for x in k if x >= 0]
+            vals.append(-out.attentions[layer][b, head, q, k].log().mean())
+        per_slot.append(torch.stack(vals).mean())
+    assert len(per_slot) == len(tp.TOWER_HEADS)
+    assert torch.allclose(got, torch.stack(per_slot).mean(), atol=1e-4)
+
+
+def test_tower_only_images_leave_the_language_model_rows_unchanged(small):
+    """Extra images seen by the tower alone change nothing the language model computes."""
+    tok, _, model, packer = small
+    examples = task.make_split("val", 2, seed=0)
+    batch = packer.pack(examples)
+    with torch.no_grad():
+        ans, eos, vis, emb = tp.packed_forward(model, dict(batch))
+        extra = [s for s, _ in task.make_split("train", 3, seed=5)]
+        ans2, eos2, vis2, emb2 = tp.packed_forward(model, {**batch, "extra_pixels": tp.pixels([task.render(s) for s in extra])})
+    assert torch.allclose(ans, ans2, atol=1e-5) and torch.allclose(eos, eos2, atol=1e-5)
+    assert emb2.shape[0] == 5 and torch.allclose(emb2[:2], emb, atol=1e-5)
+
+
+def test_neighbour_and_count_captions_state_what_the_scene_shows(small):
+    """The extra caption segments: (cell, colour of its neighbour) pairs per direction, the same
+    for objects named by a unique colour-shape pair, and every attribute with its count; their
+    hops point at the prompt's direction word, the named object's cell, the counted cells."""
+    tok, _, _, packer = small
+    examples = task.make_split("val", 8, seed=0)
+    names = {task.cell_name(r, c): (r, c) for r in range(task.GRID) for c in range(task.GRID)}
+    n_targets = {k: 0 for k in tp.CAPTION_POOL}
+    for scene, _ in examples:
+        for seg in tp.CAPTION_POOL:
+            ids, kinds = packer.caption_segment(scene, seg)
+            words = tok.convert_ids_to_tokens(ids)
+            hops = packer.caption_routes(scene, ids, kinds)
+            prompt_end = words.index("assistant:")
+            body = words[prompt_end + 1 : -1]
+            assert words[-1] == "</s>" and kinds[-1] == 4
+            if seg == "counts":
+                pairs = list(zip(body[::2], body[1::2]))
+                want = {c: sum(o.color == c for o in scene.objects) for c in task.COLORS}
+                want.update({task.SHAPE_PLURALS[s]: sum(o.shape == s for o in scene.objects) for s in task.SHAPES})
+                assert dict(pairs) == {w: task.NUMBER_WORDS[n] for w, n in want.items() if n <= task.MAX_COUNT}
+                contents = [(i, k) for name, i, k, _ in hops if name == "content"]
+                assert len(contents) == len(pairs)
+                for i, keys in contents:
+                    cells = packer.attribute_cells(scene, ids[i])
+                    assert keys == [tp.SINK] + [packer.image_start + c for c in cells]
+                    assert task.NUMBER_WORDS[len(cells)] == words[i + 1]
+                n_targets[seg] += len(pairs)
+                continue
+            named = seg.startswith("named ")
+            direction = seg[len("named "):] if named else seg
+            dr, dc = task.DIRECTIONS[direction]
+            step = 3 if named else 2
+            items = [body[j : j + step] for j in range(0, len(body), step)]
+            want = []
+            for o in scene.objects:
+                r, c = o.row + dr, o.col + dc
+                nb = scene.at(r, c) if 0 <= r < task.GRID and 0 <= c < task.GRID else None
+                if nb is None or (named and len(task.pair_cells(scene, o.color, o.shape)) != 1):
+                    continue
+                want.append(((o.color, o.shape) if named else task.cell_name(o.row, o.col), nb.color))
+            got = [((it[0], it[1]) if named else it[0], it[-1]) for it in items]
+            assert sorted(got) == sorted(want)
+            assert [k for k in kinds if k == 7] == [7] * len(want)
+            direction_word = words.index(direction.split()[0])
+            by_query = {}
+            for name, i, keys, word_keys in hops:
+                by_query.setdefault(i, {})[name] = keys or word_keys
+            assert len(by_query) == len(want)
+            for i, routes in by_query.items():
+                assert routes["direction"] == [direction_word]
+                if named:
+                    assert routes["prev"] == [i - 1]
+                    (cell,) = task.pair_cells(scene, words[i - 1], words[i])
+                    assert routes["conj"] == [tp.SINK, packer.image_start + cell]
+                else:
+                    assert set(routes) == {"direction"} and words[i] in names
+            n_targets[seg] += len(want)
+    assert all(n > 0 for n in n_targets.values()), n_targets
+
+
+def test_relay_targets_are_the_cells_their_tokens_found(small):
+    """Every relay target sits at a cell name (its cell, after layer 0) or at a named object's
+    shape word (the cell of that unique pair, after conj's layer 1); every count target at a
+    colour or shape word, with how many objects have it."""
+    tok, _, _, packer = small
+    examples = task.make_split("val", 6, seed=0)
+    batch = packer.pack(examples, captions=[0, 1, "named left of", "below", "counts"])
+    ids = batch["input_ids"]
+    cell_of = tp.cell_of_token(tok)
+    n_named = 0
+    for b, p, cell, layer in batch["relay"].tolist():
+        scene = examples[b][0]
+        word = tok.convert_ids_to_tokens(int(ids[b, p]))
+        if layer == tp.RELAY_LAYER:
+            assert cell_of[ids[b, p]] == cell
+        else:
+            assert layer == tp.ROUTE_HEADS["conj"][0] + 1
+            color = tok.convert_ids_to_tokens(int(ids[b, p - 1]))
+            assert task.pair_cells(scene, color, word) == [cell]
+            n_named += 1
+    assert n_named > 0
+    plural = {v: k for k, v in task.SHAPE_PLURALS.items()}
+    for b, p, count, layer in batch["relay_count"].tolist():
+        scene = examples[b][0]
+        word = tok.convert_ids_to_tokens(int(ids[b, p]))
+        n = sum(word in (o.color, o.shape) or plural.get(word) == o.shape for o in scene.objects)
+        assert count == min(n, tp.MAX_FACT_COUNT) and layer == tp.ROUTE_HEADS["content"][0] + 1
+    assert len(batch["relay_count"]) > 0
