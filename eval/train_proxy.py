@@ -79,9 +79,8 @@ IMAGE_TOKEN = "<image>"
 # attribute word) in a shuffled list (unpredictable), 6 shape at its cell name, 7 the colour of a
 # cell's neighbour at its cell name, 8 a count at its colour or shape word.
 CAPTION_KINDS = ("prompt", "name", "color", "shape_after_color", "eos", "shuffled_name", "shape", "neighbour", "count")
-# Caption segments by name (``Packer.caption_segment``); an int ``captions`` k takes the first
-# k of ``DEFAULT_SEGMENTS`` cycled as before: the reading-order caption, then (cell, colour) and
-# (cell, shape) lists alternating.
+# Caption segments by name (``Packer.caption_segment``); an int segment k is the older
+# numbering: 0 the reading-order caption, then (cell, colour) and (cell, shape) lists alternating.
 NEIGHBOUR_SEGMENTS = tuple(task.DIRECTIONS)  # "left of", "right of", "above", "below"
 NAMED_NEIGHBOUR_SEGMENTS = tuple(f"named {d}" for d in NEIGHBOUR_SEGMENTS)
 SEGMENTS = ("order", "colors", "shapes") + NEIGHBOUR_SEGMENTS + NAMED_NEIGHBOUR_SEGMENTS + ("counts",)
@@ -516,14 +515,12 @@ class Packer:
         cap = []  # (row, position, next id, kind of the next id)
         for b, (scene, questions) in enumerate(examples):
             ids, pos, seg = list(self.prefix), list(range(P)), [0] * P
-            seg_names = []
-            for k in (range(int(captions)) if isinstance(captions, int) else captions):
+            for j, k in enumerate(range(int(captions)) if isinstance(captions, int) else captions):
                 s, kinds = self.caption_segment(scene, k)
                 start = len(ids)
                 ids += s
                 pos += list(range(P, P + len(s)))
-                seg += [len(questions) + 1 + len(seg_names)] * len(s)
-                seg_names.append(k)
+                seg += [len(questions) + 1 + j] * len(s)
                 cap += [(b, start + i - 1, s[i], kinds[i]) for i in range(1, len(s)) if kinds[i] > 0]
                 self._add_hops(routes, relay, relay_count, b, start, s, self.caption_routes(scene, s, kinds))
             for k, q in enumerate(questions):
@@ -1255,7 +1252,7 @@ def parse_args(argv=None):
     p.add_argument("--tower-images", type=int, default=24,
                    help="extra images per step that only the vision tower's losses see")
     p.add_argument("--relay-weight", type=float, default=1.0,
-                   help="weight of the fact probes at the cell names that look a cell up (relay_loss); 0: off")
+                   help="weight of the probes of what each supervised hop brought to its token (relay_loss); 0: off")
     p.add_argument("--fact-weight", type=float, default=3.0, help="weight of the cell-fact probes in the patch loss")
     p.add_argument("--align-occupied-weight", type=float, default=4.0,
                    help="extra weight of the occupied cells' mean alignment error (see align_loss)")

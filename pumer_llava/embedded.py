@@ -1,8 +1,8 @@
 """The proxy LLaVA shipped inside the package (issues 3 and 9).
 
 A small ``LlavaForConditionalGeneration`` of the real architecture (CLIP tower
-with [CLS], 2-layer projector, Llama decoder with grouped-query attention)
-trained here by ``eval/train_proxy.py`` on the generated visual-question task of
+with [CLS], 2-layer projector, Llama decoder with one key/value head per query head,
+as in LLaVA-1.5's Vicuna) trained here by ``eval/train_proxy.py`` on the generated visual-question task of
 ``eval/proxy_task.py``: 128x128 images, patch 16, so 64 visual tokens. It is the
 default model of the chat demo, the benchmarks and the lmms-eval tests, and it
 loads offline::
