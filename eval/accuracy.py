@@ -10,7 +10,11 @@ fractions of the 64 visual tokens on the held-out test split of
   reading the question (what a perfect question-blind saliency could do);
 - ``lowest``: keeps the tokens with the *lowest* PuMer text-attention score
   (should collapse: shows the score carries signal);
+- ``feature_norm``: keeps the tokens with the largest input norm (question-blind);
 - ``random`` is a registered method and appears with them.
+
+Variant rows (``VARIANTS``) run a registered method with one setting changed at
+the method's own layers: ``pumer-prune`` is PuMer without its merging.
 
 Controls act at one decoder layer (``--control-layer``, default 2, where
 ``fastv`` and ``random`` act). Accuracy is the greedy first answer word
@@ -58,6 +62,9 @@ CONTROLS = ("oracle_aware", "oracle_blind", "lowest", "feature_norm")
 # The hybrid of issue 7: VisPruner before the language model, then PuMer's text-informed
 # pruning and merging at a deeper layer, all under one budget.
 HYBRIDS = {"vispruner+pumer": {"method": "vispruner", "merge_share": 0.5}}
+# Registered methods with one setting changed, at the same layers as the method itself:
+# PuMer's text-informed pruning without its merging, to tell which half costs accuracy.
+VARIANTS = {"pumer-prune": ("pumer", {"merge_share": 0.0})}
 
 
 def prompt(question: str) -> str:
@@ -262,15 +269,18 @@ def evaluate(model, processor, batches, before_batch=None) -> dict:
 
 
 def run(model, processor, records, methods, fractions, controls, control_layer, batch_size, log=print,
-        hybrids=None, hybrid_layers=(2,), method_layers=None) -> dict:
+        hybrids=None, hybrid_layers=(2,), method_layers=None, variants=None) -> dict:
     """``method_layers``: reducing layers for every in-LLM method instead of its defaults
-    (raised to a method's smallest allowed layer, FastV's 1); VisPruner stays before the LLM."""
+    (raised to a method's smallest allowed layer, FastV's 1); VisPruner stays before the LLM.
+    ``variants``: name -> (registered method, apply_pumer overrides), default ``VARIANTS``;
+    each row records the merge share the patched model ran with."""
     total = task.NUM_CELLS
     rows = []
     batches = make_batches(processor, records, batch_size)
 
-    def add(name, kind, fraction, keep, res, layers):
-        rows.append({"name": name, "kind": kind, "fraction": fraction, "keep_tokens": keep, "layers": layers, **res})
+    def add(name, kind, fraction, keep, res, layers, merge_share=0.0):
+        rows.append({"name": name, "kind": kind, "fraction": fraction, "keep_tokens": keep, "layers": layers,
+                     "merge_share": merge_share, **res})
         per = " ".join(f"{t}={a:.3f}" for t, a in res["per_type"].items())
         log(f"{name:>13} keep {keep:>2}: acc {res['accuracy']:.3f} flops {res['flops_ratio']:.3f} "
             f"wall {res['wall_seconds']:.1f}s | {per}")
@@ -282,19 +292,22 @@ def run(model, processor, records, methods, fractions, controls, control_layer, 
         if fraction >= 1.0:
             continue
         keep = max(1, round(total * fraction))
-        for name in methods:
-            recipe = get_recipe(name)
-            override = {}
+        todo = [(name, name, {}) for name in methods]
+        todo += [(name, base, kw) for name, (base, kw) in (VARIANTS if variants is None else variants).items()
+                 if base in methods]
+        for name, base, kw in todo:
+            recipe = get_recipe(base)
+            override = dict(kw)
             if method_layers is not None and not recipe.pre_llm:
                 override["layers"] = sorted({max(x, recipe.min_layer) for x in method_layers})
-            apply_pumer(model, keep_tokens=keep, method=name, **override)
+            apply_pumer(model, keep_tokens=keep, method=base, **override)
             res = evaluate(model, processor, batches)
-            add(name, "method", fraction, keep, res, list(model.pumer.layers))
+            add(name, "method", fraction, keep, res, list(model.pumer.layers), model.pumer.merge_share)
             remove_pumer(model)
         for name, kwargs in (HYBRIDS if hybrids is None else hybrids).items():
             apply_pumer(model, keep_tokens=keep, layers=list(hybrid_layers), **kwargs)
             res = evaluate(model, processor, batches)
-            add(name, "method", fraction, keep, res, ["pre"] + list(model.pumer.layers))
+            add(name, "method", fraction, keep, res, ["pre"] + list(model.pumer.layers), model.pumer.merge_share)
             remove_pumer(model)
         for name in controls:
             before, lowest = None, None
@@ -417,6 +430,7 @@ def main(argv=None) -> dict:
                   args.batch_size, hybrid_layers=args.hybrid_layers, method_layers=args.method_layers)
     results["meta"] = {
         "hybrids": {name: {**kw, "layers": args.hybrid_layers} for name, kw in HYBRIDS.items()},
+        "variants": {name: {"method": base, **kw} for name, (base, kw) in VARIANTS.items()},
         "model": args.model,
         "questions": len(records),
         "fractions": args.fractions,

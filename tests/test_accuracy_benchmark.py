@@ -110,7 +110,8 @@ def test_benchmark_runs_and_writes_outputs(small_proxy, records, tmp_path):
     res["meta"] = {"questions": len(records), "model": "small", "control_layer": 2}
     names = [r["name"] for r in res["rows"]]
     assert names[0] == "unreduced"
-    assert set(names) == {"unreduced", "pumer", "fastv", "random", *accuracy.HYBRIDS, *accuracy.CONTROLS}
+    assert set(names) == {"unreduced", "pumer", "fastv", "random", *accuracy.HYBRIDS, *accuracy.VARIANTS,
+                          *accuracy.CONTROLS}
     hybrid = next(r for r in res["rows"] if r["name"] == "vispruner+pumer")
     assert hybrid["layers"] == ["pre", 2]
     # VisPruner removes part of the budget before layer 0, PuMer the rest at layer 2
@@ -136,3 +137,39 @@ def test_method_layers_override_and_layer0_controls(small_proxy, records):
     assert layers["lowest"] == [0]
     low = next(r for r in res["rows"] if r["name"] == "lowest")
     assert low["visual_tokens_per_layer"][0] == 16  # reduced before layer 0 runs
+
+
+def test_prune_only_variant_keeps_the_top_pumer_scores(small_proxy, records):
+    """``pumer-prune`` runs at PuMer's layers without merging: what it keeps at ratio 1/2
+    is disjoint from what keep-the-lowest keeps, and its row says merge share 0."""
+    model, processor = small_proxy
+    res = accuracy.run(model, processor, records[:4], ["pumer"], [0.5], [], control_layer=2, batch_size=4,
+                       log=lambda *_: None, hybrids={}, method_layers=[2])
+    rows = {r["name"]: r for r in res["rows"]}
+    assert rows["pumer-prune"]["layers"] == rows["pumer"]["layers"] == [2]
+    assert rows["pumer-prune"]["merge_share"] == 0.0 and rows["pumer"]["merge_share"] == 0.5
+    assert rows["pumer-prune"]["visual_tokens_per_layer"] == rows["pumer"]["visual_tokens_per_layer"]
+    (chunk, inputs), = accuracy.make_batches(processor, records[:4], batch_size=4)
+    base, kw = accuracy.VARIANTS["pumer-prune"]
+    apply_pumer(model, keep_tokens=32, method=base, layers=[2], **kw)
+    with torch.no_grad():
+        model(**inputs)
+    top = model.pumer.last_stats.kept_patches[2]
+    remove_pumer(model)
+    apply_pumer(model, keep_tokens=32, method="pumer", layers=[2])
+    with torch.no_grad():
+        model(**inputs)
+    merged = model.pumer.last_stats.kept_patches[2]
+    remove_pumer(model)
+    low = accuracy.LowestTextAttention(model, 2)
+    apply_pumer(model, keep_tokens=32, method=accuracy.control_recipe("lowest", low.scorer, 2), merge_share=0.0)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+        bottom = model.pumer.last_stats.kept_patches[2]
+    finally:
+        remove_pumer(model)
+        low.close()
+    for a, b in zip(top, bottom):
+        assert len(a) == 32 and len(set(a) & set(b)) <= 2, "prune-only keeps PuMer's top half (ties aside)"
+    assert top != merged, "with merging PuMer keeps a different set"
