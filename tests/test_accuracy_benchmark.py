@@ -33,19 +33,34 @@ def records():
     return accuracy.load_records(None, limit=12)
 
 
+def kept_patches(model, inputs, layer, **apply_kwargs):
+    """The patches each sample keeps at ``layer`` with ``apply_pumer(layers=[layer], ...)``."""
+    apply_pumer(model, layers=[layer], **apply_kwargs)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+        return model.pumer.last_stats.kept_patches[layer]
+    finally:
+        remove_pumer(model)
+
+
+def kept_by_lowest(model, inputs, layer, keep):
+    low = accuracy.LowestTextAttention(model, layer)
+    try:
+        return kept_patches(model, inputs, layer, keep_tokens=keep,
+                            method=accuracy.control_recipe("lowest", low.scorer, layer), merge_share=0.0)
+    finally:
+        low.close()
+
+
 def test_oracle_keeps_the_needed_cells_first(small_proxy, records):
     model, processor = small_proxy
     (chunk, inputs), = accuracy.make_batches(processor, records, batch_size=len(records))
     pri = accuracy.Priorities()
     pri.set(chunk, "oracle_aware")
     keep = 4
-    apply_pumer(model, keep_tokens=keep, method=accuracy.control_recipe("oracle_aware", pri.scorer, 1), merge_share=0.0)
-    try:
-        with torch.no_grad():
-            model(**inputs)
-        kept = model.pumer.last_stats.kept_patches[1]
-    finally:
-        remove_pumer(model)
+    kept = kept_patches(model, inputs, 1, keep_tokens=keep,
+                        method=accuracy.control_recipe("oracle_aware", pri.scorer, 1), merge_share=0.0)
     for r, cells in zip(chunk, kept):
         need = r["needed_cells"]
         if len(need) <= keep:
@@ -62,21 +77,8 @@ def test_lowest_control_is_minus_the_pumer_score(small_proxy, records):
     """Keep-the-lowest at ratio 1/2 and PuMer (prune only, same layer) keep disjoint halves."""
     model, processor = small_proxy
     (chunk, inputs), = accuracy.make_batches(processor, records[:4], batch_size=4)
-    keep = 32
-    apply_pumer(model, keep_tokens=keep, method="pumer", layers=[2], merge_share=0.0)
-    with torch.no_grad():
-        model(**inputs)
-    top = model.pumer.last_stats.kept_patches[2]
-    remove_pumer(model)
-    low = accuracy.LowestTextAttention(model, 2)
-    apply_pumer(model, keep_tokens=keep, method=accuracy.control_recipe("lowest", low.scorer, 2), merge_share=0.0)
-    try:
-        with torch.no_grad():
-            model(**inputs)
-        bottom = model.pumer.last_stats.kept_patches[2]
-    finally:
-        remove_pumer(model)
-        low.close()
+    top = kept_patches(model, inputs, 2, keep_tokens=32, method="pumer", merge_share=0.0)
+    bottom = kept_by_lowest(model, inputs, 2, 32)
     for a, b in zip(top, bottom):
         assert len(set(a) & set(b)) <= 2, "lowest keeps what PuMer drops (ties aside)"
 
@@ -91,13 +93,9 @@ def test_feature_norm_control_keeps_the_largest_input_tokens(small_proxy, record
     feats = torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
     expected = [sorted(feats[b].reshape(64, -1).norm(dim=-1).topk(16).indices.tolist()) for b in range(3)]
     fn = accuracy.FeatureNorm(model)
-    apply_pumer(model, keep_tokens=16, method=accuracy.control_recipe("feature_norm", fn.scorer, 2))
     try:
-        with torch.no_grad():
-            model(**inputs)
-        kept = model.pumer.last_stats.kept_patches[2]
+        kept = kept_patches(model, inputs, 2, keep_tokens=16, method=accuracy.control_recipe("feature_norm", fn.scorer, 2))
     finally:
-        remove_pumer(model)
         fn.close()
     assert (inputs["input_ids"] == image_id).sum(1).tolist() == [64] * 3
     assert [sorted(k) for k in kept] == expected
@@ -151,25 +149,9 @@ def test_prune_only_variant_keeps_the_top_pumer_scores(small_proxy, records):
     assert rows["pumer-prune"]["visual_tokens_per_layer"] == rows["pumer"]["visual_tokens_per_layer"]
     (chunk, inputs), = accuracy.make_batches(processor, records[:4], batch_size=4)
     base, kw = accuracy.VARIANTS["pumer-prune"]
-    apply_pumer(model, keep_tokens=32, method=base, layers=[2], **kw)
-    with torch.no_grad():
-        model(**inputs)
-    top = model.pumer.last_stats.kept_patches[2]
-    remove_pumer(model)
-    apply_pumer(model, keep_tokens=32, method="pumer", layers=[2])
-    with torch.no_grad():
-        model(**inputs)
-    merged = model.pumer.last_stats.kept_patches[2]
-    remove_pumer(model)
-    low = accuracy.LowestTextAttention(model, 2)
-    apply_pumer(model, keep_tokens=32, method=accuracy.control_recipe("lowest", low.scorer, 2), merge_share=0.0)
-    try:
-        with torch.no_grad():
-            model(**inputs)
-        bottom = model.pumer.last_stats.kept_patches[2]
-    finally:
-        remove_pumer(model)
-        low.close()
+    top = kept_patches(model, inputs, 2, keep_tokens=32, method=base, **kw)
+    merged = kept_patches(model, inputs, 2, keep_tokens=32, method="pumer")
+    bottom = kept_by_lowest(model, inputs, 2, 32)
     for a, b in zip(top, bottom):
         assert len(a) == 32 and len(set(a) & set(b)) <= 2, "prune-only keeps PuMer's top half (ties aside)"
     assert top != merged, "with merging PuMer keeps a different set"
