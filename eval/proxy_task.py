@@ -109,6 +109,12 @@ class Scene:
                 return o
         return None
 
+    def neighbour(self, obj: Obj, direction: str) -> Obj | None:
+        """The object in the cell ``direction`` (a ``DIRECTIONS`` key) of ``obj``, if any."""
+        dr, dc = DIRECTIONS[direction]
+        r, c = obj.row + dr, obj.col + dc
+        return self.at(r, c) if 0 <= r < GRID and 0 <= c < GRID else None
+
     @property
     def object_cells(self) -> list[int]:
         return sorted(o.cell for o in self.objects)
@@ -255,9 +261,8 @@ def _q_relation(scene: Scene, rng: random.Random):
     for ref in scene.objects:
         if named_object and len(pair_cells(scene, ref.color, ref.shape)) != 1:
             continue  # the reference must be unambiguous
-        for name, (dr, dc) in DIRECTIONS.items():
-            r, c = ref.row + dr, ref.col + dc
-            if 0 <= r < GRID and 0 <= c < GRID and (target := scene.at(r, c)) is not None:
+        for name in DIRECTIONS:
+            if (target := scene.neighbour(ref, name)) is not None:
                 options.append((ref, name, target))
     if not options:
         return None

@@ -376,9 +376,7 @@ class Packer:
             named = k.startswith("named ")
             direction = k[len("named "):] if named else k
             prompt = self.suffix(f"{task.LIST_PROMPTS['color']} {direction}")
-            dr, dc = task.DIRECTIONS[direction]
-            pairs = [(o, scene.at(o.row + dr, o.col + dc)) for o in objs
-                     if 0 <= o.row + dr < task.GRID and 0 <= o.col + dc < task.GRID]
+            pairs = [(o, scene.neighbour(o, direction)) for o in objs]
             pairs = [(o, nb) for o, nb in pairs if nb is not None]
             if named:
                 pairs = [(o, nb) for o, nb in pairs if len(task.pair_cells(scene, o.color, o.shape)) == 1]
@@ -634,10 +632,7 @@ def cell_facts(examples) -> torch.Tensor:
             n_shape[o.shape] += 1
         for o in scene.objects:
             for slot, name in enumerate(FACT_DIRECTIONS):
-                dr, dc = task.DIRECTIONS[name]
-                r, c = o.row + dr, o.col + dc
-                nb = scene.at(r, c) if (0 <= r < task.GRID and 0 <= c < task.GRID) else None
-                if nb is not None:
+                if (nb := scene.neighbour(o, name)) is not None:
                     out[b, o.cell, slot] = _fact_index(slot, colors.index(nb.color))
             out[b, o.cell, -2] = _fact_index(FACT_SLOTS - 2, min(n_color[o.color], MAX_FACT_COUNT))
             out[b, o.cell, -1] = _fact_index(FACT_SLOTS - 1, min(n_shape[o.shape], MAX_FACT_COUNT))
@@ -759,9 +754,6 @@ class AuxHeads(torch.nn.Module):
         # the attribute each count head matches on, at that head's layer input (``tower_supervision``)
         self.tower_attr = torch.nn.ModuleDict({
             "color": torch.nn.Linear(vision_hidden, nc + 1), "shape": torch.nn.Linear(vision_hidden, ns + 1)})
-
-    def relay_head(self, name: str):
-        return self.relay[name]
 
     def tower_attr_loss(self, hidden_states, cell_color, cell_shape):
         """Linear probes of each patch's colour and shape at the input of the tower layer whose
@@ -909,7 +901,7 @@ def relay_loss(heads, batch) -> torch.Tensor:
     for layer in rc[:, 3].unique().tolist():
         sel = rc[rc[:, 3] == layer]
         h = batch["captured"][layer][0][sel[:, 0], sel[:, 1]]
-        parts.append(F.cross_entropy(heads.relay_head(f"count{layer}")(h), sel[:, 2]))
+        parts.append(F.cross_entropy(heads.relay[f"count{layer}"](h), sel[:, 2]))
     return torch.stack(parts).sum() if parts else torch.zeros(())
 
 
