@@ -11,7 +11,7 @@ from torch import nn
 
 from .config import PumerConfig
 from .hooks import PumerState, get_adapter
-from .hooks import llm
+from .hooks import runtime
 from .methods import Recipe, get_recipe
 
 _ATTN_OK = ("eager", "sdpa", "flash_attention_2", "flash_attention_3")
@@ -127,21 +127,13 @@ def apply_pumer(
         layers=resolved,
         model_ref=weakref.ref(model),
         flash=bool(attn and attn.startswith("flash")),
+        eager=attn == "eager",
         visual_ids=torch.tensor(adapter.visual_token_ids(model.config)),
     )
-    handles = state.handles
-    handles.append(model.register_forward_pre_hook(llm.top_pre_hook(state), with_kwargs=True))
-    handles.append(model.register_forward_hook(llm.top_post_hook(state), with_kwargs=True))
-    inner = adapter.inner(model)
-    handles.append(inner.register_forward_pre_hook(llm.inner_pre_hook(state), with_kwargs=True))
-    handles.append(inner.register_forward_hook(llm.inner_post_hook(state), with_kwargs=True))
     if recipe.pre_llm:
-        handles.append(vparts.layer.register_forward_pre_hook(llm.vision_pre_hook(state), with_kwargs=True))
-        handles.append(projector.register_forward_hook(llm.projector_hook(state)))
-        handles.append(adapter.language_model(model).register_forward_pre_hook(llm.lm_pre_hook(state), with_kwargs=True))
-    first = min(resolved[0] + min(recipe.score_offset, 0), resolved[0]) if resolved else depth
-    for i in range(first, depth):
-        handles.append(decoder_layers[i].register_forward_pre_hook(llm.layer_pre_hook(state, i), with_kwargs=True))
+        runtime.install(model, state, vparts, projector)
+    else:
+        runtime.install(model, state)
     model.pumer = state
     return model
 
@@ -154,9 +146,7 @@ def remove_pumer(model: nn.Module) -> nn.Module:
     for h in state.handles:
         h.remove()
     state.handles.clear()
-    state.records.clear()
-    state.call = None
-    state.importance = None
+    state.call = state.prompt = state.importance = None
     state.vision_calls.clear()
     del model.pumer
     return model

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pumer_llava import apply_pumer, list_methods, remove_pumer
-from pumer_llava.hooks import llm
+from pumer_llava.hooks import prefill
 from pumer_llava.hooks.adapters import ADAPTERS, get_adapter
 from pumer_llava.reduce import plan_stages
 from pumer_llava.reduce.images import split_images
@@ -217,20 +217,20 @@ def test_query_row_score_equals_eager_attention_weights(arch):
             score.append(attn[b][:, rows, c].mean())
         want.append(torch.stack(score))
     got = []
-    orig = llm._attention_scores
+    orig = prefill.attention_scores
 
-    def spy(state, call, *rest):
-        s = orig(state, call, *rest)
-        got.append([s[b][call.is_vis[b]] for b in range(s.shape[0])])
-        return s
+    def spy(state, tok, *rest):
+        out = orig(state, tok, *rest)
+        got.append([out[0][b][tok.is_vis[b]] for b in range(out[0].shape[0])])
+        return out
 
     apply_pumer(model, ratio=0.5, layers=[layer], merge_share=0.0)
-    llm._attention_scores = spy
+    prefill.attention_scores = spy
     try:
         with torch.no_grad():
             model(**inp)
     finally:
-        llm._attention_scores = orig
+        prefill.attention_scores = orig
     assert len(got) == 1 and len(got[0]) == len(want)
     for g, w in zip(got[0], want):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)

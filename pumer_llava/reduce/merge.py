@@ -93,3 +93,25 @@ def bipartite_merge(
         dst=b_idx[dst_b],
         src_ok=src_ok,
     )
+
+
+def merge_into(
+    x: torch.Tensor, size: torch.Tensor, rows: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, w: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply merges given as pairs: token ``src[p]`` of row ``rows[p]`` into ``dst[p]`` where ``w[p]``.
+
+    x: (B, N, d) values; size: (B, N) tokens each stands for; rows, src, dst: (P,) long;
+    w: (P,) float, 1 for a real merge, 0 for padding. A destination becomes the size-weighted
+    mean of itself and its sources, and its size their sum; every other slot is unchanged
+    (merged-away sources are left as they were: the caller drops them). Pure indexing, no
+    host sync, so a decision made once can be applied again to the same tokens.
+    """
+    acc = torch.promote_types(x.dtype, torch.float32)
+    sf = size.to(acc)
+    xs = x.to(acc) * sf[..., None]  # (B, N, d)
+    wf = w.to(acc)
+    num = xs.index_put((rows, dst), xs[rows, src] * wf[:, None], accumulate=True)
+    den = sf.index_put((rows, dst), sf[rows, src] * wf, accumulate=True)
+    hit = torch.zeros_like(sf).index_put((rows, dst), wf, accumulate=True) > 0  # (B, N)
+    out = torch.where(hit[..., None], num / den.clamp_min(1e-12)[..., None], x.to(acc))
+    return out.to(x.dtype), den.to(size.dtype)

@@ -1,0 +1,52 @@
+"""A forward that continues a reduced cache: a decode step, or the next turn of a conversation.
+
+The new tokens are appended to every layer. Each reduced cache layer's mask comes from the
+positions it stores plus those of the new tokens (:func:`.masks.layer_mask`); layers that
+share one position tensor (all layers of a stage, as the prefill left them) share one
+mask and one appended position tensor, so a step costs a few ops per stage, not per layer.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .cache import ReducedLayer
+from .masks import layer_mask
+
+
+class Extend:
+    """Scratch of one forward on a reduced cache."""
+
+    def __init__(self, state, cache, q: int):
+        self.state, self.cache, self.q = state, cache, q
+        self.n_full = cache.get_seq_length()
+        self.memo: dict[int, tuple] = {}  # id of a layer's position tensor -> (pending, mask)
+
+    def at_layer(self, layer: int, args: tuple, kwargs: dict):
+        cache = self.cache
+        entry = cache.layers[layer] if layer < len(cache.layers) else None
+        if not isinstance(entry, ReducedLayer) or entry.pos is None:
+            return None  # a layer that holds every token: the model's own mask fits it
+        hit = self.memo.get(id(entry.pos))
+        if hit is None:
+            hit = self._extend(entry, kwargs.get("attention_mask"), (args[0] if args else kwargs["hidden_states"]).dtype)
+            self.memo[id(entry.pos)] = hit
+        entry.pending, mask = hit
+        return args, {**kwargs, "attention_mask": mask}
+
+    def _extend(self, entry: ReducedLayer, model_mask, dtype):
+        if entry.n_full != self.n_full:
+            raise RuntimeError(
+                f"the reduced cache's layers disagree on the sequence length ({entry.n_full} vs {self.n_full}): "
+                "it was changed layer by layer outside transformers' cache operations"
+            )
+        bsz, q = entry.pos.shape[0], self.q
+        q_pos = torch.arange(self.n_full, self.n_full + q, device=entry.pos.device).expand(bsz, q)
+        k_pos = torch.cat([entry.pos, q_pos], dim=1)
+        log_size = None
+        if entry.log_size is not None:
+            log_size = torch.cat([entry.log_size, entry.log_size.new_zeros(bsz, q)], dim=1)
+        state = self.state
+        mask = layer_mask(model_mask, None, q_pos, k_pos, log_size, fillers=entry.fillers, dtype=dtype,
+                          flash=state.flash, eager=state.eager)
+        return (k_pos, log_size, self.n_full + q, entry.fillers), mask
