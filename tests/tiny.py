@@ -65,6 +65,9 @@ def _sharpen(model):
             layer.self_attn.k_proj.weight.mul_(4.0)
     model.generation_config.pad_token_id = PAD
     model.generation_config.eos_token_id = None
+    # with random weights a placeholder id can win greedy decoding; re-fed with the image's features
+    # (use_cache=False) it no longer matches them, which breaks the model itself
+    model.generation_config.suppress_tokens = [IMAGE_TOKEN, 4]
     return model.eval()
 
 
@@ -187,9 +190,6 @@ def tiny_qwen_vl(version: str = "2", attn: str = "sdpa", seed: int = 0):
     cfg._attn_implementation = attn
     model = cls(cfg)
     model.set_attn_implementation(attn)
-    # with random weights a placeholder id can win greedy decoding; re-fed without its features
-    # (use_cache=False) it breaks the model itself, so keep generation to text ids
-    model.generation_config.suppress_tokens = [IMAGE_TOKEN, VIDEO_TOKEN]
     return _sharpen(model)
 
 

@@ -158,6 +158,10 @@ class Prefill:
         valid = mask2d.bool().to(dev) if (mask2d is not None and mask2d.ndim == 2) else torch.ones_like(vis)
         self.input_ids, self.mask, self.n0 = input_ids, valid, n0
         self.use_cache, self.logits_to_keep = use_cache, logits_to_keep
+        # The prompt: a caller that reads the logits of the last k positions of a prefill checks
+        # the k - 1 tokens before them (a speculative decoder's candidates): they are not the prompt
+        k = logits_to_keep if isinstance(logits_to_keep, int) else 0
+        self.n_prompt = n0 - (k - 1) if 1 < k <= n0 else n0
         self.totals = vis.sum(1).tolist()  # samples may carry different numbers of visual tokens
         self.images = split_images(input_ids.to(dev), vis, state.adapter.visual_tokens_per_image(state.model_config))
         self.vis_start = vis.to(torch.int8).argmax(1)
@@ -283,11 +287,12 @@ class Prefill:
             # how many each sample keeps after pruning (merging takes its share after the scores)
             keep = self._per_sample([n_out + m for _, m, n_out in self.plans[stage.index]])
             return custom_scores(scorer, tok, hs, stage.layer, stage.index - int(bool(state.recipe.pre_llm)),
-                                 self.input_ids, self.vis_start, keep)
+                                 self.input_ids[:, : self.n_prompt], self.vis_start, keep)
         vis_idx, _ = ragged_nonzero(tok.is_vis)
         if scorer == "random":
-            return random_scores(state.config.seed, self.input_ids, self.mask, vis_idx.shape[1], vis_idx.device)
-        scores, metric, flops = attention_scores(state, tok, self.images, module, hs, kw, scorer)
+            p = self.n_prompt
+            return random_scores(state.config.seed, self.input_ids[:, :p], self.mask[:, :p], vis_idx.shape[1], vis_idx.device)
+        scores, metric, flops = attention_scores(state, tok, self.images, module, hs, kw, scorer, self.n_prompt)
         self.metric = (stage.score_layer, metric)
         self.score_flops += flops
         return scores.gather(1, vis_idx.to(scores.device))
@@ -361,7 +366,7 @@ class Prefill:
             state.last_stats = stats_unreduced(state, self)
             return None
         state.last_stats = stats_reduced(state, self)
-        if self.fingerprint is not None and self.decisions:
+        if self.fingerprint is not None and self.decisions and self.reuse is None and self.n_prompt == self.n0:
             state.prompt = PromptDecision(self.input_ids[:, : self.n0], self.mask, self.fingerprint, self.decisions)
         self._mask_labels()
         return self._scatter_back(output)

@@ -33,24 +33,27 @@ def take_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return t.gather(1, idx.view(*idx.shape, *([1] * (t.ndim - 2))).expand(-1, -1, *t.shape[2:]))
 
 
-def _text_rows(tok: Tokens) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, R) slots of every valid text token, and their validity."""
-    text = tok.valid & ~tok.is_vis
-    idx, ok = ragged_nonzero(text)
+def _text_rows(tok: Tokens, prompt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, R) slots of every text token of the prompt, and their validity."""
+    idx, ok = ragged_nonzero(prompt & ~tok.is_vis)
     if idx.shape[1] == 0:  # a prompt of visual tokens only: read them from the last one
-        idx, ok = _last_row(tok)
+        idx, ok = _last_row(tok, prompt)
     return idx, ok
 
 
-def _last_row(tok: Tokens) -> tuple[torch.Tensor, torch.Tensor]:
+def _last_row(tok: Tokens, prompt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     n = tok.pos.shape[1]
-    last = (tok.valid.long() * torch.arange(n, device=tok.pos.device)).argmax(1)  # (B,)
+    last = (prompt.long() * torch.arange(n, device=tok.pos.device)).argmax(1)  # (B,)
     return last[:, None], torch.ones_like(last[:, None], dtype=torch.bool)
 
 
-def attention_scores(state, tok: Tokens, images: Images, module, hs: torch.Tensor, kw: dict, kind: str):
+def attention_scores(state, tok: Tokens, images: Images, module, hs: torch.Tensor, kw: dict, kind: str,
+                     n_prompt: int | None = None):
     """(B, N) attention the query rows give every current slot, and the head-averaged keys
-    (B, N, hd) the layer's own k projection gives (merging measures similarity on them)."""
+    (B, N, hd) the layer's own k projection gives (merging measures similarity on them).
+
+    Query rows come from the prompt, the first ``n_prompt`` input positions (default: all):
+    tokens after it (candidates a speculative decoder checks) never steer the choice."""
     parts = state.adapter.attn_parts(module, state.text_config)
     w = parts.q_proj.weight
     if w.device.type == "meta":
@@ -61,7 +64,8 @@ def attention_scores(state, tok: Tokens, images: Images, module, hs: torch.Tenso
     dev = w.device
     x = parts.norm(hs.to(dev))  # (B, N, d)
     bsz, n, d = x.shape
-    rows, row_ok = _last_row(tok) if kind == "last_token_attention" else _text_rows(tok)
+    prompt = tok.valid if n_prompt is None else tok.valid & (tok.pos < n_prompt)
+    rows, row_ok = _last_row(tok, prompt) if kind == "last_token_attention" else _text_rows(tok, prompt)
     rows, row_ok = rows.to(dev), row_ok.to(dev)
     r = rows.shape[1]
     xq = x.gather(1, rows[..., None].expand(-1, -1, d))  # (B, R, d)
