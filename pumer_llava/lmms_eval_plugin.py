@@ -563,11 +563,23 @@ try:  # the model class needs lmms-eval; the helpers above do not
     from lmms_eval.api.model import lmms as _LmmsBase
     from lmms_eval.models.registry_v2 import ModelManifest
 
+    try:
+        from lmms_eval.api.instance import GenerationResult
+    except ImportError:  # pragma: no cover - older lmms-eval keeps tuples as they are
+        GenerationResult = None
     HAVE_LMMS_EVAL = True
 except Exception:  # pragma: no cover - exercised only without lmms-eval
     _LmmsBase = object
     ModelManifest = None
+    GenerationResult = None
     HAVE_LMMS_EVAL = False
+
+
+def _result(value):
+    """A loglikelihood answer in the form lmms-eval's evaluator keeps (see ``loglikelihood``)."""
+    if GenerationResult is None:  # pragma: no cover - without lmms-eval
+        return value
+    return GenerationResult(text=value)
 
 
 class PumerLlava(_LmmsBase):
@@ -882,43 +894,86 @@ class PumerLlava(_LmmsBase):
 
     # loglikelihood --------------------------------------------------------------------------
 
-    def _loglikelihood_one(self, item: tuple) -> tuple[float, bool]:
+    def _continuation_ids(self, prompt: str, continuation: str) -> list[int]:
+        """The continuation's token ids as the tokenizer splits ``prompt + continuation``."""
+        tok = self._tokenizer
+        ctx = tok(prompt, add_special_tokens=True)["input_ids"]
+        full = tok(prompt + continuation, add_special_tokens=True)["input_ids"]
+        if len(full) <= len(ctx) or full[: len(ctx)] != ctx:
+            raise ValueError(f"the continuation {continuation!r} does not tokenize as an extension of the prompt")
+        return full[len(ctx):]
+
+    def _loglikelihood_context(self, items: list[tuple]) -> list[tuple[float, bool]]:
+        """Every continuation of one context: the context (and its image) is encoded and reduced
+        once; each continuation is scored from a copy of that reduced KV cache, so every choice
+        is scored on the same kept visual tokens. Returns (loss, greedy) per continuation: the
+        mean negative log-likelihood of its tokens (what lmms-eval's own ``llava_hf`` returns,
+        and what its multiple-choice ranking expects: the lowest value wins)."""
+        import copy
+
         import torch
 
-        context, target, doc_to_visual, doc_id, task, split = item
+        context, _, doc_to_visual, doc_id, task, split = items[0]
         doc = self._doc(task, split, doc_id)
-        continuation = target if isinstance(target, str) else target(doc)
-        if isinstance(continuation, list):
-            continuation = continuation[0]
         vis = [v.convert("RGB") if hasattr(v, "convert") else v for v in flatten_visuals(doc_to_visual(doc))]
         prompt = build_prompt(context, len(vis), self._processor, self.chat_template)
-        ctx = self._encode([prompt], vis)
-        full = self._cast(self._encode([prompt + continuation], vis))
+        conts = []
+        for _, target, *_ in items:
+            continuation = target if isinstance(target, str) else target(doc)
+            if isinstance(continuation, list):
+                continuation = continuation[0]
+            conts.append(self._continuation_ids(prompt, continuation))
+        ctx = self._cast(self._encode([prompt], vis))
         n_ctx = ctx["input_ids"].shape[1]
-        ids = full["input_ids"]
-        if ids.shape[1] <= n_ctx or not torch.equal(ids[0, :n_ctx], ctx["input_ids"][0]):
-            raise ValueError(f"the continuation {continuation!r} does not tokenize as an extension of the prompt")
+        dev = ctx["input_ids"].device
         with torch.inference_mode():
-            logits = self._model(**full).logits  # (1, N, V): the core scatters reduced logits back
-        if logits.shape[1] != ids.shape[1]:
-            raise RuntimeError(f"logits cover {logits.shape[1]} of {ids.shape[1]} positions: cannot score the continuation")
-        cont = ids[:, n_ctx:]  # (1, C)
-        logp = torch.log_softmax(logits[:, n_ctx - 1 : -1].float(), dim=-1)  # (1, C, V)
-        ll = logp.gather(-1, cont[..., None]).squeeze(-1).sum().item()
-        greedy = bool((logp.argmax(-1) == cont).all())
-        self.stats.add_batch([sample_id(task, split, doc_id)], self._visual_counts(ids), self._last_stats(), "loglikelihood")
-        return ll, greedy
+            out = self._model(**ctx, use_cache=True, logits_to_keep=1)
+            first = out.logits[:, -1].float()  # (1, V): the prediction of each continuation's first token
+            self.stats.add_batch([sample_id(task, split, doc_id)], self._visual_counts(ctx["input_ids"]),
+                                 self._last_stats(), "loglikelihood")
+            k, c_max = len(conts), max(len(c) for c in conts)
+            pad = self._tokenizer.pad_token_id or 0
+            ids = torch.full((k, c_max), pad, dtype=torch.long, device=dev)
+            mask = torch.zeros(k, n_ctx + c_max, dtype=torch.long, device=dev)
+            mask[:, :n_ctx] = 1
+            for i, c in enumerate(conts):  # right-padded: padding comes after what is scored
+                ids[i, : len(c)] = torch.tensor(c, device=dev)
+                mask[i, n_ctx : n_ctx + len(c)] = 1
+            cache = copy.deepcopy(out.past_key_values) if k > 1 else out.past_key_values
+            if k > 1:
+                cache.batch_repeat_interleave(k)
+            logits = self._model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True).logits
+        res = []
+        for i, c in enumerate(conts):
+            pred = torch.cat([first, logits[i, : len(c) - 1].float()])  # (C, V)
+            logp = torch.log_softmax(pred, dim=-1)
+            target = torch.tensor(c, device=logp.device)
+            nll = -logp.gather(-1, target[:, None]).mean().item()
+            res.append((nll, bool((logp.argmax(-1) == target).all())))
+        return res
 
-    def loglikelihood(self, requests) -> list[tuple[float, bool]]:
-        """One request per forward (the continuation positions need full-length logits)."""
+    def loglikelihood(self, requests) -> list:
+        """Continuations of one context share one encoding of it (up to ``batch_size`` per forward).
+
+        Each answer is wrapped in lmms-eval's ``GenerationResult``: its evaluator passes that
+        object's value through as it is, while any other non-string output becomes its text
+        (a ``(loss, greedy)`` tuple would reach the task as a string). A failed request gets
+        ``(inf, False)``: counted, logged, and never the lowest loss, so never the chosen answer.
+        """
         from tqdm import tqdm
 
         args = [req.args for req in requests]
-        chunks = [[(i, a)] for i, a in enumerate(args)]
+        groups: dict[tuple, list[int]] = {}
+        for i, a in enumerate(args):
+            groups.setdefault((a[0], a[3], a[4], a[5]), []).append(i)
+        chunks = []
+        for idx in groups.values():
+            for s in range(0, len(idx), self.batch_size):
+                chunks.append([(i, args[i]) for i in idx[s : s + self.batch_size]])
         pbar = tqdm(total=len(chunks), disable=(self.rank != 0), desc="pumer_llava loglikelihood")
 
         def run(items):
-            out = [self._loglikelihood_one(items[0])]
+            out = self._loglikelihood_context(items)
             pbar.update(1)
             return out
 
@@ -927,7 +982,8 @@ class PumerLlava(_LmmsBase):
         finally:
             pbar.close()
             self._flush_stats()
-        return [(-math.inf, False) if answers.get(i) is None else answers[i] for i in range(len(args))]
+        res = [(math.inf, False) if answers.get(i) is None else answers[i] for i in range(len(args))]
+        return [_result(r) for r in res]
 
     def generate_until_multi_round(self, requests) -> list[str]:
         raise NotImplementedError(

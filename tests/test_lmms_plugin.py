@@ -371,7 +371,9 @@ def test_loglikelihood_reduced_and_unreduced(tiny_llava, tmp_path):
         lm = _lm(tiny_llava, tmp_path, **kw)
         res = lm.loglikelihood(_requests("loglikelihood"))
         assert len(res) == len(QUESTIONS)
-        assert all(math.isfinite(ll) and ll < 0 and isinstance(g, bool) for ll, g in res)
+        # wrapped so lmms-eval's evaluator keeps the (loss, greedy) pair instead of its text
+        assert all(type(r).__name__ == "GenerationResult" for r in res)
+        assert all(math.isfinite(loss) and loss > 0 and isinstance(g, bool) for loss, g in (r.text for r in res))
 
 
 @needs_lmms_eval
@@ -400,3 +402,58 @@ def test_vispruner_important_ratio_reaches_the_config():
     assert cfg.method == "vispruner" and cfg.important_ratio == 0.75
     with pytest.raises(ValueError, match=r"important_ratio must be in \[0, 1\]"):
         parse_reduction(method="vispruner", important_ratio="2")
+
+
+def _choice_requests(question, choices, doc_id=0, bad=False):
+    from lmms_eval.api.instance import Instance
+
+    def visual(doc):
+        if bad:
+            raise OSError("unreadable image")
+        return [doc["image"]]
+
+    return [Instance(request_type="loglikelihood", arguments=(question, c, visual, doc_id, "toy", "test"), idx=i,
+                     metadata={"task": "toy", "doc_id": doc_id, "repeats": 1}) for i, c in enumerate(choices)]
+
+
+@needs_lmms_eval
+def test_every_choice_is_scored_on_the_same_kept_tokens(tiny_llava, tmp_path):
+    """One context, four choices: one prefill, one set of kept patches, and each choice's loss
+    equals that choice scored alone and the patched model's own loss on context + choice."""
+    lm = _lm(tiny_llava, tmp_path, ratio=0.25, batch_size=4)
+    choices = [" red", " blue", " green", " a red square"]
+    seen = []
+    record = lm.stats.add_batch
+    lm.stats.add_batch = lambda ids, vis, stats, kind: (seen.append(stats.kept_patches), record(ids, vis, stats, kind))
+    res = [r.text for r in lm.loglikelihood(_choice_requests(QUESTIONS[0], choices))]
+    assert len(seen) == 1 and seen[0]  # one encoding of the context, reduced once
+    for c, (loss, _) in zip(choices, res):
+        alone = lm.loglikelihood(_choice_requests(QUESTIONS[0], [c]))[0].text
+        assert seen[-1] == seen[0] and abs(alone[0] - loss) < 1e-4
+    # the model's own loss on context + choice, the choice left out of the selection (the prompt decides)
+    model, doc = lm.model, lm.task_dict["toy"]["test"][0]
+    prompt = plug.build_prompt(QUESTIONS[0], 1, lm._processor, lm.chat_template)
+    with torch.no_grad():
+        ctx = lm._encode([prompt], [doc["image"]])
+        model(**ctx)
+        for c, (loss, _) in zip(choices, res):
+            full = lm._encode([prompt + c], [doc["image"]])
+            labels = full["input_ids"].clone()
+            labels[:, : ctx["input_ids"].shape[1]] = -100
+            want = model(**full, labels=labels, use_cache=False).loss.item()
+            assert abs(want - loss) < 1e-4
+
+
+@needs_lmms_eval
+def test_a_failed_choice_is_counted_and_never_chosen(tiny_llava, tmp_path):
+    import numpy as np
+
+    lm = _lm(tiny_llava, tmp_path, ratio=0.5, max_failure_rate=0.6)
+    ok = lm.loglikelihood(_choice_requests(QUESTIONS[1], [" yes", " no"], doc_id=1))
+    lm = _lm(tiny_llava, tmp_path, ratio=0.5, max_failure_rate=1.0)
+    bad = lm.loglikelihood(_choice_requests(QUESTIONS[2], [" yes", " no"], doc_id=2, bad=True))
+    assert [r.text for r in bad] == [(math.inf, False)] * 2
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    assert [f["sample"] for f in stats["failures"]] == ["toy/test/2", "toy/test/2"]
+    lls = [ok[0].text[0], bad[0].text[0], ok[1].text[0]]
+    assert np.argmin(lls) != 1

@@ -79,8 +79,42 @@ def load_run(label: str, folder: Path, task: str, expect: int, problems: list[st
     return {"label": label, "accuracy": acc, "samples": samples, "stats": stats, "results": res_path}
 
 
+def check_multiple_choice(specs: list[str], task: str, expect: int, min_acc: dict[str, float]) -> int:
+    """A multiple-choice run counts when its results give ``acc`` over ``expect`` samples, the
+    stats sidecar covers every one (one encoding of each context) with no failure, and the
+    accuracy reaches its ``--min-acc``."""
+    problems = []
+    for spec in specs:
+        label, _, folder = spec.partition("=")
+        res_path = newest(Path(folder), "*_results.json")
+        if res_path is None:
+            problems.append(f"[{label}] no *_results.json under {folder}: the evaluation failed (read its log)")
+            continue
+        results = json.loads(res_path.read_text())
+        acc = results.get("results", {}).get(task, {}).get("acc,none")
+        n = results.get("n-samples", {}).get(task, {}).get("effective")
+        if not isinstance(acc, (int, float)) or n != expect:
+            problems.append(f"[{label}] {res_path}: acc {acc!r} over {n} samples, expected {expect}")
+            continue
+        print(f"[{label}] {task} acc {acc:.4f} on {n} samples ({res_path})")
+        if acc < min_acc.get(label, 0.0):
+            problems.append(f"[{label}] accuracy {acc} below {min_acc[label]}")
+        stats_path = newest(Path(folder), "*_pumer_stats.json")
+        stats = json.loads(stats_path.read_text()) if stats_path else {}
+        if len(stats.get("samples", {})) != expect or stats.get("failures"):
+            problems.append(f"[{label}] the stats sidecar covers {len(stats.get('samples', {}))} of {expect} samples, "
+                            f"failures: {stats.get('failures', [])[:3]}")
+    if problems:
+        print("FAILED:\n  " + "\n  ".join(problems))
+        return 1
+    print("lmms-eval multiple-choice checks passed")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--multiple-choice", metavar="TASK", help="check multiple-choice runs of TASK (acc) instead")
+    p.add_argument("--min-acc", action="append", default=[], help="LABEL=X: that run's accuracy must reach X")
     p.add_argument("--run", action="append", required=True, help="LABEL=DIR, DIR = the run's --output_path")
     p.add_argument("--task", default="pumer_proxy")
     p.add_argument("--expect", type=int, required=True, help="number of samples each run evaluated (--limit)")
@@ -88,6 +122,9 @@ def main(argv=None) -> int:
     p.add_argument("--expect-method", default=None, help="reduction method the sidecar must record (none = unreduced)")
     p.add_argument("--expect-keep", type=float, default=None, help="mean fraction of visual tokens kept, e.g. 0.25")
     a = p.parse_args(argv)
+    if a.multiple_choice:
+        min_acc = {k: float(v) for k, _, v in (x.partition("=") for x in a.min_acc)}
+        return check_multiple_choice(a.run, a.multiple_choice, a.expect, min_acc)
 
     problems: list[str] = []
     runs = []

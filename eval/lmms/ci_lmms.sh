@@ -74,21 +74,25 @@ if [ ! -f "$MODEL/config.json" ]; then
   exit 1
 fi
 
-run_lmms() {  # label, batch size, extra model args
-  local label=$1 bs=$2 extra=$3
-  echo "-- lmms-eval $label: batch size $bs, $extra"
+run_lmms() {  # label, batch size, extra model args[, task]
+  local label=$1 bs=$2 extra=$3 task=${4:-pumer_proxy}
+  echo "-- lmms-eval $label: $task, batch size $bs, $extra"
   "$PY" -m lmms_eval --model pumer_llava \
     --model_args "pretrained=$MODEL,$extra" \
-    --include_path eval/lmms/tasks --tasks pumer_proxy \
+    --include_path eval/lmms/tasks --tasks "$task" \
     --batch_size "$bs" --limit "$LIMIT" --log_samples \
     --output_path "$OUT/$label" > "$OUT/$label.log" 2>&1 || true  # judged by its files below
-  grep -E "^\|pumer_proxy|Error during evaluation|Traceback" "$OUT/$label.log" || tail -20 "$OUT/$label.log"
+  grep -E "^\|$task|Error during evaluation|Traceback" "$OUT/$label.log" || tail -20 "$OUT/$label.log"
 }
 
 echo "== lmms-eval: runs (logs in $OUT)"
 run_lmms reduced_bs8 8 "ratio=0.25,method=pumer"
 run_lmms reduced_bs1 1 "ratio=0.25,method=pumer"
 run_lmms unreduced_bs8 8 "method=none"
+# multiple choice (loglikelihood): the colour questions, the six colour words as choices
+run_lmms mc_unreduced 6 "method=none" pumer_proxy_mc
+run_lmms mc_reduced 6 "ratio=0.25,method=pumer" pumer_proxy_mc
+run_lmms mc_layer0 6 "ratio=0.25,method=pumer,layers=0" pumer_proxy_mc
 "$PY" eval/lmms/reference_score.py --model "$MODEL" --data "$DATA" --limit "$LIMIT" \
   --method pumer --ratio 0.25 --out "$OUT/reference_reduced.json"
 "$PY" eval/lmms/reference_score.py --model "$MODEL" --data "$DATA" --limit "$LIMIT" \
@@ -102,6 +106,10 @@ status=0
 "$PY" eval/lmms/check_results.py --expect "$LIMIT" --expect-method none --expect-keep 1.0 \
   --run "unreduced=$OUT/unreduced_bs8" \
   --reference "$OUT/reference_unreduced.json" || status=1
+# the proxy answers every colour question right unreduced; at its default layers PuMer keeps that
+"$PY" eval/lmms/check_results.py --multiple-choice pumer_proxy_mc --expect "$LIMIT" \
+  --min-acc "mc_unreduced=0.95" --min-acc "mc_reduced=0.95" --min-acc "mc_layer0=0.0" \
+  --run "mc_unreduced=$OUT/mc_unreduced" --run "mc_reduced=$OUT/mc_reduced" --run "mc_layer0=$OUT/mc_layer0" || status=1
 if [ $status -ne 0 ]; then
   for f in "$OUT"/*.log; do echo "---- $f (tail)"; tail -40 "$f"; done
   exit 1
