@@ -663,7 +663,7 @@ class PumerLlava(_LmmsBase):
                 load_in_4bit=True,
                 bnb_4bit_quant_type="nf4",
                 bnb_4bit_compute_dtype=compute,
-                # the vision tower, projector and head stay in full precision (DESIGN.md 6)
+                # the vision tower, projector and head stay in full precision
                 llm_int8_skip_modules=["model.vision_tower", "model.multi_modal_projector", "lm_head"],
             )
             load_kw["device_map"] = a.device_map or {"": str(self._device)}

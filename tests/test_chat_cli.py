@@ -295,3 +295,17 @@ def test_embedded_model_answers_an_example_with_and_without_reduction():
     assert answers["reduced (pumer, ratio 0.25)"][:1] == [ex["answer"]], r.stdout
     assert answers["full (no reduction)"][:1] == [ex["answer"]], r.stdout
     assert "visual tokens 16/64 kept" in r.stdout
+
+
+def test_vispruner_chat_holds_a_conversation(tiny_dir, images):
+    """VisPruner reduces before the language model; later turns continue its reduced cache."""
+    good, _, _ = images
+    script = "what color is it ?\nis it red ?\nhow many are there ?\n/quit\n"
+    r = _run(["--model", tiny_dir, "--image", good, "--method", "vispruner", "--max-new-tokens", 3], stdin=script)
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr
+    answers = [x for x in r.stdout.splitlines() if x.startswith("bot> ")]
+    assert len(answers) == 3 and all(len(a.split()) == 4 for a in answers)
+    lines = [x for x in r.stdout.splitlines() if x.startswith("[visual tokens")]
+    assert lines[0].startswith(f"[visual tokens 4/{N_VIS} kept (25%)")
+    assert all("on turn 1, cache reused" in x for x in lines[1:]) and len(lines) == 3

@@ -20,7 +20,7 @@ What is measured, for the unpatched model ("none") and every method x kept fract
   tokens) and peak memory (see below);
 - the FLOPs-predicted speedup ``1 / last_stats.flops_ratio`` next to the measured one.
 
-How it measures (ToMe's ``benchmark()``, STYLE.md item 10): warm-up runs are discarded;
+How it measures (as ToMe's ``benchmark()``): warm-up runs are discarded;
 on CUDA the clock is read after ``torch.cuda.synchronize()``; every number is a median
 over repeats; reduced and unreduced runs alternate in the same process. Each repeat
 walks one group per method, ``[none, method@f1, method@f2, ...]`` (fraction order flipped
