@@ -183,7 +183,7 @@ class Prefill:
         self.cache_view: tuple | None = None  # (pos, log_size, n_full, fillers) the reduced cache layers store
         self.pending_scores: dict[int, torch.Tensor] = {}
         self.metric: tuple[int, torch.Tensor] | None = None  # (layer, keys) the scoring computed
-        self.tokens_per_layer: dict[int, torch.Tensor] = {}
+        self.tokens_per_layer: dict[int, torch.Tensor] = {}  # reducing layer -> (B,) from it on
         self.vis_per_layer: dict[int, torch.Tensor] = {}
         self.kept: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.select_seconds = 0.0
@@ -224,14 +224,15 @@ class Prefill:
             tok = self.tokens
             self.cache_view = (tok.cache_pos, tok.log_size(self.state.prop_attn), self.n0, tok.has_fillers)
             self.kept[stage.key] = (tok.pos, tok.is_vis)
+            # counts change only here: later layers read the last count at or before them
+            self.tokens_per_layer[layer] = tok.valid.sum(1)
+            self.vis_per_layer[layer] = (tok.is_vis & tok.valid).sum(1)
             self.select_seconds += _now(hs.device) - t0
         for stage in self.score_at.get(layer, ()):  # FastV-style: score from this layer's input, drop later
             if self.reuse is None:
                 t0 = _now(hs.device)
                 self.pending_scores[stage.index] = self._score(stage, module, hs, self.kw or kwargs)
                 self.select_seconds += _now(hs.device) - t0
-        self.tokens_per_layer[layer] = self.tokens.valid.sum(1)
-        self.vis_per_layer[layer] = (self.tokens.is_vis & self.tokens.valid).sum(1)
         cache = kwargs.get("past_key_values")
         if cache is not None and self.use_cache and layer >= self.first_reduced:
             reduced_layer(cache, layer).pending = self.cache_view
@@ -407,6 +408,3 @@ class Prefill:
         output.last_hidden_state = full[:, :n0]
         return output
 
-
-def open_prefill(state, input_ids, vis, kwargs: dict, use_cache: bool) -> Prefill:
-    return Prefill(state, input_ids, vis, kwargs.get("attention_mask"), use_cache, state.logits_to_keep)

@@ -32,13 +32,18 @@ def stats_unreduced(state, pre) -> ReductionStats:
 
 
 def stats_reduced(state, pre) -> ReductionStats:
-    # layers before the first hooked one see the unreduced sequence
+    # layers before the first reducing one see the unreduced sequence
     n_layers = state.depth
     valid = pre.mask
     full_tokens = valid.sum(1)
     full_vis = (pre.images.group >= 0).logical_and(valid).sum(1)
-    tokens = torch.stack([pre.tokens_per_layer.get(i, full_tokens) for i in range(n_layers)]).tolist()  # (L, B)
-    vis = torch.stack([pre.vis_per_layer.get(i, full_vis) for i in range(n_layers)]).tolist()
+    per_tok, per_vis, cur_t, cur_v = [], [], full_tokens, full_vis
+    for i in range(n_layers):  # a count holds from its reducing layer to the next one
+        cur_t, cur_v = pre.tokens_per_layer.get(i, cur_t), pre.vis_per_layer.get(i, cur_v)
+        per_tok.append(cur_t)
+        per_vis.append(cur_v)
+    tokens = torch.stack(per_tok).tolist()  # (L, B)
+    vis = torch.stack(per_vis).tolist()
     d, m = _dims(state)
     bsz = valid.shape[0]
     valid_n = full_tokens.tolist()
