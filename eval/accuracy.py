@@ -20,7 +20,7 @@ Controls act at one decoder layer (``--control-layer``, default 2, where
 ``fastv`` and ``random`` act). Accuracy is the greedy first answer word
 (``generate(max_new_tokens=1)``, batched with left padding). Reported per row:
 accuracy overall and per question type, mean visual tokens per decoder layer,
-FLOPs ratio (DESIGN.md formula, scoring included), selection seconds and wall
+FLOPs ratio (``pumer_llava.reduce.flops``, scoring included), selection seconds and wall
 time. Writes ``accuracy.json``, ``accuracy.md`` and ``accuracy.png``.
 
 Usage::
@@ -59,7 +59,7 @@ from pumer_llava.reduce.scoring import apply_rope, mean_over_rows, query_row_att
 
 DEFAULT_FRACTIONS = (1.0, 0.5, 0.25, 0.11)
 CONTROLS = ("oracle_aware", "oracle_blind", "lowest", "feature_norm")
-# The hybrid of issue 7: VisPruner before the language model, then PuMer's text-informed
+# The hybrid: VisPruner before the language model, then PuMer's text-informed
 # pruning and merging at a deeper layer, all under one budget.
 HYBRIDS = {"vispruner+pumer": {"method": "vispruner", "merge_share": 0.5}}
 # Registered methods with one setting changed, at the same layers as the method itself:
@@ -186,7 +186,7 @@ class LowestTextAttention:
 class FeatureNorm:
     """Scores = L2 norm of each visual token as it enters the language model (the projector's
     output): the question-blind heuristic that beat both attention scores on an easy version
-    of this task (issue 9). Captured by a pre-hook on decoder layer 0."""
+    of this task. Captured by a pre-hook on decoder layer 0."""
 
     def __init__(self, model):
         self.hidden = None

@@ -7,7 +7,7 @@ each roughly filling its cell, with small size/offset jitter) on a tinted
 background covered with low-contrast clutter (faint lines, dots, blobs).
 
 The questions are built so that keeping the right visual tokens requires
-reading the question (DESIGN.md section 5: with few objects on a plain
+reading the question (with few objects on a plain
 background a question-blind rule won): most types ask about one or two cells
 among many objects. Each question carries
 

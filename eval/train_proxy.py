@@ -12,7 +12,7 @@ Usage::
     python eval/train_proxy.py --seed 0 --out pumer_llava/assets/proxy-llava
     python eval/train_proxy.py --seed 1 --out eval/results/seed1 --max-minutes 28
 
-What makes it train in minutes on two cores (DESIGN.md section 5):
+What makes it train in minutes on two cores:
 
 - Prefix sharing: the image prefix ``<s> USER: <image>x64`` is computed once
   per image and several questions follow it in one row. A 4-D attention mask

@@ -457,8 +457,31 @@ class StatsRecorder:
             "generated_tokens": self.gen_tokens,
             "generate_seconds": self.gen_seconds,
             "failures": self.failures,
+            "batches": self.batches,
             "samples": self.samples,
         }
+
+    @classmethod
+    def merged(cls, parts: list["StatsRecorder"]) -> "StatsRecorder":
+        """The statistics of one run split over processes (one recorder per rank, rank order).
+
+        Samples are keyed by ``task/split/doc``: lmms-eval shards documents, so each is on
+        one rank, except the copies of a rank's last request it runs to even out the ranks
+        (the same sample, recorded again with the same counts). Failures and batches are
+        concatenated, generated tokens and seconds summed (seconds are per-process time,
+        added up).
+        """
+        if not parts:
+            raise ValueError("merging statistics needs at least one rank's")
+        out = cls(model_args=parts[0].model_args, reduction=parts[0].reduction)
+        for rank, part in enumerate(parts):
+            for sid, rec in part.samples.items():
+                out.samples.setdefault(sid, {**rec, "rank": rank})
+            out.failures.extend({**f, "rank": rank} for f in part.failures)
+            out.batches.extend(part.batches)
+            out.gen_tokens += part.gen_tokens
+            out.gen_seconds += part.gen_seconds
+        return out
 
     def write(self, path: str | Path) -> Path:
         path = Path(path)
@@ -480,6 +503,26 @@ def _argv_value(flag: str, argv: list[str] | None = None) -> str | None:
 def output_path_from_argv(argv: list[str] | None = None) -> str | None:
     """lmms-eval's ``--output_path`` from the command line (the model is not told it)."""
     return _argv_value("--output_path", argv)
+
+
+def rank_stats_path(path: str | Path, rank: int) -> Path:
+    """Where one process of a multi-process run writes its own statistics, next to the merged file."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}_rank{rank}{path.suffix}")
+
+
+def launcher_rank() -> tuple[int, int, int]:
+    """``(rank, local rank, world size)`` as ``accelerate launch`` / ``torchrun`` set them."""
+    env = os.environ
+    try:
+        world = int(env.get("WORLD_SIZE", "1"))
+        rank = int(env.get("RANK", "0"))
+        local = int(env.get("LOCAL_RANK", env.get("RANK", "0")))
+    except ValueError as exc:
+        raise ValueError(f"RANK, LOCAL_RANK and WORLD_SIZE must be integers: {exc}") from None
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"the launcher set RANK={rank} and WORLD_SIZE={world}: need 0 <= RANK < WORLD_SIZE")
+    return rank, local, world
 
 
 def default_stats_path(output_path: str, pretrained: str, stamp: str | None = None) -> Path:
@@ -640,8 +683,13 @@ class PumerLlava(_LmmsBase):
         self._log = logger
         a = self.args
         torch_dtype = "auto" if a.dtype == "auto" else getattr(torch, a.dtype)
+        # lmms-eval shards the documents by the launcher's RANK / WORLD_SIZE; each process
+        # evaluates its shard on its own GPU (LOCAL_RANK), or on the CPU
+        self._rank, local_rank, self._world_size = launcher_rank()
         if a.device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
+            if device == "cuda" and self._world_size > 1 and not a.device_map:
+                device = f"cuda:{local_rank}"
         else:
             device = a.device
         self._device = torch.device(device)
@@ -685,7 +733,6 @@ class PumerLlava(_LmmsBase):
         self.batch_size_per_gpu = a.batch_size
         self.chat_template = a.chat_template
         self.use_cache = a.use_cache
-        self._rank, self._world_size = 0, 1
 
         if a.reduction is not None:
             from . import apply_pumer
@@ -759,18 +806,43 @@ class PumerLlava(_LmmsBase):
         out = output_path_from_argv()
         return default_stats_path(out, self.args.pretrained) if out else None
 
+    def _gathered_stats(self) -> tuple[StatsRecorder, Path | None]:
+        """This run's statistics over every process, and where the merged file goes.
+
+        Every rank calls this at the end of each request type (lmms-eval runs each type on
+        every rank, with no requests where a rank has none), so the collective matches.
+        Each rank writes its own ``*_rank<r>.json``; the merged file is named by rank 0's
+        path, so all ranks agree even when they started in different seconds.
+        """
+        import torch.distributed as dist
+
+        if self._world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+            if self._world_size > 1:
+                self._log.warning("pumer_llava: WORLD_SIZE > 1 without a process group: statistics cover this rank only")
+            return self.stats, self._stats_path
+        parts: list = [None] * self._world_size
+        dist.all_gather_object(parts, (self.stats, self._stats_path))
+        merged_path = parts[0][1]
+        if merged_path is not None:
+            path = self.stats.write(rank_stats_path(merged_path, self._rank))
+            self._log.info(f"pumer_llava: rank {self._rank}'s statistics written to {path}")
+        return StatsRecorder.merged([p[0] for p in parts]), merged_path
+
     def _flush_stats(self) -> None:
         from lmms_eval.models.model_utils.gen_metrics import log_metrics
 
-        speed = self.stats.gen_tokens / self.stats.gen_seconds if self.stats.gen_seconds > 0 else 0.0
-        log_metrics(
-            total_elapsed_time=self.stats.gen_seconds,
-            total_gen_tokens=self.stats.gen_tokens,
+        stats, path = self._gathered_stats()
+        speed = stats.gen_tokens / stats.gen_seconds if stats.gen_seconds > 0 else 0.0
+        log_metrics(  # the results JSON is written by rank 0: these are the means over all ranks
+            total_elapsed_time=stats.gen_seconds,
+            total_gen_tokens=stats.gen_tokens,
             avg_speed=speed,
-            additional_metrics=self.stats.summary(),
+            additional_metrics=stats.summary(),
         )
-        if self._stats_path is not None:
-            path = self.stats.write(self._stats_path)
+        if self._rank != 0:
+            return
+        if path is not None:
+            stats.write(path)
             self._log.info(f"pumer_llava: reduction config and per-sample visual tokens written to {path}")
         else:
             self._log.warning("pumer_llava: no --output_path and no stats_path: per-sample stats are not written")

@@ -1,4 +1,4 @@
-"""One equivalence body over every adapter row (DESIGN.md, STYLE.md item 8)."""
+"""One equivalence body over every adapter row."""
 
 import pytest
 import torch

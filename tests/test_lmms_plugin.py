@@ -1,4 +1,4 @@
-"""The lmms-eval model ``pumer_llava`` (issue 4).
+"""The lmms-eval model ``pumer_llava``.
 
 The argument parsing, failure counting, stats and prompt helpers are plain functions
 and run without lmms-eval; the model class tests skip cleanly when lmms-eval 0.7.3
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -188,6 +189,92 @@ def test_output_path_and_sidecar_location():
     assert plug.output_path_from_argv(["--tasks", "x"]) is None
     p = plug.default_stats_path("res", "llava-hf/llava-1.5-7b-hf", stamp="20260101_000000")
     assert p.name == "20260101_000000_pumer_stats.json" and p.parent.parent.name == "res"
+
+
+def _recorder(ids, final, failures=(), tokens=0):
+    rec = plug.StatsRecorder(model_args={"pretrained": "m"}, reduction={"method": "pumer", "ratio": 0.25})
+    stats = SimpleNamespace(to_dict=lambda: {"visual_tokens_total": [64] * len(ids),
+                                             "visual_tokens_per_layer": [[64] * len(ids), list(final)],
+                                             "visual_tokens_final": list(final), "flops_ratio": 0.5})
+    rec.add_batch(list(ids), [64] * len(ids), stats, "generate_until")
+    rec.failures.extend({"sample": f, "error": "OSError: x"} for f in failures)
+    rec.gen_tokens = tokens
+    return rec
+
+
+def test_stats_of_ranks_merge_into_one_run():
+    r0 = _recorder(["t/test/0", "t/test/2", "t/test/4"], [16, 16, 16], tokens=5)
+    # rank 1 ran a copy of its last request to even out the ranks: the same sample again
+    r1 = _recorder(["t/test/1", "t/test/3", "t/test/3"], [8, 8, 8], failures=["t/test/5"], tokens=7)
+    m = plug.StatsRecorder.merged([r0, r1])
+    assert sorted(m.samples) == ["t/test/0", "t/test/1", "t/test/2", "t/test/3", "t/test/4"]
+    assert m.samples["t/test/3"]["rank"] == 1 and m.samples["t/test/0"]["rank"] == 0
+    assert m.failures == [{"sample": "t/test/5", "error": "OSError: x", "rank": 1}]
+    assert m.gen_tokens == 12 and len(m.batches) == 2
+    s = m.summary()  # means over all five samples, not rank 0's three
+    assert s["pumer_samples"] == 5 and s["pumer_failures"] == 1
+    assert s["pumer_visual_tokens_final"] == pytest.approx((16 * 3 + 8 * 2) / 5)
+    with pytest.raises(ValueError, match="at least one"):
+        plug.StatsRecorder.merged([])
+
+
+def test_rank_files_and_launcher_environment(monkeypatch):
+    assert plug.rank_stats_path("res/m/20260101_000000_pumer_stats.json", 3).name == (
+        "20260101_000000_pumer_stats_rank3.json")
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    assert plug.launcher_rank() == (0, 0, 1)
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert plug.launcher_rank() == (3, 1, 4)
+    monkeypatch.setenv("RANK", "4")
+    with pytest.raises(ValueError, match="RANK=4 and WORLD_SIZE=4"):
+        plug.launcher_rank()
+    monkeypatch.setenv("RANK", "x")
+    with pytest.raises(ValueError, match="must be integers"):
+        plug.launcher_rank()
+
+
+def _gather_on_rank(rank, world, port, folder, ids, out):
+    """One process of a gloo group: the plugin's own gathering of its statistics."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        me = SimpleNamespace(stats=_recorder(ids[rank], [16] * len(ids[rank]), tokens=rank + 1),
+                             # each rank stamped its own path; rank 0's names the merged file
+                             _stats_path=Path(folder) / f"stamp{rank}_pumer_stats.json",
+                             _rank=rank, _world_size=world, _log=SimpleNamespace(info=print, warning=print))
+        merged, path = plug.PumerLlava._gathered_stats(me)
+        out.put((rank, sorted(merged.samples), merged.gen_tokens, str(path)))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_gather_their_statistics_over_a_process_group(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ids = [["t/test/0", "t/test/2"], ["t/test/1"]]
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_gather_on_rank, args=(r, 2, port, str(tmp_path), ids, out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    got = sorted(out.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    merged_path = str(tmp_path / "stamp0_pumer_stats.json")
+    assert got == [(r, ["t/test/0", "t/test/1", "t/test/2"], 3, merged_path) for r in range(2)]
+    for r in range(2):  # each rank's own share, named after rank 0's path
+        d = json.loads((tmp_path / f"stamp0_pumer_stats_rank{r}.json").read_text())
+        assert sorted(d["samples"]) == ids[r]
 
 
 # ---------------------------------------------------------------------- prompts

@@ -1,4 +1,4 @@
-"""Several images in one prompt (issue 8): each image is scored and budgeted on its own."""
+"""Several images in one prompt: each image is scored and budgeted on its own."""
 
 import pytest
 import torch

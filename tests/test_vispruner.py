@@ -128,7 +128,7 @@ def test_bad_vispruner_arguments():
     assert not hasattr(model, "pumer")
 
 
-# ----------------------------------------------------------------------------- towers without a [CLS] (issue 7)
+# ----------------------------------------------------------------------------- towers without a [CLS]
 
 
 def _full_strategy_llava():

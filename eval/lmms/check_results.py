@@ -7,12 +7,18 @@ run with ``--log_samples``):
 - a ``*_results.json`` exists, with the task's ``exact_match`` and ``--expect`` samples;
 - the per-sample log has ``--expect`` lines whose scores average to that accuracy;
 - the ``*_pumer_stats.json`` sidecar exists, covers every sample, records no failure,
-  and has the expected reduction (``--expect-method``, visual tokens kept);
+  and has the expected reduction (``--expect-method``, visual tokens kept); for a run
+  on N processes (``--processes LABEL=N``) the N per-rank files add up to it;
 
 and across runs and against ``--reference`` (``eval/lmms/reference_score.py``):
 
-- every run gives the same answer to every question (batch size 8 vs 1);
+- every run gives the same answer to every question (batch size 8 vs 1, one process
+  vs two);
 - the accuracy, and which questions are right, equal the project's own scoring.
+
+``--multiple-choice TASK`` checks ``acc`` runs the same way: per-choice losses from the
+sample log, the same choices and losses in every run, and with ``--reference`` the
+project's full-forward scoring of every choice.
 
 Exits non-zero with every problem listed.
 """
@@ -35,7 +41,7 @@ def first_word(text: str) -> str:
     return words[0].strip(".,;:!?\"'") if words else ""
 
 
-def load_run(label: str, folder: Path, task: str, expect: int, problems: list[str]) -> dict | None:
+def load_run(label: str, folder: Path, task: str, expect: int, processes: int, problems: list[str]) -> dict | None:
     res_path = newest(folder, "*_results.json")
     if res_path is None:
         problems.append(f"[{label}] no *_results.json under {folder}: the evaluation failed (read its log)")
@@ -63,47 +69,115 @@ def load_run(label: str, folder: Path, task: str, expect: int, problems: list[st
         problems.append(f"[{label}] the sample log has {len(samples)} samples, expected {expect}")
     if samples and abs(sum(s["score"] for s in samples.values()) / len(samples) - acc) > 1e-9:
         problems.append(f"[{label}] the sample scores do not average to the reported accuracy {acc}")
-    stats_path = newest(folder, "*_pumer_stats.json")
-    stats = None
-    if stats_path is None:
-        problems.append(f"[{label}] no *_pumer_stats.json sidecar next to the results")
-    else:
-        stats = json.loads(stats_path.read_text())
-        if len(stats.get("samples", {})) != expect:
-            problems.append(f"[{label}] the stats sidecar covers {len(stats.get('samples', {}))} samples, expected {expect}")
-        if stats.get("failures"):
-            problems.append(f"[{label}] the stats sidecar records failures: {stats['failures'][:3]}")
+    stats = check_sidecar(label, folder, expect, processes, problems)
     throughput = results.get("throughput", {})
     if "avg_pumer_visual_tokens_final" not in throughput:
         problems.append(f"[{label}] the results JSON lacks the pumer throughput keys: {sorted(throughput)}")
     return {"label": label, "accuracy": acc, "samples": samples, "stats": stats, "results": res_path}
 
 
-def check_multiple_choice(specs: list[str], task: str, expect: int, min_acc: dict[str, float]) -> int:
-    """A multiple-choice run counts when its results give ``acc`` over ``expect`` samples, the
-    stats sidecar covers every one (one encoding of each context) with no failure, and the
-    accuracy reaches its ``--min-acc``."""
-    problems = []
+def check_sidecar(label: str, folder: Path, expect: int, processes: int, problems: list[str]) -> dict | None:
+    """The merged ``*_pumer_stats.json`` covers every sample with no failure; with ``processes``
+    > 1 there is one ``*_rank<r>.json`` per rank and together they hold exactly those samples."""
+    stats_path = newest(folder, "*_pumer_stats.json")
+    if stats_path is None:
+        problems.append(f"[{label}] no *_pumer_stats.json sidecar next to the results")
+        return None
+    stats = json.loads(stats_path.read_text())
+    samples = set(stats.get("samples", {}))
+    if len(samples) != expect:
+        problems.append(f"[{label}] the stats sidecar covers {len(samples)} samples, expected {expect}")
+    if stats.get("failures"):
+        problems.append(f"[{label}] the stats sidecar records failures: {stats['failures'][:3]}")
+    ranks = sorted(stats_path.parent.glob(f"{stats_path.stem}_rank*.json"))
+    if processes > 1:
+        if len(ranks) != processes:
+            problems.append(f"[{label}] {len(ranks)} per-rank stats files next to {stats_path.name}, expected {processes}")
+        per_rank = [set(json.loads(r.read_text()).get("samples", {})) for r in ranks]
+        union = set().union(*per_rank) if per_rank else set()
+        if union != samples or any(len(r) == 0 for r in per_rank):
+            problems.append(f"[{label}] the per-rank stats ({[len(r) for r in per_rank]} samples) do not add up "
+                            f"to the merged file's {len(samples)}")
+        else:
+            print(f"[{label}] stats merged from {len(ranks)} ranks ({[len(r) for r in per_rank]} samples each)")
+    elif ranks:
+        problems.append(f"[{label}] per-rank stats files in a single-process run: {[r.name for r in ranks]}")
+    return stats
+
+
+def load_multiple_choice(label: str, folder: Path, task: str, expect: int, processes: int,
+                         problems: list[str]) -> dict | None:
+    res_path = newest(folder, "*_results.json")
+    if res_path is None:
+        problems.append(f"[{label}] no *_results.json under {folder}: the evaluation failed (read its log)")
+        return None
+    results = json.loads(res_path.read_text())
+    acc = results.get("results", {}).get(task, {}).get("acc,none")
+    n = results.get("n-samples", {}).get(task, {}).get("effective")
+    if not isinstance(acc, (int, float)) or n != expect:
+        problems.append(f"[{label}] {res_path}: acc {acc!r} over {n} samples, expected {expect}")
+        return None
+    samples_path = newest(folder, f"*_samples_{task}.jsonl")
+    if samples_path is None:
+        problems.append(f"[{label}] no per-sample log (*_samples_{task}.jsonl): run lmms-eval with --log_samples")
+        return None
+    docs = {}
+    for line in samples_path.read_text().splitlines():
+        s = json.loads(line)
+        losses = [float(r[0]) for r in (x[0] if isinstance(x[0], list) else x for x in s["filtered_resps"])]
+        docs[int(s["doc_id"])] = {"losses": losses, "chosen": min(range(len(losses)), key=losses.__getitem__),
+                                  "target": int(s["target"]), "acc": float(s["acc"]), "question": s.get("input")}
+    if len(docs) != expect:
+        problems.append(f"[{label}] the sample log has {len(docs)} samples, expected {expect}")
+    if docs and abs(sum(d["acc"] for d in docs.values()) / len(docs) - acc) > 1e-9:
+        problems.append(f"[{label}] the sample scores do not average to the reported accuracy {acc}")
+    wrong = [i for i, d in docs.items() if (d["chosen"] == d["target"]) != bool(d["acc"])]
+    if wrong:
+        problems.append(f"[{label}] lmms-eval's score is not 'the lowest loss is the target' on docs {wrong[:5]}")
+    check_sidecar(label, folder, expect, processes, problems)
+    print(f"[{label}] {task} acc {acc:.4f} on {n} samples ({res_path})")
+    return {"label": label, "accuracy": acc, "docs": docs}
+
+
+def check_multiple_choice(specs: list[str], task: str, expect: int, processes: dict[str, int],
+                          reference: str | None, tol: float) -> int:
+    """Multiple-choice runs (``acc``): each complete (results, sample log, sidecar), every run
+    choosing what the first one chooses with the same losses (within ``tol``), and with
+    ``reference`` (``reference_score.py --multiple-choice``) the project's own scoring."""
+    problems: list[str] = []
+    runs = []
     for spec in specs:
         label, _, folder = spec.partition("=")
-        res_path = newest(Path(folder), "*_results.json")
-        if res_path is None:
-            problems.append(f"[{label}] no *_results.json under {folder}: the evaluation failed (read its log)")
-            continue
-        results = json.loads(res_path.read_text())
-        acc = results.get("results", {}).get(task, {}).get("acc,none")
-        n = results.get("n-samples", {}).get(task, {}).get("effective")
-        if not isinstance(acc, (int, float)) or n != expect:
-            problems.append(f"[{label}] {res_path}: acc {acc!r} over {n} samples, expected {expect}")
-            continue
-        print(f"[{label}] {task} acc {acc:.4f} on {n} samples ({res_path})")
-        if acc < min_acc.get(label, 0.0):
-            problems.append(f"[{label}] accuracy {acc} below {min_acc[label]}")
-        stats_path = newest(Path(folder), "*_pumer_stats.json")
-        stats = json.loads(stats_path.read_text()) if stats_path else {}
-        if len(stats.get("samples", {})) != expect or stats.get("failures"):
-            problems.append(f"[{label}] the stats sidecar covers {len(stats.get('samples', {}))} of {expect} samples, "
-                            f"failures: {stats.get('failures', [])[:3]}")
+        run = load_multiple_choice(label, Path(folder), task, expect, processes.get(label, 1), problems)
+        if run is not None:
+            runs.append(run)
+
+    def compare(run, docs, name):
+        bad = [i for i, d in run["docs"].items() if i in docs and (
+            d["chosen"] != docs[i]["chosen"] or max(abs(x - y) for x, y in zip(d["losses"], docs[i]["losses"])) > tol)]
+        missing = sorted(set(docs) - set(run["docs"]))
+        if bad or missing:
+            i = (bad or missing)[0]
+            problems.append(f"[{run['label']}] differs from {name} on {len(bad)} docs (missing {len(missing)}), "
+                            f"e.g. doc {i}: {run['docs'].get(i, {}).get('losses')} vs {docs[i]['losses']}")
+        else:
+            print(f"[{run['label']}] same choices and losses (within {tol}) as {name} on all {len(docs)} docs")
+
+    for run in runs[1:]:
+        compare(run, runs[0]["docs"], f"[{runs[0]['label']}]")
+    if reference and runs:
+        ref = json.loads(Path(reference).read_text())
+        print(f"[reference] accuracy {ref['accuracy']:.4f} on {len(ref['chosen'])} questions (project scoring)")
+        if len(ref["chosen"]) != expect:
+            problems.append(f"[reference] scored {len(ref['chosen'])} questions, expected {expect}")
+        docs = {i: {"losses": l, "chosen": c} for i, (l, c) in enumerate(zip(ref["losses"], ref["chosen"]))}
+        for run in runs:
+            q = [i for i, d in run["docs"].items() if i < len(ref["questions"]) and d["question"] not in (None, ref["questions"][i])]
+            if q:
+                problems.append(f"[{run['label']}] doc {q[0]} is not the reference's question {q[0]}")
+            if abs(run["accuracy"] - ref["accuracy"]) > 1e-9:
+                problems.append(f"[{run['label']}] accuracy {run['accuracy']} != project scoring {ref['accuracy']}")
+            compare(run, docs, "the project's scoring")
     if problems:
         print("FAILED:\n  " + "\n  ".join(problems))
         return 1
@@ -114,7 +188,9 @@ def check_multiple_choice(specs: list[str], task: str, expect: int, min_acc: dic
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--multiple-choice", metavar="TASK", help="check multiple-choice runs of TASK (acc) instead")
-    p.add_argument("--min-acc", action="append", default=[], help="LABEL=X: that run's accuracy must reach X")
+    p.add_argument("--processes", action="append", default=[],
+                   help="LABEL=N: that run was launched on N processes (one stats file per rank, merged)")
+    p.add_argument("--tol", type=float, default=1e-3, help="multiple choice: largest loss difference between runs")
     p.add_argument("--run", action="append", required=True, help="LABEL=DIR, DIR = the run's --output_path")
     p.add_argument("--task", default="pumer_proxy")
     p.add_argument("--expect", type=int, required=True, help="number of samples each run evaluated (--limit)")
@@ -122,15 +198,15 @@ def main(argv=None) -> int:
     p.add_argument("--expect-method", default=None, help="reduction method the sidecar must record (none = unreduced)")
     p.add_argument("--expect-keep", type=float, default=None, help="mean fraction of visual tokens kept, e.g. 0.25")
     a = p.parse_args(argv)
+    processes = {k: int(v) for k, _, v in (x.partition("=") for x in a.processes)}
     if a.multiple_choice:
-        min_acc = {k: float(v) for k, _, v in (x.partition("=") for x in a.min_acc)}
-        return check_multiple_choice(a.run, a.multiple_choice, a.expect, min_acc)
+        return check_multiple_choice(a.run, a.multiple_choice, a.expect, processes, a.reference, a.tol)
 
     problems: list[str] = []
     runs = []
     for spec in a.run:
         label, _, folder = spec.partition("=")
-        run = load_run(label, Path(folder), a.task, a.expect, problems)
+        run = load_run(label, Path(folder), a.task, a.expect, processes.get(label, 1), problems)
         if run is not None:
             runs.append(run)
             print(f"[{label}] exact_match {run['accuracy']:.4f} on {len(run['samples'])} samples ({run['results']})")
