@@ -129,6 +129,7 @@ def apply_pumer(
         flash=bool(attn and attn.startswith("flash")),
         eager=attn == "eager",
         visual_ids=torch.tensor(adapter.visual_token_ids(model.config)),
+        visual_id_set=frozenset(int(i) for i in adapter.visual_token_ids(model.config)),
     )
     if recipe.pre_llm:
         runtime.install(model, state, vparts, projector)

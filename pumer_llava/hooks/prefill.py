@@ -2,17 +2,24 @@
 
 Flow of one prefill (the hooks in :mod:`.runtime` only route here):
 
-1. :class:`Prefill` is opened by the inner model's pre-hook from ``input_ids``: which
-   tokens are visual, which image each belongs to, how many each stage keeps per image.
+1. :class:`Prefill` is opened by the inner model's pre-hook with the prompt's
+   :class:`.layout.PromptLayout` (the ids, read once from the device): which tokens are
+   visual, which image each belongs to, how many each stage keeps per image, and so where
+   every image's tokens sit at every stage.
 2. At a stage's decoder layer, :meth:`Prefill.at_layer` scores (or takes the prompt's
    earlier decision, see below), decides a :class:`StageDecision` (which slots stay,
    which merge into which), applies it to the hidden states and the :class:`Tokens`, and
    gathers the decoder loop's full-length kwargs (cos/sin, position ids, mask) for the
    tokens now present. Every later layer gets those, and its cache layer is told the
    original positions of what it stores (:mod:`.cache`).
-3. :meth:`Prefill.finish` writes ``last_stats``, masks labels that a removed position
-   would predict, and scatters the last hidden state back to full length when the caller
-   reads more than the last positions.
+3. :meth:`Prefill.finish` hands ``last_stats`` its tensors (lists are built when read),
+   masks labels that a removed position would predict, and scatters the last hidden state
+   back to full length when the caller reads more than the last positions.
+
+No host sync between the first decoder layer and the last (the built-in scorers): every
+shape is known from the layout, each stage's index tensors go to the device in one copy,
+the choice is a fixed-shape sort per image. A custom scorer's inputs and VisPruner's
+patch matching still read the device.
 
 The prompt decides. A method reads the prompt's tokens only; a forward without a cache
 whose input extends the last reducing prefill's (same leading ids, same input embeddings
@@ -24,24 +31,53 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+
 import torch
 
 from ..reduce import plan_stages
-from ..reduce.images import Images, split_images
 from ..reduce.merge import bipartite_merge, merge_into
-from ..reduce.ragged import ragged_nonzero, top_per_row
 from .cache import reduced_layer
+from .layout import FILLER, TEXT, PromptLayout, StageSlots, to_device
 from .masks import layer_mask
-from .scoring import attention_scores, custom_scores, random_scores, take_rows
+from .scoring import QueryRows, attention_scores, custom_scores, random_scores, take_rows
 from .stats import stats_reduced, stats_unreduced
-from .tokens import Tokens, keep_slots
+from .tokens import Tokens
 from .vision import vispruner_keep
 
 
-def _now(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
+class SelectTimer:
+    """Time spent scoring, selecting and merging, without waiting for the device on the way:
+    CUDA events are read when the statistics are (after the forward)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.events: list = []
+        self.seconds = 0.0
+        self._t0 = 0.0
+
+    def start(self):
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            self.events.append([e, None])
+        else:
+            self._t0 = time.perf_counter()
+
+    def stop(self):
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            self.events[-1][1] = e
+        else:
+            self.seconds += time.perf_counter() - self._t0
+
+    def total(self) -> float:
+        if self.cuda:
+            for a, b in self.events:
+                b.synchronize()
+                self.seconds += a.elapsed_time(b) / 1000.0
+            self.events.clear()
+        return self.seconds
 
 
 def take_positions(pid: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -74,13 +110,14 @@ class Stage:
 class StageDecision:
     """What a stage did, in the slots it received, so that it can be applied again.
 
-    n_in: slots it received; sel / filler (B, N'): which slots stay (left-padded rows);
-    merge: (rows, src, dst, w) pairs (P,) of ``reduce.merge.merge_into``, or None.
+    n_in: slots it received; sel (B, N'): which slots stay (left-padded rows); code (B, N'):
+    what each new slot holds (:mod:`.layout`); merge: (rows, src, dst, w) pairs (P,) of
+    ``reduce.merge.merge_into``, or None.
     """
 
     n_in: int
     sel: torch.Tensor
-    filler: torch.Tensor
+    code: torch.Tensor
     has_fillers: bool
     merge: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
@@ -91,7 +128,8 @@ class StageDecision:
         bsz = self.sel.shape[0]
         tail = torch.arange(self.n_in, self.n_in + extra, device=self.sel.device).expand(bsz, extra)
         return StageDecision(self.n_in + extra, torch.cat([self.sel, tail], 1),
-                             torch.cat([self.filler, self.filler.new_zeros(bsz, extra)], 1), self.has_fillers, self.merge)
+                             torch.cat([self.code, self.code.new_full((bsz, extra), TEXT)], 1),
+                             self.has_fillers, self.merge)
 
 
 @dataclass
@@ -104,24 +142,30 @@ class PromptDecision:
     decisions: list[StageDecision]
 
 
+_PROJECTIONS: dict[tuple, torch.Tensor] = {}
+
+
 def fingerprint(emb: torch.Tensor) -> torch.Tensor:
     """(B, N) a fixed random projection of each input embedding: the same prompt gives the same
     values, another image under the same placeholder ids different ones."""
-    g = torch.Generator().manual_seed(0)
-    w = torch.randn(emb.shape[-1], generator=g).to(emb.device)
+    key = (emb.shape[-1], emb.device)
+    w = _PROJECTIONS.get(key)
+    if w is None:
+        g = torch.Generator().manual_seed(0)
+        w = _PROJECTIONS[key] = torch.randn(emb.shape[-1], generator=g).to(emb.device)
     return emb.float() @ w
 
 
-def plan(state, images: Images) -> tuple[list[Stage], list[list]]:
+def plan(state, layout: PromptLayout) -> tuple[list[Stage], list[list]]:
     """The stages of the cascade and, per stage, each image's (prune, merge, n_out)."""
     cfg = state.config
-    counts, owners = images.count.tolist(), images.sample.tolist()
+    counts = layout.counts
     keeps = []
-    for n, b in zip(counts, owners):
+    for n, im in zip(counts, layout.images):
         if cfg.keep_tokens is not None:
             if n < cfg.keep_tokens:
                 raise ValueError(
-                    f"keep_tokens={cfg.keep_tokens} is larger than an image of sample {b} ({n} visual tokens): "
+                    f"keep_tokens={cfg.keep_tokens} is larger than an image of sample {im.sample} ({n} visual tokens): "
                     "keep_tokens is a budget per image"
                 )
             keeps.append(cfg.keep_tokens)
@@ -148,26 +192,48 @@ def plan(state, images: Images) -> tuple[list[Stage], list[list]]:
     return stages, plans
 
 
+@dataclass
+class StageIndex:
+    """One stage's host plan on the device (one copy): where each image's tokens are, how many
+    each keeps, and the template of the slots that stay."""
+
+    slots_in: StageSlots
+    slots_out: StageSlots
+    img_row: torch.Tensor  # (G,) the row of each image
+    img_idx: torch.Tensor  # (G, m) slots of each image's tokens
+    img_ok: torch.Tensor  # (G, m) bool
+    k_ok: torch.Tensor  # (G, k_max) bool: j < what the image keeps after pruning
+    sel_base: torch.Tensor  # (B, W') input slot of each kept non-visual token; an image's first slot
+    vis_dst: torch.Tensor  # (V,) flat output slots of visual tokens
+    vis_src: torch.Tensor  # (V,) flat (G, o_max) entries of the chosen local indices they take
+    code_out: torch.Tensor  # (B, W')
+    k: list[int]
+    r: list[int]
+    o_max: int
+
+
 class Prefill:
     """Scratch of one reducing prefill of the inner model; see the module docstring."""
 
-    def __init__(self, state, input_ids: torch.Tensor, vis: torch.Tensor, mask2d, use_cache: bool, logits_to_keep):
-        self.state = state
+    def __init__(self, state, input_ids: torch.Tensor, layout: PromptLayout, use_cache: bool, logits_to_keep):
+        self.state, self.layout = state, layout
         bsz, n0 = input_ids.shape
-        dev = vis.device
-        valid = mask2d.bool().to(dev) if (mask2d is not None and mask2d.ndim == 2) else torch.ones_like(vis)
-        self.input_ids, self.mask, self.n0 = input_ids, valid, n0
+        dev = input_ids.device
+        self.input_ids, self.n0, self.device = input_ids, n0, dev
         self.use_cache, self.logits_to_keep = use_cache, logits_to_keep
         # The prompt: a caller that reads the logits of the last k positions of a prefill checks
         # the k - 1 tokens before them (a speculative decoder's candidates): they are not the prompt
         k = logits_to_keep if isinstance(logits_to_keep, int) else 0
         self.n_prompt = n0 - (k - 1) if 1 < k <= n0 else n0
-        self.totals = vis.sum(1).tolist()  # samples may carry different numbers of visual tokens
-        self.images = split_images(input_ids.to(dev), vis, state.adapter.visual_tokens_per_image(state.model_config))
-        self.vis_start = vis.to(torch.int8).argmax(1)
-        self.tokens = Tokens.full(valid, vis, self.images.group)
-        self.stages, self.plans = plan(state, self.images)
+        self.totals = list(layout.visual_n)  # samples may carry different numbers of visual tokens
+        (code0,) = to_device(dev, layout.code)
+        self.tokens = Tokens.full(code0)
+        self.mask = self.tokens.valid
+        self.stages, self.plans = plan(state, layout)
         self.reduces = bool(self.stages)
+        self.counts = [list(layout.counts)]  # per stage: each image's count entering it, then after the last
+        for rows in self.plans:
+            self.counts.append([n_out for _, _, n_out in rows])
         self.at: dict[int, list[Stage]] = {}
         self.score_at: dict[int, list[Stage]] = {}
         for st in self.stages:
@@ -176,6 +242,7 @@ class Prefill:
                 self.score_at.setdefault(st.score_layer, []).append(st)
         self.first_layer = min([st.score_layer for st in self.stages] + [st.layer for st in self.stages], default=0)
         self.first_reduced = min((st.layer for st in self.stages), default=0)
+        self._slots: dict[tuple, StageSlots] = {}
         self.decisions: list[StageDecision] = []
         self.reuse: list[StageDecision] | None = None
         self.fingerprint: torch.Tensor | None = None
@@ -183,11 +250,16 @@ class Prefill:
         self.cache_view: tuple | None = None  # (pos, log_size, n_full, fillers) the reduced cache layers store
         self.pending_scores: dict[int, torch.Tensor] = {}
         self.metric: tuple[int, torch.Tensor] | None = None  # (layer, keys) the scoring computed
-        self.tokens_per_layer: dict[int, torch.Tensor] = {}  # reducing layer -> (B,) from it on
-        self.vis_per_layer: dict[int, torch.Tensor] = {}
-        self.kept: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.select_seconds = 0.0
+        self.kept: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # stats key -> (pos, code)
+        self.timer = SelectTimer(dev)
         self.score_flops = 0.0
+
+    def slots(self, s: int) -> StageSlots:
+        """The slot layout entering stage ``s`` (``s == len(stages)``: after the last)."""
+        key = tuple(self.counts[s])
+        if key not in self._slots:
+            self._slots[key] = self.layout.stage(self.counts[s])
+        return self._slots[key]
 
     # ------------------------------------------------------------------ the prompt's decision
 
@@ -202,7 +274,7 @@ class Prefill:
         ids = self.input_ids
         if ids.shape[0] != prev.input_ids.shape[0] or ids.shape[1] < n:
             return
-        if self.images.end.numel() and int(self.images.end.max()) >= n:
+        if max(im.end for im in self.layout.images) >= n:
             return  # visual tokens after the prompt: a new image, choose anew
         same = (
             torch.equal(ids[:, :n].to(prev.input_ids.device), prev.input_ids)
@@ -217,22 +289,19 @@ class Prefill:
     def at_layer(self, layer: int, module, args: tuple, kwargs: dict):
         hs = args[0] if args else kwargs["hidden_states"]
         for stage in self.at.get(layer, ()):
-            t0 = _now(hs.device)
+            self.timer.start()
             dec = self._decision(stage, module, hs, kwargs)
             hs = self._apply(dec, hs)
             self.kw = self._gather(kwargs, hs.dtype)
             tok = self.tokens
             self.cache_view = (tok.cache_pos, tok.log_size(self.state.prop_attn), self.n0, tok.has_fillers)
-            self.kept[stage.key] = (tok.pos, tok.is_vis)
-            # counts change only here: later layers read the last count at or before them
-            self.tokens_per_layer[layer] = tok.valid.sum(1)
-            self.vis_per_layer[layer] = (tok.is_vis & tok.valid).sum(1)
-            self.select_seconds += _now(hs.device) - t0
+            self.kept[stage.key] = (tok.pos, tok.code)
+            self.timer.stop()
         for stage in self.score_at.get(layer, ()):  # FastV-style: score from this layer's input, drop later
             if self.reuse is None:
-                t0 = _now(hs.device)
+                self.timer.start()
                 self.pending_scores[stage.index] = self._score(stage, module, hs, self.kw or kwargs)
-                self.select_seconds += _now(hs.device) - t0
+                self.timer.stop()
         cache = kwargs.get("past_key_values")
         if cache is not None and self.use_cache and layer >= self.first_reduced:
             reduced_layer(cache, layer).pending = self.cache_view
@@ -258,9 +327,9 @@ class Prefill:
         tok = self.tokens
         if dec.merge is not None:
             rows, src, dst, w = (t.to(hs.device) for t in dec.merge)
-            hs, size = merge_into(hs, tok.size.to(hs.device), rows, src, dst, w)
-            tok = tok.with_sizes(size.to(tok.size.device))
-        self.tokens = tok.take(dec.sel, dec.filler, dec.has_fillers)
+            hs, size = merge_into(hs, tok.sizes.to(hs.device), rows, src, dst, w)
+            tok = tok.with_sizes(size.to(tok.pos.device))
+        self.tokens = tok.take(dec.sel, dec.code, dec.has_fillers)
         return take_rows(hs, dec.sel)
 
     def _gather(self, kwargs: dict, dtype) -> dict:
@@ -278,86 +347,154 @@ class Prefill:
         )
         return out
 
+    # ------------------------------------------------------------------ host plans
+
+    def _index(self, s: int) -> StageIndex:
+        """Stage ``s``'s index tensors, from the host layout, in one copy to the device."""
+        slots_in, slots_out = self.slots(s), self.slots(s + 1)
+        layout, plan_rows = self.layout, self.plans[s]
+        k = [n - p for n, (p, _, _) in zip(slots_in.counts, plan_rows)]
+        r = [m for _, m, _ in plan_rows]
+        o = slots_out.counts
+        k_max, o_max = max(k), max(o)
+        img_idx, img_ok = slots_in.image_slots()
+        k_ok = [[j < kg for j in range(k_max)] for kg in k]
+        w_out = slots_out.width
+        sel_base, vis_dst, vis_src = [], [], []
+        for b in range(layout.bsz):
+            where = {i: s_ for s_, i in enumerate(slots_in.src[b]) if i >= 0}  # input position -> slot
+            row, seen = [], {}
+            for t, (c, i) in enumerate(zip(slots_out.code[b], slots_out.src[b])):
+                if c >= 0:
+                    j = seen.get(c, 0)
+                    seen[c] = j + 1
+                    row.append(slots_in.start[c])
+                    vis_dst.append(b * w_out + t)
+                    vis_src.append(c * o_max + j)
+                else:
+                    row.append(where.get(i, 0))  # a filler takes any slot: it is masked everywhere
+            sel_base.append(row)
+        t = to_device(self.device, [im.sample for im in layout.images], img_idx, img_ok, k_ok, sel_base,
+                      vis_dst, vis_src, slots_out.code)
+        return StageIndex(slots_in, slots_out, t[0], t[1], t[2].bool(), t[3].bool(), t[4], t[5], t[6], t[7],
+                          k, r, o_max)
+
+    def _select(self, ix: StageIndex, local_out: torch.Tensor) -> StageDecision:
+        """The decision from each image's chosen local indices (G, o_max), ascending."""
+        bsz, w_out = ix.sel_base.shape
+        sel = ix.sel_base.reshape(-1).index_put((ix.vis_dst,), local_out.reshape(-1)[ix.vis_src], accumulate=True)
+        return StageDecision(ix.slots_in.width, sel.view(bsz, w_out), ix.code_out, ix.slots_out.has_fillers)
+
+    def _query_rows(self, slots: StageSlots, kind: str) -> QueryRows:
+        """The prompt's query rows at ``slots`` (host), on the device."""
+        layout, n_prompt = self.layout, self.n_prompt
+        text = slots.text_rows(n_prompt) if kind == "text_attention" else None
+        if text is None:  # FastV, or a prompt of visual tokens only: its last prompt token
+            idx, last_pos = [], []
+            for b in range(layout.bsz):
+                last, lp = 0, -1
+                for s_, (c, i) in enumerate(zip(slots.code[b], slots.src[b])):
+                    if (c == TEXT and i < n_prompt) or (c >= 0 and layout.images[c].start < n_prompt):
+                        last, lp = s_, (i if c == TEXT else layout.images[c].start)
+                idx.append([last])
+                last_pos.append(lp)
+            ok = [[True] for _ in idx]
+            if kind != "text_attention":
+                i_, o_ = to_device(self.device, idx, ok)
+                return QueryRows(i_, o_.bool())
+            row_last = last_pos
+        else:
+            idx, ok, pos = text
+            row_last = [max((p for p, k in zip(pr, okr) if k), default=-1) for pr, okr in zip(pos, ok)]
+        # each image is read by the text after it; an image with none after it by all the text
+        follows = [row_last[im.sample] > im.end for im in layout.images]
+        key_end = [[layout.images[c].end if c >= 0 and follows[c] else -1 for c in row] for row in slots.code]
+        lone = [[c >= 0 and not follows[c] for c in row] for row in slots.code]
+        i_, o_, e_, l_ = to_device(self.device, idx, ok, key_end, lone)
+        return QueryRows(i_, o_.bool(), e_, l_.bool())
+
     # ------------------------------------------------------------------ deciding
 
     def _score(self, stage: Stage, module, hs: torch.Tensor, kw: dict) -> torch.Tensor:
-        """(B, n_vis) scores of the current visual tokens, ``ragged_nonzero`` order."""
+        """(B, N) scores of the current slots (visual ones are read)."""
         state, tok = self.state, self.tokens
         scorer = state.recipe.scorer
+        slots = self.slots(stage.index)
         if callable(scorer):
             # how many each sample keeps after pruning (merging takes its share after the scores)
             keep = self._per_sample([n_out + m for _, m, n_out in self.plans[stage.index]])
+            vis_start = torch.tensor(self.layout.vis_start, device=tok.pos.device)
             return custom_scores(scorer, tok, hs, stage.layer, stage.index - int(bool(state.recipe.pre_llm)),
-                                 self.input_ids[:, : self.n_prompt], self.vis_start, keep)
-        vis_idx, _ = ragged_nonzero(tok.is_vis)
+                                 self.input_ids[:, : self.n_prompt], vis_start, keep)
         if scorer == "random":
-            p = self.n_prompt
-            return random_scores(state.config.seed, self.input_ids[:, :p], self.mask[:, :p], vis_idx.shape[1], vis_idx.device)
-        scores, metric, flops = attention_scores(state, tok, self.images, module, hs, kw, scorer, self.n_prompt)
+            vis_slots = [[s_ for s_, c in enumerate(row) if c >= 0] for row in slots.code]
+            ids = [row[: self.n_prompt] for row in self.layout.ids]
+            return random_scores(state.config.seed, ids, vis_slots, slots.width, tok.pos.device)
+        rows = self._query_rows(slots, scorer)
+        scores, metric, flops = attention_scores(state, tok, rows, module, hs, kw)
         self.metric = (stage.score_layer, metric)
         self.score_flops += flops
-        return scores.gather(1, vis_idx.to(scores.device))
+        return scores
 
     def _per_sample(self, per_image: list[int]) -> list[int]:
-        out = [0] * self.input_ids.shape[0]
-        for b, n in zip(self.images.sample.tolist(), per_image):
-            out[b] += n
+        out = [0] * self.layout.bsz
+        for im, n in zip(self.layout.images, per_image):
+            out[im.sample] += n
         return out
 
     def _decide(self, stage: Stage, module, hs: torch.Tensor, kw: dict) -> StageDecision:
         """Prune, then merge, within each image: every image keeps its own budget.
 
-        Images are the rows here (G of them across the batch), so top-k and bipartite merging
-        never move a token's share from one image to another."""
-        state, tok, imgs = self.state, self.tokens, self.images
+        Images are the rows here (G of them across the batch), so the sort and bipartite
+        merging never move a token's share from one image to another. Every shape comes
+        from the host plan; nothing here waits for the device."""
+        state, tok = self.state, self.tokens
         scores = self.pending_scores.pop(stage.index, None)
         if scores is None:
             scores = self._score(stage, module, hs, kw)
-        rows_plan = self.plans[stage.index]
-        dev0 = tok.is_vis.device
-        prune = torch.tensor([p for p, _, _ in rows_plan], device=dev0)
-        merge_n = [m for _, m, _ in rows_plan]
-        vis_idx, vis_ok = ragged_nonzero(tok.is_vis)  # the layout ``scores`` come in
-        full = torch.zeros(tok.is_vis.shape, device=dev0)
-        full[torch.arange(vis_idx.shape[0], device=dev0)[:, None].expand_as(vis_idx)[vis_ok], vis_idx[vis_ok]] = (
-            scores.to(dev0).float()[vis_ok]
-        )
-        own = tok.group[imgs.sample] == torch.arange(imgs.n, device=dev0)[:, None]  # (G, N)
-        img_idx, img_ok = ragged_nonzero(own)  # (G, m) current slots of each image's tokens
-        rows = imgs.sample[:, None].expand_as(img_idx)
-        top, kept_ok = top_per_row(full[rows, img_idx], img_ok, img_ok.sum(1) - prune)
-        kept = img_idx.gather(1, top)  # (G, k_max) current slots, ascending
-        rows = imgs.sample[:, None].expand_as(kept)
+        ix = self._index(stage.index)
+        m = ix.img_idx.shape[1]
+        k_max = ix.k_ok.shape[1]
+        dev0 = tok.pos.device
+        img = scores.to(dev0).float()[ix.img_row[:, None], ix.img_idx].masked_fill(~ix.img_ok, float("-inf"))
+        order = img.argsort(dim=1, descending=True, stable=True)[:, :k_max]  # ties: the earlier token
+        local = torch.where(ix.k_ok, order, m).sort(1).values.clamp_max(m - 1)  # (G, k_max) ascending
         merge = None
-        if any(merge_n):
+        if any(ix.r):
             parts = state.adapter.attn_parts(module, state.text_config)
             dev = parts.k_proj.weight.device
+            kept = ix.img_idx.gather(1, local)  # (G, k_max) current slots
+            rows = ix.img_row[:, None].expand_as(kept)
             xv = hs[rows.to(hs.device), kept.to(hs.device)].to(dev)  # (G, k_max, d)
-            n_img, k_max, d = xv.shape
+            n_img, _, d = xv.shape
             if self.metric is not None and self.metric[0] == stage.layer:  # keys the scoring already computed
                 metric = self.metric[1][rows.to(dev), kept.to(dev)]
             else:
                 with torch.no_grad():
                     metric = parts.k_proj(parts.norm(xv)).view(n_img, k_max, parts.num_kv_heads, parts.head_dim).mean(2)
                 self.score_flops += n_img * k_max * d * parts.num_kv_heads * parts.head_dim
-            res = bipartite_merge(xv, metric, tok.size[rows, kept].to(dev),
-                                  torch.tensor(merge_n, device=dev), valid=kept_ok.to(dev))
+            res = bipartite_merge(xv, metric, tok.sizes[rows, kept].to(dev), ix.r, valid=ix.k_ok.to(dev), counts=ix.k)
             src, dst = kept.gather(1, res.src.to(dev0)), kept.gather(1, res.dst.to(dev0))  # (G, r) slots
-            pair_rows = imgs.sample[:, None].expand_as(src)
-            merge = (pair_rows.reshape(-1), src.reshape(-1), dst.reshape(-1), res.src_ok.to(dev0).reshape(-1).float())
-            kept_ok = res.survive.to(dev0)
+            merge = (rows[:, : src.shape[1]].reshape(-1), src.reshape(-1), dst.reshape(-1),
+                     res.src_ok.to(dev0).reshape(-1).float())
+            ar = torch.arange(k_max, device=dev0)
+            survivors = torch.where(res.survive.to(dev0), ar, k_max).sort(1).values[:, : ix.o_max]
+            local = local.gather(1, survivors.clamp_max(k_max - 1))
+        else:
+            local = local[:, : ix.o_max]
         self.metric = None
-        keep = (~tok.is_vis & ~tok.filler).index_put((rows[kept_ok], kept[kept_ok]), torch.tensor(True, device=dev0))
-        sel, filler, has_fillers = keep_slots(keep)
-        return StageDecision(tok.pos.shape[1], sel, filler, has_fillers, merge)
+        dec = self._select(ix, local)
+        return StageDecision(dec.n_in, dec.sel, dec.code, dec.has_fillers, merge)
 
     def _decide_vision(self, stage: Stage, hs: torch.Tensor) -> StageDecision:
-        tok = self.tokens
-        keep_vis, flops = vispruner_keep(self.state, tok, self.images, [n for _, _, n in self.plans[stage.index]], hs)
+        ix = self._index(stage.index)
+        keep_vis, flops = vispruner_keep(self.state, self.tokens, self.layout, ix.slots_in, ix.slots_out.counts, hs)
         self.score_flops += flops
-        keep = (~tok.is_vis & ~tok.filler) | keep_vis.to(tok.is_vis.device)
-        sel, filler, has_fillers = keep_slots(keep)
-        return StageDecision(tok.pos.shape[1], sel, filler, has_fillers)
+        m = ix.img_idx.shape[1]
+        chosen = keep_vis.to(ix.img_idx.device)[ix.img_row[:, None], ix.img_idx] & ix.img_ok
+        ar = torch.arange(m, device=ix.img_idx.device)
+        local = torch.where(chosen, ar, m).sort(1).values[:, : ix.o_max].clamp_max(m - 1)
+        return self._select(ix, local)
 
     # ------------------------------------------------------------------ after the last layer
 
@@ -396,15 +533,13 @@ class Prefill:
         h = output.last_hidden_state  # (B, N', d)
         bsz, n0 = self.input_ids.shape
         k = self.logits_to_keep
-        pos = self.tokens.pos
         if isinstance(k, int) and 0 < k <= h.shape[1]:
-            tail = torch.arange(n0 - k, n0, device=pos.device)
-            if bool((pos[:, -k:] == tail).all()):
-                return None  # the caller only reads the last k positions, which are all kept
+            # the last k positions of every row are kept (non-visual: never removed), in the last k slots
+            if all(c < 0 and c != FILLER for row in self.layout.code for c in row[n0 - k :]):
+                return None  # the caller only reads them
         cpos = self.tokens.cache_pos.to(h.device)
         cpos = torch.where(cpos < 0, torch.full_like(cpos, n0), cpos)  # fillers land in a trash column
         full = h.new_zeros(bsz, n0 + 1, h.shape[-1])
         full.scatter_(1, cpos[..., None].expand(-1, -1, h.shape[-1]), h)
         output.last_hidden_state = full[:, :n0]
         return output
-

@@ -19,6 +19,7 @@ from transformers.cache_utils import Cache
 
 from .cache import check_cache, is_reduced
 from .decode import Extend
+from .layout import PromptLayout
 from .prefill import Prefill
 from .state import PumerState
 from .vision import tower_importance
@@ -29,6 +30,15 @@ def carries_visual_inputs(kwargs: dict) -> bool:
     return any(v is not None and k.startswith("pixel_values") for k, v in kwargs.items()) or bool(
         kwargs.get("mm_encoder_outputs")
     )
+
+
+def read_layout(state: PumerState, input_ids: torch.Tensor, mask) -> PromptLayout:
+    """The prompt's layout from one read of the ids (padding, where a 2-D mask says so, as -1)."""
+    ids = input_ids
+    if mask is not None and mask.ndim == 2:
+        ids = ids.masked_fill(mask.to(ids.device) == 0, -1)
+    per_image = state.adapter.visual_tokens_per_image(state.model_config)
+    return PromptLayout(ids.tolist(), state.visual_id_set, per_image)
 
 
 def _use_cache(state: PumerState, kwargs: dict) -> bool:
@@ -102,16 +112,15 @@ class InnerPreHook(_Hook):
             return None
         if not visual:
             return None  # placeholder ids with no image behind them are plain tokens, as transformers embeds them
-        vis = torch.isin(input_ids, state.visual_ids.to(input_ids.device))
-        if not bool(vis.any()):
+        layout = read_layout(state, input_ids, kwargs.get("attention_mask"))  # the prefill's one host sync
+        if not layout.images:
             return None
         if cache is not None and cache.get_seq_length() > 0:
             raise ValueError(
                 "image tokens arrive on a cache that pumer_llava did not build (made before apply_pumer or "
                 "under disabled()): start from an empty cache"
             )
-        state.call = Prefill(state, input_ids, vis, kwargs.get("attention_mask"), _use_cache(state, kwargs),
-                             state.logits_to_keep)
+        state.call = Prefill(state, input_ids, layout, _use_cache(state, kwargs), state.logits_to_keep)
         state.vision_consumed = True  # the next tower run encodes new images
         return None
 

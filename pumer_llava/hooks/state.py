@@ -14,7 +14,6 @@ from ..methods import Recipe
 from .adapters import Adapter
 
 
-@dataclass
 class ReductionStats:
     """What the last forward that carried images did (decode steps leave it unchanged).
 
@@ -28,17 +27,52 @@ class ReductionStats:
     flops / flops_unreduced:  decoder FLOPs estimate (``reduce.flops``) summed over the batch,
                               scoring work included in ``flops``.
     select_seconds:           wall time spent scoring, selecting and merging.
+    reducing_layers:          the decoder layers that reduced.
+
+    Lazy: a prefill hands over its device tensors and a builder, and the lists are made on
+    first access (reading them waits for the device), so a forward pays no host sync for
+    statistics nobody reads. ``ReductionStats(**fields)`` builds one from values.
     """
 
-    visual_tokens_total: list[int]
-    visual_tokens_per_layer: list[list[int]]
-    tokens_per_layer: list[list[int]]
-    kept_positions: dict[int, list[list[int]]]
-    kept_patches: dict[int, list[list[int]]]
-    flops: float
-    flops_unreduced: float
-    select_seconds: float
-    reducing_layers: list[int] = field(default_factory=list)
+    FIELDS = ("visual_tokens_total", "visual_tokens_per_layer", "tokens_per_layer", "kept_positions",
+              "kept_patches", "flops", "flops_unreduced", "select_seconds", "reducing_layers")
+
+    def __init__(self, *, builder=None, **values):
+        if builder is None:
+            missing = [f for f in self.FIELDS if f not in values and f != "reducing_layers"]
+            if missing or set(values) - set(self.FIELDS):
+                raise TypeError(f"ReductionStats takes {', '.join(self.FIELDS)}; missing {missing}, "
+                                f"unknown {sorted(set(values) - set(self.FIELDS))}")
+            values.setdefault("reducing_layers", [])
+            self.__dict__.update(values)
+        else:
+            self.__dict__["_builder"] = builder
+
+    def __getattr__(self, name):
+        builder = self.__dict__.get("_builder")
+        if name in self.FIELDS and builder is not None:
+            del self.__dict__["_builder"]
+            self.__dict__.update(builder())
+            return self.__dict__[name]
+        raise AttributeError(f"{type(self).__name__!s} has no attribute {name!r}")
+
+    def __setattr__(self, name, value):
+        if name in self.FIELDS:
+            getattr(self, name)  # build first, so a later read does not overwrite the change
+        object.__setattr__(self, name, value)
+
+    def __eq__(self, other):
+        if not isinstance(other, ReductionStats):
+            return NotImplemented
+        return all(getattr(self, f) == getattr(other, f) for f in self.FIELDS if f != "select_seconds")
+
+    def __repr__(self) -> str:
+        if "_builder" in self.__dict__:
+            return "ReductionStats(<not read yet>)"
+        return f"ReductionStats(visual_tokens_final={self.visual_tokens_final}, flops_ratio={self.flops_ratio:.3f})"
+
+    def __deepcopy__(self, memo):
+        return ReductionStats(**{f: copy.deepcopy(getattr(self, f), memo) for f in self.FIELDS})
 
     @property
     def flops_ratio(self) -> float:
@@ -82,6 +116,7 @@ class PumerState:
     flash: bool = False  # flash attention takes 2-D masks
     eager: bool = False  # eager attention adds a float mask
     visual_ids: torch.Tensor | None = None  # placeholder ids of visual tokens (images, video)
+    visual_id_set: frozenset = frozenset()  # the same, on the host
     handles: list[Any] = field(default_factory=list)
     enabled: bool = True
     last_stats: ReductionStats | None = None

@@ -1,8 +1,11 @@
-"""``last_stats`` of a prefill: tokens per layer, kept patches, FLOPs, selection time."""
+"""``last_stats`` of a prefill: tokens per layer, kept patches, FLOPs, selection time.
+
+Counts per layer come from the host plan (every stage keeps a known number of tokens per
+image); only the kept positions are device data. Both are turned into lists when the
+statistics are first read (:class:`.state.ReductionStats` is lazy), not after every forward.
+"""
 
 from __future__ import annotations
-
-import torch
 
 from ..reduce import decoder_flops
 from .state import ReductionStats
@@ -14,54 +17,71 @@ def _dims(state) -> tuple[int, int]:
 
 
 def stats_unreduced(state, pre) -> ReductionStats:
-    n_layers = state.depth
-    valid_n = pre.mask.sum(1).tolist()
+    n_layers, layout = state.depth, pre.layout
     d, m = _dims(state)
-    flops = sum(decoder_flops([n] * n_layers, d, m) for n in valid_n)
-    return ReductionStats(
-        visual_tokens_total=list(pre.totals),
-        visual_tokens_per_layer=[list(pre.totals) for _ in range(n_layers)],
-        tokens_per_layer=[list(valid_n) for _ in range(n_layers)],
-        kept_positions={},
-        kept_patches={},
-        flops=flops,
-        flops_unreduced=flops,
-        select_seconds=0.0,
-        reducing_layers=[],
-    )
+
+    def build():
+        valid_n = list(layout.valid_n)
+        flops = sum(decoder_flops([n] * n_layers, d, m) for n in valid_n)
+        return dict(
+            visual_tokens_total=list(pre.totals),
+            visual_tokens_per_layer=[list(pre.totals) for _ in range(n_layers)],
+            tokens_per_layer=[list(valid_n) for _ in range(n_layers)],
+            kept_positions={},
+            kept_patches={},
+            flops=flops,
+            flops_unreduced=flops,
+            select_seconds=0.0,
+            reducing_layers=[],
+        )
+
+    return ReductionStats(builder=build)
 
 
 def stats_reduced(state, pre) -> ReductionStats:
-    # layers before the first reducing one see the unreduced sequence
-    n_layers = state.depth
-    valid = pre.mask
-    full_tokens = valid.sum(1)
-    full_vis = (pre.images.group >= 0).logical_and(valid).sum(1)
-    per_tok, per_vis, cur_t, cur_v = [], [], full_tokens, full_vis
-    for i in range(n_layers):  # a count holds from its reducing layer to the next one
-        cur_t, cur_v = pre.tokens_per_layer.get(i, cur_t), pre.vis_per_layer.get(i, cur_v)
-        per_tok.append(cur_t)
-        per_vis.append(cur_v)
-    tokens = torch.stack(per_tok).tolist()  # (L, B)
-    vis = torch.stack(per_vis).tolist()
+    n_layers, layout = state.depth, pre.layout
     d, m = _dims(state)
-    bsz = valid.shape[0]
-    valid_n = full_tokens.tolist()
-    flops = sum(decoder_flops([tokens[layer][b] for layer in range(n_layers)], d, m) for b in range(bsz))
-    flops_full = sum(decoder_flops([valid_n[b]] * n_layers, d, m) for b in range(bsz))
-    kept, patches = {}, {}
-    for key, (pos, is_vis) in pre.kept.items():
-        rows = [pos[b][is_vis[b]] for b in range(bsz)]
-        kept[key] = [r.tolist() for r in rows]
-        patches[key] = [(r - pre.vis_start[b]).tolist() for b, r in enumerate(rows)]
-    return ReductionStats(
-        visual_tokens_total=list(pre.totals),
-        visual_tokens_per_layer=vis,
-        tokens_per_layer=tokens,
-        kept_positions=kept,
-        kept_patches=patches,
-        flops=flops + pre.score_flops,
-        flops_unreduced=flops_full,
-        select_seconds=pre.select_seconds,
-        reducing_layers=list(state.layers),
-    )
+    counts_at = {}  # layer -> each image's count from that layer on (the last stage at a layer wins)
+    for stage in pre.stages:
+        counts_at[stage.layer] = pre.counts[stage.index + 1]
+    kept = dict(pre.kept)
+    reducing = list(state.layers)
+    timer, score_flops, totals = pre.timer, pre.score_flops, list(pre.totals)
+
+    def per_sample(counts):
+        out = [0] * layout.bsz
+        for im, n in zip(layout.images, counts):
+            out[im.sample] += n
+        return out
+
+    def build():
+        # layers before the first reducing one see the unreduced sequence
+        text_n = [v - t for v, t in zip(layout.valid_n, layout.visual_n)]
+        cur = layout.counts
+        tokens, vis = [], []
+        for i in range(n_layers):  # a count holds from its reducing layer to the next one
+            cur = counts_at.get(i, cur)
+            v = per_sample(cur)
+            vis.append(v)
+            tokens.append([t + x for t, x in zip(text_n, v)])
+        flops = sum(decoder_flops([tokens[layer][b] for layer in range(n_layers)], d, m) for b in range(layout.bsz))
+        flops_full = sum(decoder_flops([n] * n_layers, d, m) for n in layout.valid_n)
+        kept_pos, patches = {}, {}
+        for key, (pos, code) in kept.items():
+            pos_l, code_l = pos.tolist(), code.tolist()
+            rows = [[p for p, c in zip(pr, cr) if c >= 0] for pr, cr in zip(pos_l, code_l)]
+            kept_pos[key] = rows
+            patches[key] = [[p - layout.vis_start[b] for p in r] for b, r in enumerate(rows)]
+        return dict(
+            visual_tokens_total=totals,
+            visual_tokens_per_layer=vis,
+            tokens_per_layer=tokens,
+            kept_positions=kept_pos,
+            kept_patches=patches,
+            flops=flops + score_flops,
+            flops_unreduced=flops_full,
+            select_seconds=timer.total(),
+            reducing_layers=reducing,
+        )
+
+    return ReductionStats(builder=build)

@@ -5,79 +5,91 @@ the mask the model built, its position ids and cos/sin, and the columns of the 2
 attention mask), which for a prefill on an empty cache is also the position in the
 unreduced sequence the cache records. Removing or merging tokens is one
 :meth:`Tokens.take`, never a lockstep re-gathering of separate tensors.
+
+What a slot holds (text, padding, filler, or a visual token of image g) is its ``code``
+(:mod:`.layout`), known on the host; only ``pos`` (which visual tokens stayed) and
+``size`` (what merged) are data.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import cached_property
 
 import torch
 
-from ..reduce.ragged import left_pack
+from .layout import FILLER, TEXT
 
 
 @dataclass(frozen=True)
 class Tokens:
     """Per sample (rows) and slot (columns), what each slot of the hidden states holds.
 
-    pos:    (B, N) long, where the token was in the input; a filler slot holds the index of
-            a dropped token, so gathers with it stay in range, and is masked everywhere.
-    filler: (B, N) bool, slots that left-pad a row that kept fewer tokens than the others.
-    valid:  (B, N) bool, a real token: not input padding, not a filler.
-    is_vis: (B, N) bool, a visual token (False for fillers).
-    group:  (B, N) long, the image a visual token belongs to (``reduce.images``), -1 otherwise.
-    size:   (B, N) float, how many input tokens each slot stands for (merging adds up).
+    pos:    (B, N) long, where the token was in the input; a filler slot holds the position
+            of some other token of its row, so gathers with it stay in range, and is masked
+            everywhere.
+    code:   (B, N) long, the image a visual token belongs to (>= 0), or text / input padding
+            / filler (:mod:`.layout`).
+    size:   (B, N) float, how many input tokens each slot stands for (merging adds up), or
+            None while nothing is merged.
     has_fillers / merged: whether any filler exists / any token was merged (known on the host).
     """
 
     pos: torch.Tensor
-    filler: torch.Tensor
-    valid: torch.Tensor
-    is_vis: torch.Tensor
-    group: torch.Tensor
-    size: torch.Tensor
+    code: torch.Tensor
+    size: torch.Tensor | None = None
     has_fillers: bool = False
     merged: bool = False
 
     @classmethod
-    def full(cls, valid: torch.Tensor, is_vis: torch.Tensor, group: torch.Tensor) -> Tokens:
-        bsz, n = is_vis.shape
-        pos = torch.arange(n, device=is_vis.device).expand(bsz, n)
-        return cls(pos=pos, filler=torch.zeros_like(is_vis), valid=valid, is_vis=is_vis, group=group,
-                   size=torch.ones(bsz, n, device=is_vis.device))
+    def full(cls, code: torch.Tensor) -> Tokens:
+        bsz, n = code.shape
+        return cls(pos=torch.arange(n, device=code.device).expand(bsz, n), code=code)
 
-    @property
+    @cached_property
+    def valid(self) -> torch.Tensor:
+        """(B, N) bool: a real token, not input padding, not a filler."""
+        return self.code >= TEXT
+
+    @cached_property
+    def is_vis(self) -> torch.Tensor:
+        return self.code >= 0
+
+    @cached_property
+    def filler(self) -> torch.Tensor:
+        return self.code == FILLER
+
+    @cached_property
+    def group(self) -> torch.Tensor:
+        """(B, N) the image of a visual token, -1 for every other slot."""
+        return self.code.clamp_min(-1)
+
+    @cached_property
+    def sizes(self) -> torch.Tensor:
+        """(B, N) float sizes, ones while nothing is merged."""
+        if self.size is not None:
+            return self.size
+        return torch.ones(self.pos.shape, device=self.pos.device)
+
+    @cached_property
     def cache_pos(self) -> torch.Tensor:
         """(B, N) positions as the cache records them: -1 for fillers."""
         return self.pos.masked_fill(self.filler, -1) if self.has_fillers else self.pos
 
     def log_size(self, prop_attn: bool) -> torch.Tensor | None:
         """(B, N) log sizes for proportional attention, or None when they are all zero."""
-        return self.size.log() if (prop_attn and self.merged) else None
+        if not (prop_attn and self.merged):
+            return None
+        return self.__dict__.setdefault("_log_size", self.size.log())
 
-    def take(self, sel: torch.Tensor, filler: torch.Tensor, has_fillers: bool) -> Tokens:
-        """The slots ``sel`` (B, N'), with ``filler`` (B, N') marking new filler slots."""
-        g = lambda t: t.gather(1, sel)  # noqa: E731
-        return replace(
-            self,
-            pos=g(self.pos),
-            filler=g(self.filler) | filler,
-            valid=g(self.valid) & ~filler,
-            is_vis=g(self.is_vis) & ~filler,
-            group=g(self.group).masked_fill(filler, -1),
-            size=g(self.size).masked_fill(filler, 1.0),
-            has_fillers=has_fillers,
-        )
+    def take(self, sel: torch.Tensor, code: torch.Tensor, has_fillers: bool) -> Tokens:
+        """The slots ``sel`` (B, N'), which then hold ``code`` (B, N'); a filler has size 1."""
+        size = None
+        if self.size is not None:
+            size = self.size.gather(1, sel)
+            if has_fillers:
+                size = size.masked_fill(code == FILLER, 1.0)
+        return Tokens(pos=self.pos.gather(1, sel), code=code, size=size, has_fillers=has_fillers, merged=self.merged)
 
     def with_sizes(self, size: torch.Tensor) -> Tokens:
         return replace(self, size=size, merged=True)
-
-
-def keep_slots(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """Which slots to take so that the kept ones (``keep`` (B, N)) end each row (left padding).
-
-    Returns (sel, filler, has_fillers): see :func:`reduce.ragged.left_pack`."""
-    sel, filler = left_pack(keep)
-    count = keep.sum(1)
-    lo, hi = torch.stack([count.min(), count.max()]).tolist()
-    return sel, filler, lo != hi

@@ -12,6 +12,7 @@ import torch
 from ..reduce.diversity import remove_duplicates
 from ..reduce.match import match_rows
 from ..reduce.scoring import mean_received_attention, query_row_attention
+from .layout import to_device
 from .tokens import Tokens
 
 
@@ -42,13 +43,16 @@ def tower_importance(parts, h: torch.Tensor) -> torch.Tensor:
     return imp[:, 1:] if parts.drop_first else imp
 
 
-def token_importance(state, tok: Tokens, emb: torch.Tensor) -> torch.Tensor:
+def token_importance(state, tok: Tokens, emb: torch.Tensor, layout=None) -> torch.Tensor:
     """(B, N) importance of every visual token of the LM input (NaN elsewhere).
 
-    Each visual token is matched, bit for bit, to the projected patch it is a copy of
-    (``reduce.match``), so any packing that only moves rows maps correctly: LLaVA's one view
-    per image, anyres crops unpadded, several images, inputs expanded for beam search.
-    Newline tokens get -inf: they are kept for diversity only, never for importance.
+    When every image has the model's fixed number of tokens and the tower produced exactly
+    as many patches as the prompt has visual tokens (LLaVA-1.5: the projector's rows are
+    scattered into the image tokens in reading order), the map is that order, known on the
+    host. Otherwise each visual token is matched, bit for bit, to the projected patch it is a
+    copy of (``reduce.match``), so any packing that only moves rows maps correctly: LLaVA's
+    one view per image, anyres crops unpadded, several images, inputs expanded for beam
+    search. Newline tokens get -inf: they are kept for diversity only, never for importance.
     """
     calls = [c for c in state.vision_calls if c[1] is not None]
     if not calls:
@@ -57,10 +61,19 @@ def token_importance(state, tok: Tokens, emb: torch.Tensor) -> torch.Tensor:
             "under this model's hooks (were image features passed in precomputed?)"
         )
     d = emb.shape[-1]
-    y = torch.cat([proj.reshape(-1, proj.shape[-1]).to(emb.device) for _, proj in calls])  # (K, d)
     imp = torch.cat([i.reshape(-1).to(emb.device) for i, _ in calls])  # (K,)
-    if y.shape[0] != imp.shape[0] or y.shape[-1] != d:
-        raise RuntimeError(f"the projector returned {tuple(y.shape)} rows for {imp.shape[0]} tower tokens")
+    n_rows = sum(proj.reshape(-1, proj.shape[-1]).shape[0] for _, proj in calls)
+    if n_rows != imp.shape[0] or any(proj.shape[-1] != d for _, proj in calls):
+        raise RuntimeError(f"the projector returned {n_rows} rows of width {calls[0][1].shape[-1]} for "
+                           f"{imp.shape[0]} tower tokens")
+    bsz, n = tok.code.shape
+    fixed = state.adapter.visual_tokens_per_image(state.model_config)
+    if layout is not None and fixed and all(c == fixed for c in layout.counts) and sum(layout.counts) == n_rows:
+        flat = [b * n + s for b, row in enumerate(layout.code) for s, c in enumerate(row) if c >= 0]
+        (idx,) = to_device(emb.device, flat)
+        out = torch.full((bsz * n,), float("nan"), device=emb.device)
+        return out.index_put((idx,), imp.float()).view(bsz, n)
+    y = torch.cat([proj.reshape(-1, proj.shape[-1]).to(emb.device) for _, proj in calls])  # (K, d)
     vis = tok.is_vis.to(emb.device)
     x = emb[vis]  # (M, d) visual tokens, row-major over the batch
     j = match_rows(x, y.to(x.dtype))  # (M,) which projected patch each is, -1: none
@@ -82,25 +95,28 @@ def token_importance(state, tok: Tokens, emb: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def vispruner_keep(state, tok: Tokens, images, keep: list[int], emb: torch.Tensor) -> tuple[torch.Tensor, float]:
+def vispruner_keep(state, tok: Tokens, layout, slots, keep: list[int], emb: torch.Tensor) -> tuple[torch.Tensor, float]:
     """(B, N) bool: the visual tokens VisPruner keeps, every image on its own budget ``keep[g]``.
 
     ``K * important_ratio`` by importance, the rest the most diverse of what remains
-    (``reduce.diversity``). Returns the mask and the FLOPs the similarity cost."""
-    importance = token_importance(state, tok, emb)  # (B, N)
-    kept = torch.zeros_like(tok.is_vis)
+    (``reduce.diversity``). ``slots`` (:class:`.layout.StageSlots`) says where each image's
+    tokens are, so no step waits for the device. Returns the mask and the FLOPs the
+    similarity cost."""
+    importance = token_importance(state, tok, emb, layout)  # (B, N)
+    kept = torch.zeros(tok.code.shape, dtype=torch.bool, device=emb.device)
     flops = 0.0
     for g, n_keep in enumerate(keep):
-        b = int(images.sample[g])
-        vis_b = (tok.group[b] == g).nonzero()[:, 0]  # (T_g,) slots of this image's tokens
-        if n_keep >= vis_b.shape[0]:
-            kept[b, vis_b] = True
+        b, s0, t = layout.images[g].sample, slots.start[g], slots.counts[g]
+        if n_keep >= t:
+            kept[b, s0 : s0 + t] = True
             continue
         n_imp = round(n_keep * state.important_ratio)
-        imp = importance[b, vis_b.to(emb.device)].topk(n_imp).indices.to(vis_b.device)  # local indices
-        rest = torch.ones_like(vis_b, dtype=torch.bool).scatter(0, imp, False).nonzero()[:, 0]  # ascending
-        feats = emb[b, vis_b[rest].to(emb.device)][None]  # (1, T_g - n_imp, d)
-        diverse = rest[remove_duplicates(feats, n_keep - n_imp)[0].to(rest.device)]
-        kept[b, vis_b[torch.cat([imp, diverse])]] = True
-        flops += feats.shape[1] ** 2 * feats.shape[2]
+        imp = importance[b, s0 : s0 + t].topk(n_imp).indices  # local indices
+        ar = torch.arange(t, device=emb.device)
+        free = torch.ones(t, dtype=torch.bool, device=emb.device).scatter(0, imp, False)
+        rest = torch.where(free, ar, t).sort().values[: t - n_imp]  # ascending
+        feats = emb[b, s0 + rest][None]  # (1, T_g - n_imp, d)
+        diverse = rest[remove_duplicates(feats, n_keep - n_imp)[0]]
+        kept[b, s0 + torch.cat([imp, diverse])] = True
+        flops += (t - n_imp) ** 2 * emb.shape[-1]
     return kept, flops

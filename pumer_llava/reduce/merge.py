@@ -30,8 +30,9 @@ def bipartite_merge(
     x: torch.Tensor,
     metric: torch.Tensor,
     size: torch.Tensor,
-    r: int | torch.Tensor,
+    r: int | torch.Tensor | list[int],
     valid: torch.Tensor | None = None,
+    counts: list[int] | None = None,
 ) -> MergeResult:
     """Merge, in each row, the ``r`` most similar tokens of set A into their best match in B.
 
@@ -42,14 +43,21 @@ def bipartite_merge(
     Tokens alternate A, B, A, B... in the given order. A merged value is the size-weighted
     mean, so ``sum(size * x)`` and ``sum(size)`` over survivors equal those over the valid
     inputs. ``r`` is clamped to half a row's valid tokens (B has that many members).
+    With ``r`` and ``counts`` (each row's valid tokens) as host lists, nothing waits for the
+    device: every shape is known on the host.
     """
     bsz, n, d = x.shape
     dev = x.device
     if valid is None:
         valid = torch.ones(bsz, n, dtype=torch.bool, device=dev)
-    r = torch.as_tensor(r, device=dev).expand(bsz).clone()
-    r = torch.minimum(r.clamp_min(0), valid.sum(1) // 2)
-    r_max = int(r.max()) if bsz else 0
+    if isinstance(r, (list, tuple)) and counts is not None:
+        r_host = [min(max(int(x), 0), c // 2) for x, c in zip(r, counts)]
+        r_max = max(r_host, default=0)
+        r = torch.tensor(r_host, device=dev) if r_max else None
+    else:
+        r = torch.as_tensor(r, device=dev).expand(bsz).clone()
+        r = torch.minimum(r.clamp_min(0), valid.sum(1) // 2)
+        r_max = int(r.max()) if bsz else 0
     arange = torch.arange(n, device=dev)
     acc = torch.promote_types(x.dtype, torch.float32)  # half inputs are averaged in float32
     if r_max == 0:

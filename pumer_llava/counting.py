@@ -1,0 +1,92 @@
+"""Count what a forward costs a GPU beyond its FLOPs: kernel launches and host syncs.
+
+On a GPU a small model's prefill or decode step is bound by how many kernels it
+launches and by every point where the CPU must wait for the GPU to finish (a *host
+sync*: ``.item()``, ``int(t)``, ``bool(t)``, ``.tolist()``, ``nonzero``, boolean
+indexing, ``torch.equal``, ``unique``...). Neither shows on a CPU timing, so
+:class:`OpCounter` counts them on any device:
+
+- ``ops``: ATen operators dispatched (each is at least one kernel launch on a GPU;
+  views and metadata ops are counted too, so the number is an upper bound);
+- ``syncs``: operators whose result the host must read (by name, below) plus every
+  ``Tensor.tolist()`` call (which reads memory without dispatching an operator).
+
+Used by ``pumer-bench`` (the op and sync columns) and by tests that pin the plug-in's
+overhead::
+
+    with OpCounter() as c:
+        model(**inputs)
+    c.ops, c.syncs, c.sync_ops  # sync_ops: which operators synced, with counts
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+_aten = torch.ops.aten
+
+# operators whose output size or value the host needs before it can go on
+_SYNC_PACKETS = (
+    _aten._local_scalar_dense,  # .item(), int(t), float(t), bool(t)
+    _aten.nonzero,
+    _aten.equal,
+    _aten.is_nonzero,
+    _aten.masked_select,
+    _aten.unique_consecutive,
+    _aten._unique2,
+    _aten._unique,
+    _aten.unique_dim,
+)
+_SYNC = {p for p in _SYNC_PACKETS}
+
+
+def _is_sync(func, args, kwargs) -> bool:
+    packet = func.overloadpacket
+    if packet in _SYNC:
+        return True
+    if packet is _aten.repeat_interleave and func is _aten.repeat_interleave.Tensor:
+        return (kwargs or {}).get("output_size") is None and (len(args) < 3 or args[2] is None)
+    if packet in (_aten.index, _aten.index_put, _aten.index_put_):
+        idx = args[1] if len(args) > 1 else ()
+        return any(isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in idx or ())
+    return False
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts dispatched ATen operators and host syncs inside its ``with`` block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = 0
+        self.syncs = 0
+        self.sync_ops: Counter[str] = Counter()
+        self._tolist = None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        if _is_sync(func, args, kwargs):
+            self.syncs += 1
+            self.sync_ops[str(func.overloadpacket.__name__)] += 1
+        return func(*args, **(kwargs or {}))
+
+    def __enter__(self):
+        counter, original = self, torch.Tensor.tolist
+
+        def tolist(t, *a, **kw):
+            counter.syncs += 1
+            counter.sync_ops["tolist"] += 1
+            return original(t, *a, **kw)
+
+        self._tolist = original
+        torch.Tensor.tolist = tolist
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.Tensor.tolist = self._tolist
+        return super().__exit__(*exc)
+
+    def to_dict(self) -> dict:
+        return {"ops": self.ops, "syncs": self.syncs, "sync_ops": dict(self.sync_ops)}

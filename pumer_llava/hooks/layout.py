@@ -1,0 +1,167 @@
+"""Where every token of a reducing prefill sits, known on the host from one read of the ids.
+
+A prefill reads ``input_ids`` and the attention mask from the device once (one host
+sync) and from then on knows, in plain Python, everything whose *shape* a reduction
+needs: which positions are visual and which image each belongs to, how many tokens
+each image keeps after each stage, and so where every image's tokens sit in the
+hidden states at every stage. Only *which* visual tokens stay is data (decided on the
+device). So no stage needs ``nonzero``, ``.item()`` or ``.tolist()``: its index tensors
+are built here and copied to the device in one transfer (:func:`to_device`).
+
+Slot layout at a stage, per row: ``F`` fillers (left padding for rows that keep fewer
+tokens than the longest row), then the row's tokens in their original order, every
+non-visual token (text and input padding) kept, each image with the count it has at
+that stage. Codes per slot: ``>= 0`` the image index (visual), :data:`TEXT`,
+:data:`PAD` (input padding), :data:`FILLER`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+TEXT, PAD, FILLER = -1, -2, -3  # ordered so that valid = code >= TEXT and visual = code >= 0
+
+
+@dataclass(frozen=True)
+class Image:
+    """One image of the batch: its row, first and last input position, visual-token count."""
+
+    sample: int
+    start: int
+    end: int
+    count: int
+
+
+class PromptLayout:
+    """The input of one prefill, on the host.
+
+    ids: (B, N) rows of token ids with -1 at masked (padding) positions, as Python lists;
+    visual_ids: the placeholder ids of visual tokens; per_image: tokens per image when the
+    model gives every image the same count (a run of adjacent images is cut every that
+    many), else None. An image is a maximal run of consecutive visual tokens with the same
+    id (an image next to a video is two).
+    """
+
+    def __init__(self, ids: list[list[int]], visual_ids: set[int], per_image: int | None):
+        self.ids = ids
+        self.bsz = len(ids)
+        self.n = len(ids[0]) if ids else 0
+        self.code: list[list[int]] = []
+        self.images: list[Image] = []
+        for b, row in enumerate(ids):
+            codes, run_id, run_start = [], None, 0
+            for i, t in enumerate(row):
+                if t in visual_ids:
+                    new = t != run_id or (per_image and (i - run_start) % per_image == 0 and i > run_start)
+                    if t != run_id:
+                        run_start = i
+                    if new:
+                        self.images.append(Image(b, i, i, 0))
+                    g = len(self.images) - 1
+                    im = self.images[g]
+                    self.images[g] = Image(b, im.start, i, im.count + 1)
+                    codes.append(g)
+                    run_id = t
+                else:
+                    codes.append(PAD if t < 0 else TEXT)
+                    run_id = None
+            self.code.append(codes)
+        self.counts = [im.count for im in self.images]
+        self.valid_n = [sum(c != PAD for c in row) for row in self.code]
+        self.visual_n = [sum(c >= 0 for c in row) for row in self.code]
+        self.vis_start = [next((i for i, c in enumerate(row) if c >= 0), 0) for row in self.code]
+
+    @property
+    def n_images(self) -> int:
+        return len(self.images)
+
+    def stage(self, counts: list[int]) -> StageSlots:
+        """The slot layout when image g holds ``counts[g]`` tokens."""
+        return StageSlots(self, counts)
+
+
+class StageSlots:
+    """Slot layout of every row when the images hold ``counts`` tokens (see the module doc).
+
+    width: slots per row; fillers[b]: filler slots at the start of row b; start[g]: the
+    slot of image g's first token; code: (B, width) codes; src[b][s]: for a non-visual
+    slot, the input position of its token (its position is known), else -1.
+    """
+
+    def __init__(self, layout: PromptLayout, counts: list[int]):
+        self.layout, self.counts = layout, list(counts)
+        rows = []
+        for b, codes in enumerate(layout.code):
+            row_code, row_src, seen = [], [], set()
+            for i, c in enumerate(codes):
+                if c < 0:
+                    row_code.append(c)
+                    row_src.append(i)
+                elif c not in seen:
+                    seen.add(c)
+                    row_code.extend([c] * counts[c])
+                    row_src.extend([-1] * counts[c])
+            rows.append((row_code, row_src))
+        self.width = max((len(c) for c, _ in rows), default=0)
+        self.fillers = [self.width - len(c) for c, _ in rows]
+        self.code = [[FILLER] * f + c for f, (c, _) in zip(self.fillers, rows)]
+        self.src = [[-1] * f + s for f, (_, s) in zip(self.fillers, rows)]
+        self.start = [0] * layout.n_images
+        for b, row in enumerate(self.code):
+            prev = None
+            for s, c in enumerate(row):
+                if c >= 0 and c != prev:
+                    self.start[c] = s
+                prev = c if c >= 0 else None
+
+    @property
+    def has_fillers(self) -> bool:
+        return any(self.fillers)
+
+    def image_slots(self) -> tuple[list[list[int]], list[list[bool]]]:
+        """(G, m_max) the slots of each image's tokens, padded with its first slot, and validity."""
+        m = max(self.counts, default=0)
+        idx = [[self.start[g] + min(j, max(c - 1, 0)) for j in range(m)] for g, c in enumerate(self.counts)]
+        ok = [[j < c for j in range(m)] for c in self.counts]
+        return idx, ok
+
+    def text_rows(self, n_prompt: int) -> tuple[list[list[int]], list[list[bool]], list[list[int]]]:
+        """The prompt's text tokens of every row (slots, validity, input positions), padded.
+
+        A row with no text in the prompt reads from its last prompt token instead."""
+        slots = []
+        for b in range(self.layout.bsz):
+            row = [s for s, (c, i) in enumerate(zip(self.code[b], self.src[b])) if c == TEXT and i < n_prompt]
+            slots.append(row)
+        if not any(slots):
+            return None
+        r = max(len(s) for s in slots)
+        idx = [s + [s[0] if s else 0] * (r - len(s)) for s in slots]
+        ok = [[j < len(s) for j in range(r)] for s in slots]
+        pos = [[self.src[b][s] for s in row] for b, row in enumerate(idx)]
+        return idx, ok, pos
+
+
+def to_device(device, *parts) -> list[torch.Tensor]:
+    """Int (or bool) lists of one or two dimensions, each rectangular, as long tensors on
+    ``device``, in one host-to-device copy (views of one buffer)."""
+    flat, shapes = [], []
+    for p in parts:
+        if p and isinstance(p[0], list):
+            shapes.append((len(p), len(p[0])))
+            for row in p:
+                flat.extend(row)
+        else:
+            shapes.append((len(p),))
+            flat.extend(p)
+    t = torch.tensor(flat, dtype=torch.long)
+    if torch.device(device).type != "cpu":
+        t = t.to(device, non_blocking=True)
+    out, at = [], 0
+    for shape in shapes:
+        n = shape[0] * (shape[1] if len(shape) > 1 else 1)
+        out.append(t[at : at + n].view(shape))
+        at += n
+    return out
