@@ -6,8 +6,10 @@ sync*: ``.item()``, ``int(t)``, ``bool(t)``, ``.tolist()``, ``nonzero``, boolean
 indexing, ``torch.equal``, ``unique``...). Neither shows on a CPU timing, so
 :class:`OpCounter` counts them on any device:
 
-- ``ops``: ATen operators dispatched (each is at least one kernel launch on a GPU;
-  views and metadata ops are counted too, so the number is an upper bound);
+- ``ops``: ATen operators dispatched, views and metadata ops included;
+- ``kernels``: the operators that launch work on the device: ``ops`` less views (an op
+  whose result aliases its input: ``view``, ``expand``, ``transpose``, slicing...) and
+  ops that return no tensor;
 - ``syncs``: operators whose result the host must read (by name, below) plus every
   ``Tensor.tolist()`` call (which reads memory without dispatching an operator).
 
@@ -16,7 +18,7 @@ overhead::
 
     with OpCounter() as c:
         model(**inputs)
-    c.ops, c.syncs, c.sync_ops  # sync_ops: which operators synced, with counts
+    c.ops, c.kernels, c.syncs, c.sync_ops  # sync_ops: which operators synced, with counts
 """
 
 from __future__ import annotations
@@ -55,19 +57,39 @@ def _is_sync(func, args, kwargs) -> bool:
     return False
 
 
+_KINDS: dict = {}
+# views whose schema does not say so (reshape's output when it needs no copy)
+_VIEWS_WITHOUT_ALIAS = {_aten._unsafe_view, _aten._reshape_alias}
+
+
+def launches_work(func) -> bool:
+    """Whether an operator does device work: it returns a tensor that is not a view of an input."""
+    hit = _KINDS.get(func)
+    if hit is None:
+        rets = func._schema.returns
+        tensors = [r for r in rets if "Tensor" in str(r.type)]
+        view = any(r.alias_info is not None and not r.alias_info.is_write for r in rets)
+        view = view or func.overloadpacket in _VIEWS_WITHOUT_ALIAS
+        hit = _KINDS[func] = bool(tensors) and not view
+    return hit
+
+
 class OpCounter(TorchDispatchMode):
     """Counts dispatched ATen operators and host syncs inside its ``with`` block."""
 
     def __init__(self) -> None:
         super().__init__()
         self.ops = 0
+        self.kernels = 0
         self.syncs = 0
         self.sync_ops: Counter[str] = Counter()
         self._tolist = None
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops += 1
-        if _is_sync(func, args, kwargs):
+        sync = _is_sync(func, args, kwargs)
+        self.kernels += sync or launches_work(func)
+        if sync:
             self.syncs += 1
             self.sync_ops[str(func.overloadpacket.__name__)] += 1
         return func(*args, **(kwargs or {}))
@@ -89,4 +111,4 @@ class OpCounter(TorchDispatchMode):
         return super().__exit__(*exc)
 
     def to_dict(self) -> dict:
-        return {"ops": self.ops, "syncs": self.syncs, "sync_ops": dict(self.sync_ops)}
+        return {"ops": self.ops, "kernels": self.kernels, "syncs": self.syncs, "sync_ops": dict(self.sync_ops)}

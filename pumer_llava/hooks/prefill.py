@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from ..reduce import plan_stages
-from ..reduce.merge import bipartite_merge, merge_into
+from ..reduce.merge import match_pairs, merge_pairs
 from .cache import reduced_layer
 from .layout import FILLER, TEXT, PromptLayout, StageSlots, to_device
 from .masks import layer_mask
@@ -111,15 +111,16 @@ class StageDecision:
     """What a stage did, in the slots it received, so that it can be applied again.
 
     n_in: slots it received; sel (B, N'): which slots stay (left-padded rows); code (B, N'):
-    what each new slot holds (:mod:`.layout`); merge: (rows, src, dst, w) pairs (P,) of
-    ``reduce.merge.merge_into``, or None.
+    what each new slot holds (:mod:`.layout`); merge: (src, dst) (P,) flat indices into the
+    (B * n_in) slots received, ``src[p]`` merging into ``dst[p]`` (``reduce.merge.merge_pairs``),
+    or None.
     """
 
     n_in: int
     sel: torch.Tensor
     code: torch.Tensor
     has_fillers: bool
-    merge: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    merge: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def extended(self, extra: int) -> StageDecision:
         """The same decision on ``extra`` more slots at the end (tokens after the prompt: kept)."""
@@ -127,9 +128,12 @@ class StageDecision:
             return self
         bsz = self.sel.shape[0]
         tail = torch.arange(self.n_in, self.n_in + extra, device=self.sel.device).expand(bsz, extra)
+        merge = self.merge
+        if merge is not None:  # flat indices into rows of n_in slots: into rows of n_in + extra
+            merge = tuple(f // self.n_in * (self.n_in + extra) + f % self.n_in for f in merge)
         return StageDecision(self.n_in + extra, torch.cat([self.sel, tail], 1),
                              torch.cat([self.code, self.code.new_full((bsz, extra), TEXT)], 1),
-                             self.has_fillers, self.merge)
+                             self.has_fillers, merge)
 
 
 @dataclass
@@ -199,14 +203,16 @@ class StageIndex:
 
     slots_in: StageSlots
     slots_out: StageSlots
-    img_row: torch.Tensor  # (G,) the row of each image
-    img_idx: torch.Tensor  # (G, m) slots of each image's tokens
-    img_ok: torch.Tensor  # (G, m) bool
+    img_idx: torch.Tensor  # (G, m) slots of each image's tokens (padded with its first)
+    img_flat: torch.Tensor  # (G*m,) the same in the flattened (B*N) layout
+    img_pad: torch.Tensor  # (G, m) bool: padding entries
     k_ok: torch.Tensor  # (G, k_max) bool: j < what the image keeps after pruning
     sel_base: torch.Tensor  # (B, W') input slot of each kept non-visual token; an image's first slot
     vis_dst: torch.Tensor  # (V,) flat output slots of visual tokens
     vis_src: torch.Tensor  # (V,) flat (G, o_max) entries of the chosen local indices they take
     code_out: torch.Tensor  # (B, W')
+    pair_base: torch.Tensor  # (G, 1) g * k_max: a merge pair's row in the flattened (G*k_max) kept slots
+    pair_sel: torch.Tensor  # (P,) which entries of the flattened (G, r_max) pairs are real merges
     k: list[int]
     r: list[int]
     o_max: int
@@ -326,8 +332,8 @@ class Prefill:
     def _apply(self, dec: StageDecision, hs: torch.Tensor) -> torch.Tensor:
         tok = self.tokens
         if dec.merge is not None:
-            rows, src, dst, w = (t.to(hs.device) for t in dec.merge)
-            hs, size = merge_into(hs, tok.sizes.to(hs.device), rows, src, dst, w)
+            src, dst = (t.to(hs.device) for t in dec.merge)
+            hs, size = merge_pairs(hs, None if tok.size is None else tok.size.to(hs.device), src, dst)
             tok = tok.with_sizes(size.to(tok.pos.device))
         self.tokens = tok.take(dec.sel, dec.code, dec.has_fillers)
         return take_rows(hs, dec.sel)
@@ -354,10 +360,13 @@ class Prefill:
         slots_in, slots_out = self.slots(s), self.slots(s + 1)
         layout, plan_rows = self.layout, self.plans[s]
         k = [n - p for n, (p, _, _) in zip(slots_in.counts, plan_rows)]
-        r = [m for _, m, _ in plan_rows]
+        r = [min(m_, kg // 2) for kg, (_, m_, _) in zip(k, plan_rows)]
         o = slots_out.counts
-        k_max, o_max = max(k), max(o)
+        k_max, o_max, r_max = max(k), max(o), max(r)
         img_idx, img_ok = slots_in.image_slots()
+        w_in = slots_in.width
+        img_flat = [layout.images[g].sample * w_in + i for g, row in enumerate(img_idx) for i in row]
+        img_pad = [[not x for x in row] for row in img_ok]
         k_ok = [[j < kg for j in range(k_max)] for kg in k]
         w_out = slots_out.width
         sel_base, vis_dst, vis_src = [], [], []
@@ -374,10 +383,11 @@ class Prefill:
                 else:
                     row.append(where.get(i, 0))  # a filler takes any slot: it is masked everywhere
             sel_base.append(row)
-        t = to_device(self.device, [im.sample for im in layout.images], img_idx, img_ok, k_ok, sel_base,
-                      vis_dst, vis_src, slots_out.code)
-        return StageIndex(slots_in, slots_out, t[0], t[1], t[2].bool(), t[3].bool(), t[4], t[5], t[6], t[7],
-                          k, r, o_max)
+        pair_base = [[g * k_max] for g in range(len(k))]
+        pair_sel = [g * r_max + j for g, rg in enumerate(r) for j in range(rg)]
+        t = to_device(self.device, img_idx, img_flat, img_pad, k_ok, sel_base, vis_dst, vis_src, slots_out.code,
+                      pair_base, pair_sel)
+        return StageIndex(slots_in, slots_out, t[0], t[1], t[2].bool(), t[3].bool(), *t[4:10], k, r, o_max)
 
     def _select(self, ix: StageIndex, local_out: torch.Tensor) -> StageDecision:
         """The decision from each image's chosen local indices (G, o_max), ascending."""
@@ -386,32 +396,54 @@ class Prefill:
         return StageDecision(ix.slots_in.width, sel.view(bsz, w_out), ix.code_out, ix.slots_out.has_fillers)
 
     def _query_rows(self, slots: StageSlots, kind: str) -> QueryRows:
-        """The prompt's query rows at ``slots`` (host), on the device."""
-        layout, n_prompt = self.layout, self.n_prompt
+        """The prompt's query rows at ``slots`` and what every key needs, on the host, then
+        on the device in one copy (see :class:`.scoring.QueryRows`)."""
+        layout, n_prompt, images = self.layout, self.n_prompt, self.layout.images
+        heads = self.state.text_config.num_attention_heads
         text = slots.text_rows(n_prompt) if kind == "text_attention" else None
         if text is None:  # FastV, or a prompt of visual tokens only: its last prompt token
-            idx, last_pos = [], []
+            idx, row_pos = [], []
             for b in range(layout.bsz):
-                last, lp = 0, -1
+                last, lp = 0, -2
                 for s_, (c, i) in enumerate(zip(slots.code[b], slots.src[b])):
-                    if (c == TEXT and i < n_prompt) or (c >= 0 and layout.images[c].start < n_prompt):
-                        last, lp = s_, (i if c == TEXT else layout.images[c].start)
+                    if c == TEXT and i < n_prompt:
+                        last, lp = s_, i
+                    elif c >= 0 and images[c].start < n_prompt:
+                        last, lp = s_, images[c].start  # sees its image and everything before, as its own position does
                 idx.append([last])
-                last_pos.append(lp)
-            ok = [[True] for _ in idx]
-            if kind != "text_attention":
-                i_, o_ = to_device(self.device, idx, ok)
-                return QueryRows(i_, o_.bool())
-            row_last = last_pos
+                row_pos.append([lp])
         else:
             idx, ok, pos = text
-            row_last = [max((p for p, k in zip(pr, okr) if k), default=-1) for pr, okr in zip(pos, ok)]
-        # each image is read by the text after it; an image with none after it by all the text
-        follows = [row_last[im.sample] > im.end for im in layout.images]
-        key_end = [[layout.images[c].end if c >= 0 and follows[c] else -1 for c in row] for row in slots.code]
-        lone = [[c >= 0 and not follows[c] for c in row] for row in slots.code]
-        i_, o_, e_, l_ = to_device(self.device, idx, ok, key_end, lone)
-        return QueryRows(i_, o_.bool(), e_, l_.bool())
+            row_pos = [[p if k else -2 for p, k in zip(pr, okr)] for pr, okr in zip(pos, ok)]
+        row_last = [max(r) for r in row_pos]
+        # PuMer: each image is read by the text after it; an image with none after it by all the text
+        scored_after = kind == "text_attention"
+        follows = [row_last[im.sample] > im.end for im in images]
+        past = self.n0 + 1
+        key_pos, key_end, count = [], [], []
+        for b, (codes, srcs) in enumerate(zip(slots.code, slots.src)):
+            valid_rows = [p for p in row_pos[b] if p >= 0]
+            n_after: dict[int, int] = {}
+            kp, ke, kc = [], [], []
+            for c, i in zip(codes, srcs):
+                if c >= 0:
+                    lone = scored_after and not follows[c]
+                    kp.append(-1 if lone else images[c].start)
+                    e = images[c].end if (scored_after and not lone) else -1
+                else:
+                    kp.append(i if c == TEXT else past)
+                    e = -1
+                if e not in n_after:
+                    n_after[e] = sum(p > e for p in valid_rows)
+                ke.append(e)
+                kc.append(heads * max(1, n_after[e]))
+            key_pos.append(kp)
+            key_end.append(ke)
+            count.append(kc)
+        width = slots.width
+        flat = [b * width + i for b, row in enumerate(idx) for i in row]
+        t = to_device(self.device, flat, row_pos, key_pos, key_end, count)
+        return QueryRows(*t)
 
     # ------------------------------------------------------------------ deciding
 
@@ -453,33 +485,31 @@ class Prefill:
         if scores is None:
             scores = self._score(stage, module, hs, kw)
         ix = self._index(stage.index)
-        m = ix.img_idx.shape[1]
+        g, m = ix.img_idx.shape
         k_max = ix.k_ok.shape[1]
         dev0 = tok.pos.device
-        img = scores.to(dev0).float()[ix.img_row[:, None], ix.img_idx].masked_fill(~ix.img_ok, float("-inf"))
+        img = scores.to(dev0).float().reshape(-1)[ix.img_flat].view(g, m).masked_fill(ix.img_pad, float("-inf"))
         order = img.argsort(dim=1, descending=True, stable=True)[:, :k_max]  # ties: the earlier token
-        local = torch.where(ix.k_ok, order, m).sort(1).values.clamp_max(m - 1)  # (G, k_max) ascending
+        local = torch.where(ix.k_ok, order, m - 1).sort(1).values  # (G, k_max) ascending, padding last
         merge = None
         if any(ix.r):
             parts = state.adapter.attn_parts(module, state.text_config)
             dev = parts.k_proj.weight.device
-            kept = ix.img_idx.gather(1, local)  # (G, k_max) current slots
-            rows = ix.img_row[:, None].expand_as(kept)
-            xv = hs[rows.to(hs.device), kept.to(hs.device)].to(dev)  # (G, k_max, d)
-            n_img, _, d = xv.shape
+            flat = ix.img_flat.view(g, m).gather(1, local)  # (G, k_max) kept slots in the flat (B*N) layout
             if self.metric is not None and self.metric[0] == stage.layer:  # keys the scoring already computed
-                metric = self.metric[1][rows.to(dev), kept.to(dev)]
+                keys = self.metric[1]
+                metric = keys.reshape(-1, keys.shape[-1])[flat.to(dev)]
             else:
                 with torch.no_grad():
-                    metric = parts.k_proj(parts.norm(xv)).view(n_img, k_max, parts.num_kv_heads, parts.head_dim).mean(2)
-                self.score_flops += n_img * k_max * d * parts.num_kv_heads * parts.head_dim
-            res = bipartite_merge(xv, metric, tok.sizes[rows, kept].to(dev), ix.r, valid=ix.k_ok.to(dev), counts=ix.k)
-            src, dst = kept.gather(1, res.src.to(dev0)), kept.gather(1, res.dst.to(dev0))  # (G, r) slots
-            merge = (rows[:, : src.shape[1]].reshape(-1), src.reshape(-1), dst.reshape(-1),
-                     res.src_ok.to(dev0).reshape(-1).float())
-            ar = torch.arange(k_max, device=dev0)
-            survivors = torch.where(res.survive.to(dev0), ar, k_max).sort(1).values[:, : ix.o_max]
-            local = local.gather(1, survivors.clamp_max(k_max - 1))
+                    xv = hs.reshape(-1, hs.shape[-1])[flat.to(hs.device)].to(dev)  # (G, k_max, d)
+                    metric = parts.k_proj(parts.norm(xv)).view(g, k_max, parts.num_kv_heads, parts.head_dim).mean(2)
+                self.score_flops += g * k_max * hs.shape[-1] * parts.num_kv_heads * parts.head_dim
+            pairs = match_pairs(metric, ix.k, ix.r, None if all(k == k_max for k in ix.k) else ~ix.k_ok.to(dev))
+            # the real pairs, in the flat (B*N) slots of this stage's input
+            src = flat.reshape(-1)[(pairs.src.to(dev0) + ix.pair_base).reshape(-1)[ix.pair_sel]]
+            dst = flat.reshape(-1)[(pairs.dst.to(dev0) + ix.pair_base).reshape(-1)[ix.pair_sel]]
+            merge = (src, dst)
+            local = local.gather(1, pairs.keep.to(dev0)[:, : ix.o_max])
         else:
             local = local[:, : ix.o_max]
         self.metric = None
@@ -491,9 +521,10 @@ class Prefill:
         keep_vis, flops = vispruner_keep(self.state, self.tokens, self.layout, ix.slots_in, ix.slots_out.counts, hs)
         self.score_flops += flops
         m = ix.img_idx.shape[1]
-        chosen = keep_vis.to(ix.img_idx.device)[ix.img_row[:, None], ix.img_idx] & ix.img_ok
+        g = ix.img_idx.shape[0]
+        chosen = keep_vis.to(ix.img_idx.device).reshape(-1)[ix.img_flat].view(g, m) & ~ix.img_pad
         ar = torch.arange(m, device=ix.img_idx.device)
-        local = torch.where(chosen, ar, m).sort(1).values[:, : ix.o_max].clamp_max(m - 1)
+        local = torch.where(chosen, ar, m - 1).sort(1).values[:, : ix.o_max]
         return self._select(ix, local)
 
     # ------------------------------------------------------------------ after the last layer

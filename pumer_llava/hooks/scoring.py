@@ -21,7 +21,7 @@ import torch
 
 from ..methods import ScoreContext
 from ..reduce.ragged import ragged_nonzero
-from ..reduce.scoring import apply_rope, mean_over_rows, mean_over_rows_after, query_row_attention
+from ..reduce.scoring import apply_rope, scores_from_rows
 from .tokens import Tokens
 
 
@@ -36,18 +36,23 @@ def take_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class QueryRows:
-    """The prompt's query rows at a stage, built on the host (:mod:`.layout`).
+    """The prompt's query rows at a stage and what each key needs, built on the host
+    (:meth:`.prefill.Prefill._query_rows`), so scoring waits for nothing.
 
-    idx, ok: (B, R) their slots and validity. key_end: (B, N) for PuMer, the input position
-    of the last token of each visual slot's image when some query row comes after that image,
-    -1 otherwise; lone: (B, N) bool, visual slots of an image no query row follows (read by
-    all the prompt's rows, the causal mask lifted). Both None for FastV.
+    flat: (B*R,) the rows' slots in the flattened (B*N) hidden states; row_pos (B, R): their
+    input positions (-2: padding rows); key_pos (B, N): a key a row at p sees when
+    ``key_pos <= p`` (a visual key stands at its image's first position, or -1 when no row
+    follows its image: then the whole prompt reads it; padding and fillers past every row);
+    key_end (B, N): rows after this position score the key (-1: every row); count (B, N):
+    heads times those rows. row_pos None: the rows are read from the device (a row that is a
+    visual token, whose position is data).
     """
 
-    idx: torch.Tensor
-    ok: torch.Tensor
-    key_end: torch.Tensor | None = None
-    lone: torch.Tensor | None = None
+    flat: torch.Tensor
+    row_pos: torch.Tensor | None
+    key_pos: torch.Tensor
+    key_end: torch.Tensor
+    count: torch.Tensor
 
 
 def attention_scores(state, tok: Tokens, rows: QueryRows, module, hs: torch.Tensor, kw: dict):
@@ -63,29 +68,26 @@ def attention_scores(state, tok: Tokens, rows: QueryRows, module, hs: torch.Tens
     dev = w.device
     x = parts.norm(hs.to(dev))  # (B, N, d)
     bsz, n, d = x.shape
-    idx, row_ok = rows.idx.to(dev), rows.ok.to(dev)
-    r = idx.shape[1]
-    xq = x.gather(1, idx[..., None].expand(-1, -1, d))  # (B, R, d)
+    flat = rows.flat.to(dev)
+    r = flat.shape[0] // bsz
+    xq = x.reshape(bsz * n, d).index_select(0, flat).view(bsz, r, d)  # (B, R, d)
     q = parts.q_proj(xq).view(bsz, r, parts.num_heads, parts.head_dim).transpose(1, 2)  # (B, H, R, hd)
-    k = parts.k_proj(x).view(bsz, n, parts.num_kv_heads, parts.head_dim).transpose(1, 2)  # (B, Hkv, N, hd)
-    metric = k.mean(1)  # (B, N, hd) pre-RoPE keys, head mean
+    k = parts.k_proj(x).view(bsz, n, parts.num_kv_heads, parts.head_dim)
+    metric = k.mean(2)  # (B, N, hd) pre-RoPE keys, head mean
     cos, sin = kw["position_embeddings"]
     cos, sin = cos.to(dev).expand(bsz, -1, -1), sin.to(dev).expand(bsz, -1, -1)
-    q = apply_rope(q, take_rows(cos, idx), take_rows(sin, idx))
-    k = apply_rope(k, cos, sin)
-    pos = tok.pos.to(dev)
-    row_pos = pos.gather(1, idx)  # (B, R)
-    allowed = (pos[:, None, :] <= row_pos[:, :, None]) & tok.valid.to(dev)[:, None, :] & row_ok[:, :, None]
-    if rows.lone is not None:  # an image nothing follows is read by the text before it
-        allowed = allowed | (rows.lone.to(dev)[:, None, :] & row_ok[:, :, None])
+    hd = cos.shape[-1]
+    q = apply_rope(q, cos.reshape(bsz * n, hd).index_select(0, flat).view(bsz, r, hd),
+                   sin.reshape(bsz * n, hd).index_select(0, flat).view(bsz, r, hd))
+    k = apply_rope(k.transpose(1, 2), cos, sin)
+    row_pos = rows.row_pos
+    if row_pos is None:
+        row_pos = tok.pos.reshape(-1).index_select(0, flat.to(tok.pos.device)).view(bsz, r)
     key_bias = tok.log_size(state.prop_attn)
-    probs = query_row_attention(q, k, allowed, parts.scaling, None if key_bias is None else key_bias.to(dev))
-    hq, hkv, hd = parts.num_heads * parts.head_dim, parts.num_kv_heads * parts.head_dim, parts.head_dim
-    flops = bsz * (r * d * hq + n * d * hkv + parts.num_heads * r * n * hd)
-    if rows.key_end is None:
-        scores = mean_over_rows(probs, row_ok)
-    else:
-        scores = mean_over_rows_after(probs, row_pos, row_ok, rows.key_end.to(dev))
+    scores = scores_from_rows(q, k, parts.scaling, rows.key_pos.to(dev), row_pos.to(dev), rows.key_end.to(dev),
+                              rows.count.to(dev), None if key_bias is None else key_bias.to(dev))
+    hq, hkv = parts.num_heads * parts.head_dim, parts.num_kv_heads * parts.head_dim
+    flops = bsz * (r * d * hq + n * d * hkv + parts.num_heads * r * n * parts.head_dim)
     return scores.to(hs.device), metric, flops
 
 

@@ -123,3 +123,70 @@ def merge_into(
     hit = torch.zeros_like(sf).index_put((rows, dst), wf, accumulate=True) > 0  # (B, N)
     out = torch.where(hit[..., None], num / den.clamp_min(1e-12)[..., None], x.to(acc))
     return out.to(x.dtype), den.to(size.dtype)
+
+
+@dataclass
+class Pairs:
+    """What bipartite matching decided, without touching the values (see :func:`match_pairs`).
+
+    src, dst: (B, r_max) local indices: ``src[b, j]`` merges into ``dst[b, j]`` for j < r[b];
+    keep: (B, o_max) local indices of the survivors, ascending (valid for j < n_valid - r).
+    """
+
+    src: torch.Tensor
+    dst: torch.Tensor
+    keep: torch.Tensor
+
+
+def match_pairs(metric: torch.Tensor, counts: list[int], r: list[int], invalid: torch.Tensor | None = None) -> Pairs:
+    """Bipartite soft matching as in :func:`bipartite_merge`, deciding only which token merges
+    into which: every shape from the host (``counts``: valid tokens of each row, first in the
+    row; ``r``: merges per row, at most half of them), no host sync, no values computed.
+
+    metric: (B, n, c); invalid: (B, n) bool, True past each row's count (or None when all
+    rows are full). Tokens alternate A, B, A, B...; the ``r`` A tokens most similar to their
+    best B partner merge into it (ties: the earlier A token)."""
+    bsz, n, _ = metric.shape
+    dev = metric.device
+    r = [min(max(int(x), 0), c // 2) for x, c in zip(r, counts)]
+    r_max = max(r, default=0)
+    m = metric.float()
+    m = m / m.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    sim = m[:, 0::2] @ m[:, 1::2].transpose(1, 2)  # (B, na, nb) cosine similarity
+    if invalid is not None:
+        sim = sim.masked_fill(invalid[:, None, 1::2], float("-inf"))
+    node_max, node_idx = sim.max(dim=-1)  # best B partner of every A token
+    if invalid is not None:
+        node_max = node_max.masked_fill(invalid[:, 0::2], float("-inf"))
+    src_a = node_max.argsort(dim=-1, descending=True, stable=True)[:, :r_max]  # (B, r_max)
+    dst = node_idx.gather(1, src_a) * 2 + 1
+    src = src_a * 2
+    # survivors: every valid token that is not a real source, ascending
+    o_max = max((c - x for c, x in zip(counts, r)), default=0)
+    gone = torch.tensor([[j >= x for j in range(r_max)] for x in r], dtype=torch.bool).to(dev, non_blocking=True)
+    drop = torch.zeros(bsz, n + 1, dtype=torch.bool, device=dev)
+    drop.scatter_(1, src.masked_fill(gone, n), True)  # padding entries land in a trash column
+    drop = drop[:, :n] if invalid is None else drop[:, :n] | invalid
+    ar = torch.arange(n, device=dev)
+    keep = torch.where(drop, n - 1, ar).sort(1).values[:, :o_max]
+    return Pairs(src=src, dst=dst, keep=keep)
+
+
+def merge_pairs(x: torch.Tensor, size: torch.Tensor | None, src: torch.Tensor, dst: torch.Tensor):
+    """Apply merges given as flat indices into ``x.view(B*N, d)``: token ``src[p]`` into
+    ``dst[p]`` (every pair real). A destination becomes the size-weighted mean of itself and
+    its sources, and its size their sum; other slots keep their values (up to rounding when
+    sizes are not 1). ``size`` None: every token stands for one. Returns (x, size)."""
+    bsz, n, d = x.shape
+    acc = torch.promote_types(x.dtype, torch.float32)
+    xf = x.reshape(bsz * n, d).to(acc)
+    if size is None:
+        sf = torch.ones(bsz * n, dtype=acc, device=x.device)
+        xs = xf
+    else:
+        sf = size.reshape(-1).to(acc)
+        xs = xf * sf[:, None]
+    num = xs.index_add(0, dst, xs.index_select(0, src))
+    den = sf.index_add(0, dst, sf.index_select(0, src))
+    out = num / den[:, None]
+    return out.view(bsz, n, d).to(x.dtype), den.view(bsz, n)

@@ -94,3 +94,39 @@ def mean_over_rows_after(
     after = row_valid[:, :, None] & (row_pos[:, :, None] > key_end[:, None, :])  # (B, R, N)
     w = torch.where(after.any(1, keepdim=True), after, row_valid[:, :, None].expand_as(after)).to(per_row.dtype)
     return (per_row * w).sum(1) / w.sum(1).clamp_min(1.0)
+
+
+def scores_from_rows(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scaling: float,
+    key_pos: torch.Tensor,
+    row_pos: torch.Tensor,
+    key_end: torch.Tensor,
+    count: torch.Tensor,
+    key_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(B, N) mean attention the query rows that follow each key's image give it, lean.
+
+    The same quantity as :func:`query_row_attention` then :func:`mean_over_rows_after`, with
+    every mask folded into positions known before the forward (so it costs a handful of
+    kernels and no host sync):
+
+    q: (B, H, R, hd) queries; k: (B, Hkv, N, hd) keys (RoPE applied; H a multiple of Hkv,
+    read in groups, no repeat). key_pos (B, N): a key is visible to a row at ``row_pos``
+    (B, R) when ``key_pos <= row_pos`` (invalid rows at -2 see nothing, invalid keys sit
+    past every row). key_end (B, N): a row counts for a key when ``row_pos > key_end``
+    (-1: every valid row). count (B, N): heads times the rows that count (at least 1).
+    key_bias: (B, N) additive logit bias (log token sizes).
+    """
+    bsz, h, r, hd = q.shape
+    hkv, n = k.shape[1], k.shape[2]
+    qg = q.reshape(bsz, hkv, (h // hkv) * r, hd)  # heads sharing a kv head read it together
+    logits = torch.matmul(qg.float() * scaling, k.float().transpose(-1, -2))  # (B, Hkv, G*R, N)
+    if key_bias is not None:
+        logits = logits + key_bias.float()[:, None, None, :]
+    hidden = (key_pos[:, None, :] > row_pos[:, :, None]).repeat(1, h // hkv, 1)  # (B, G*R, N)
+    probs = logits.masked_fill(hidden[:, None], torch.finfo(logits.dtype).min).softmax(dim=-1)
+    per_row = probs.view(bsz, h, r, n).sum(1)  # (B, R, N) summed over heads
+    w = row_pos[:, :, None] > key_end[:, None, :]  # (B, R, N)
+    return (per_row * w).sum(1) / count
