@@ -18,7 +18,9 @@ What is measured, for the unpatched model ("none") and every method x kept fract
   first token) and time to first token inside ``generate``;
 - the KV cache after generation (sum of key/value tensor bytes; reduced layers hold fewer
   tokens) and peak memory (see below);
-- the FLOPs-predicted speedup ``1 / last_stats.flops_ratio`` next to the measured one.
+- the FLOPs-predicted speedup ``1 / last_stats.flops_ratio`` next to the measured one;
+- per prefill and per decode step: ATen operators, device kernels and host syncs
+  (:mod:`pumer_llava.counting`), reduced vs unreduced.
 
 How it measures (as ToMe's ``benchmark()``): warm-up runs are discarded;
 on CUDA the clock is read after ``torch.cuda.synchronize()``; every number is a median
@@ -383,6 +385,26 @@ def _prefill(model, inputs, device, llm_clock: _LLMClock) -> dict[str, Any]:
     }
 
 
+def _op_counts(model, inputs) -> dict[str, int]:
+    """Operators, kernels and host syncs of one prefill and of the decode step after it
+    (:mod:`pumer_llava.counting`), untimed. The prompt was run before, so its plans are reused,
+    as in any repeated measurement."""
+    from ..counting import OpCounter
+
+    with torch.inference_mode():
+        with OpCounter() as pre:
+            out = model(**inputs, use_cache=True, logits_to_keep=1)
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        mask = torch.cat([inputs["attention_mask"], torch.ones_like(nxt)], 1)
+        with OpCounter() as dec:
+            model(input_ids=nxt, attention_mask=mask, past_key_values=out.past_key_values, use_cache=True,
+                  logits_to_keep=1)
+    return {
+        "prefill_ops": pre.ops, "prefill_kernels": pre.kernels, "prefill_syncs": pre.syncs,
+        "decode_ops": dec.ops, "decode_kernels": dec.kernels, "decode_syncs": dec.syncs,
+    }
+
+
 def _generate(model, inputs, new_tokens: int, device) -> dict[str, Any]:
     from transformers import LogitsProcessorList
 
@@ -673,6 +695,8 @@ def _prefill_rows(model, spec, settings, pre, pre_base, inputs1, device, bar) ->
             "cuda_peak_bytes": max((x["cuda_peak"] for x in runs if x["cuda_peak"] is not None), default=None),
         }
         row.update(kv_cache_bytes=runs[-1]["kv_cache_bytes"], kv_tokens_per_layer=runs[-1]["kv_tokens_per_layer"])
+        _switch(model, s, spec.seed)
+        row.update(_op_counts(model, inputs1))
         if spec.memory:
             _switch(model, s, spec.seed)
             bar.set_postfix_str(f"memory prefill {s.key}", refresh=False)
@@ -682,6 +706,8 @@ def _prefill_rows(model, spec, settings, pre, pre_base, inputs1, device, bar) ->
         rows.append(row)
     base = rows[0]
     for row in rows:
+        for k in ("prefill_ops", "prefill_kernels", "decode_ops", "decode_kernels"):
+            row[f"{k}_ratio"] = _ratio(row[k], base[k])
         row["kv_ratio"] = _ratio(row["kv_cache_bytes"], base["kv_cache_bytes"])
         row["peak_ratio"] = _ratio(row.get("peak_tensor_bytes"), base.get("peak_tensor_bytes"))
     return rows
@@ -767,6 +793,9 @@ def summarize(result: dict) -> dict[str, Any]:
             speedup_vs_predicted=row["speedup_vs_predicted"],
             select_share=row["select_share"],
             kv_ratio=row["kv_ratio"],
+            prefill_ops_ratio=row["prefill_ops_ratio"],
+            prefill_syncs=row["prefill_syncs"],
+            decode_ops_ratio=row["decode_ops_ratio"],
         )
     for row in result["generation"]:
         if row["method"] == NONE or "throughput_ratio" not in row:
@@ -815,6 +844,23 @@ def to_markdown(result: dict) -> str:
             f"| {_mb(r['kv_cache_bytes'])} ({_f(r['kv_ratio'])}) "
             f"| {_mb(r.get('peak_tensor_bytes'))} ({_f(r.get('peak_ratio'))}) |"
         )
+    lines += [
+        "",
+        "### Operators, kernels and host syncs, batch 1",
+        "",
+        "| method | kept | prefill ops (ratio) | prefill kernels (ratio) | prefill syncs "
+        "| decode-step ops (ratio) | decode-step kernels (ratio) | decode-step syncs |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["prefill"]:
+        if "prefill_ops" not in r:
+            continue
+        lines.append(
+            f"| {r['method']} | {r['fraction']:g} | {r['prefill_ops']} ({_f(r['prefill_ops_ratio'])}) "
+            f"| {r['prefill_kernels']} ({_f(r['prefill_kernels_ratio'])}) | {r['prefill_syncs']} "
+            f"| {r['decode_ops']} ({_f(r['decode_ops_ratio'])}) | {r['decode_kernels']} ({_f(r['decode_kernels_ratio'])}) "
+            f"| {r['decode_syncs']} |"
+        )
     if result["generation"]:
         lines += [
             "",
@@ -841,7 +887,10 @@ def to_markdown(result: dict) -> str:
         "only, scoring included). LLM-only: the language model's forward, without vision tower and "
         "projector. Peak MB: peak of live tensor bytes allocated during the call (weights excluded"
         + ("; CUDA `max_memory_allocated` in the JSON" if e["device"].startswith("cuda") else "")
-        + "). KV cache: key/value bytes after the call.",
+        + "). KV cache: key/value bytes after the call. Ops: ATen operators dispatched; kernels: those "
+        "that launch device work (views excluded); syncs: points where the host waits for the device "
+        "(`.item()`, `.tolist()`, `nonzero`, ...). On a GPU each kernel costs a launch (microseconds) and "
+        "each sync drains the stream, so for small models and decode steps these counts, not FLOPs, set the time.",
         "",
     ]
     return "\n".join(lines)

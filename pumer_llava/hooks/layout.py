@@ -17,11 +17,31 @@ that stage. Codes per slot: ``>= 0`` the image index (visual), :data:`TEXT`,
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 
 TEXT, PAD, FILLER = -1, -2, -3  # ordered so that valid = code >= TEXT and visual = code >= 0
+
+# Plans depend only on the prompt's structure (where text, padding and images are), not on
+# its ids: a prompt shape seen before (a chat turn repeated, a benchmark, an evaluation batch
+# of equal shapes) reuses its plans, and their index tensors already on the device, instead
+# of rebuilding them in Python. Nothing writes into a cached tensor.
+_PLANS: OrderedDict = OrderedDict()
+_PLANS_MAX = 128
+
+
+def cached(key, build):
+    """``build()``, remembered under ``key`` (least recently used entries are dropped)."""
+    hit = _PLANS.get(key)
+    if hit is None:
+        hit = _PLANS[key] = build()
+        if len(_PLANS) > _PLANS_MAX:
+            _PLANS.popitem(last=False)
+    else:
+        _PLANS.move_to_end(key)
+    return hit
 
 
 @dataclass(frozen=True)
@@ -68,6 +88,7 @@ class PromptLayout:
                     codes.append(PAD if t < 0 else TEXT)
                     run_id = None
             self.code.append(codes)
+        self.key = tuple(tuple(row) for row in self.code)  # the structure host plans depend on
         self.counts = [im.count for im in self.images]
         self.valid_n = [sum(c != PAD for c in row) for row in self.code]
         self.visual_n = [sum(c >= 0 for c in row) for row in self.code]
@@ -79,7 +100,7 @@ class PromptLayout:
 
     def stage(self, counts: list[int]) -> StageSlots:
         """The slot layout when image g holds ``counts[g]`` tokens."""
-        return StageSlots(self, counts)
+        return cached(("slots", self.key, tuple(counts)), lambda: StageSlots(self, counts))
 
 
 class StageSlots:

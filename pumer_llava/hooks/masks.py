@@ -47,14 +47,18 @@ def layer_mask(
         # queries that are not the last keys (a decode step with several new tokens) need saying
         if not fillers and log_size is None and (q_rows is not None or q_pos.shape[1] == 1):
             return None
-        key_ok = k_pos >= 0
         if flash:
-            return key_ok.long()
-        allowed = (k_pos[:, None, :] <= q_pos[:, :, None]) & key_ok[:, None, :]  # (B, q, K)
-        m = allowed[:, None]
-        if log_size is None and not eager:
-            return m
-        return _additive(m, dtype) + (0 if log_size is None else log_size[:, None, None, :].to(dtype))
+            return (k_pos >= 0).long()
+        neg = torch.finfo(dtype).min
+        if log_size is None and not eager:  # fillers only: a boolean mask
+            allowed = (k_pos[:, None, :] <= q_pos[:, :, None]) & (k_pos >= 0)[:, None, :]  # (B, q, K)
+            return allowed[:, None]
+        bias = log_size.to(dtype) if log_size is not None else torch.zeros(k_pos.shape, dtype=dtype, device=k_pos.device)
+        if fillers:
+            bias = bias.masked_fill(k_pos < 0, neg)
+        if q_rows is None and q_pos.shape[1] == 1:  # one new token: it sees every key the cache holds
+            return bias[:, None, None, :]
+        return bias[:, None, None, :].masked_fill((k_pos[:, None, :] > q_pos[:, :, None])[:, None], neg)
     cols = k_pos.clamp_min(0).to(model_mask.device)
     if model_mask.ndim == 2:  # flash attention: a key mask
         m = model_mask.gather(1, cols)

@@ -37,7 +37,7 @@ import torch
 from ..reduce import plan_stages
 from ..reduce.merge import match_pairs, merge_pairs
 from .cache import reduced_layer
-from .layout import FILLER, TEXT, PromptLayout, StageSlots, to_device
+from .layout import FILLER, TEXT, PromptLayout, StageSlots, cached, to_device
 from .masks import layer_mask
 from .scoring import QueryRows, attention_scores, custom_scores, random_scores, take_rows
 from .stats import stats_reduced, stats_unreduced
@@ -205,14 +205,13 @@ class StageIndex:
     slots_out: StageSlots
     img_idx: torch.Tensor  # (G, m) slots of each image's tokens (padded with its first)
     img_flat: torch.Tensor  # (G*m,) the same in the flattened (B*N) layout
-    img_pad: torch.Tensor  # (G, m) bool: padding entries
-    k_ok: torch.Tensor  # (G, k_max) bool: j < what the image keeps after pruning
     sel_base: torch.Tensor  # (B, W') input slot of each kept non-visual token; an image's first slot
     vis_dst: torch.Tensor  # (V,) flat output slots of visual tokens
     vis_src: torch.Tensor  # (V,) flat (G, o_max) entries of the chosen local indices they take
     code_out: torch.Tensor  # (B, W')
-    pair_base: torch.Tensor  # (G, 1) g * k_max: a merge pair's row in the flattened (G*k_max) kept slots
-    pair_sel: torch.Tensor  # (P,) which entries of the flattened (G, r_max) pairs are real merges
+    img_pad: torch.Tensor | None  # (G, m) bool: padding entries (None: every image has m tokens)
+    k_pad: torch.Tensor | None  # (G, k_max) bool: j >= what the image keeps after pruning (None: all keep k_max)
+    pair_sel: torch.Tensor | None  # (P,) the real merges among the flattened (G, r_max) pairs (None: all)
     k: list[int]
     r: list[int]
     o_max: int
@@ -232,7 +231,7 @@ class Prefill:
         k = logits_to_keep if isinstance(logits_to_keep, int) else 0
         self.n_prompt = n0 - (k - 1) if 1 < k <= n0 else n0
         self.totals = list(layout.visual_n)  # samples may carry different numbers of visual tokens
-        (code0,) = to_device(dev, layout.code)
+        (code0,) = cached(("code", layout.key, dev), lambda: to_device(dev, layout.code))
         self.tokens = Tokens.full(code0)
         self.mask = self.tokens.valid
         self.stages, self.plans = plan(state, layout)
@@ -357,6 +356,17 @@ class Prefill:
 
     def _index(self, s: int) -> StageIndex:
         """Stage ``s``'s index tensors, from the host layout, in one copy to the device."""
+        key = ("index", self.layout.key, tuple(self.counts[s]), tuple(self.plans[s]), self.device)
+
+        def build():
+            host, *flags = self._index_host(s)
+            return (to_device(self.device, *host), *flags)
+
+        t, ragged_m, ragged_k, ragged_r, k, r, o_max = cached(key, build)
+        return StageIndex(self.slots(s), self.slots(s + 1), *t[:6], t[6].bool() if ragged_m else None,
+                          t[7].bool() if ragged_k else None, t[8] if ragged_r else None, k, r, o_max)
+
+    def _index_host(self, s: int):
         slots_in, slots_out = self.slots(s), self.slots(s + 1)
         layout, plan_rows = self.layout, self.plans[s]
         k = [n - p for n, (p, _, _) in zip(slots_in.counts, plan_rows)]
@@ -367,7 +377,7 @@ class Prefill:
         w_in = slots_in.width
         img_flat = [layout.images[g].sample * w_in + i for g, row in enumerate(img_idx) for i in row]
         img_pad = [[not x for x in row] for row in img_ok]
-        k_ok = [[j < kg for j in range(k_max)] for kg in k]
+        k_pad = [[j >= kg for j in range(k_max)] for kg in k]
         w_out = slots_out.width
         sel_base, vis_dst, vis_src = [], [], []
         for b in range(layout.bsz):
@@ -383,11 +393,12 @@ class Prefill:
                 else:
                     row.append(where.get(i, 0))  # a filler takes any slot: it is masked everywhere
             sel_base.append(row)
-        pair_base = [[g * k_max] for g in range(len(k))]
         pair_sel = [g * r_max + j for g, rg in enumerate(r) for j in range(rg)]
-        t = to_device(self.device, img_idx, img_flat, img_pad, k_ok, sel_base, vis_dst, vis_src, slots_out.code,
-                      pair_base, pair_sel)
-        return StageIndex(slots_in, slots_out, t[0], t[1], t[2].bool(), t[3].bool(), *t[4:10], k, r, o_max)
+        # masks only where rows differ (one image, or images of one size, need none)
+        ragged_m, ragged_k, ragged_r = min(slots_in.counts) != max(slots_in.counts), min(k) != k_max, min(r) != r_max
+        host = (img_idx, img_flat, sel_base, vis_dst, vis_src, slots_out.code,
+                img_pad if ragged_m else [], k_pad if ragged_k else [], pair_sel if ragged_r else [])
+        return host, ragged_m, ragged_k, ragged_r, k, r, o_max
 
     def _select(self, ix: StageIndex, local_out: torch.Tensor) -> StageDecision:
         """The decision from each image's chosen local indices (G, o_max), ascending."""
@@ -398,6 +409,11 @@ class Prefill:
     def _query_rows(self, slots: StageSlots, kind: str) -> QueryRows:
         """The prompt's query rows at ``slots`` and what every key needs, on the host, then
         on the device in one copy (see :class:`.scoring.QueryRows`)."""
+        key = ("rows", self.layout.key, tuple(slots.counts), self.n_prompt, kind,
+               self.state.text_config.num_attention_heads, self.device)
+        return QueryRows(*cached(key, lambda: to_device(self.device, *self._query_rows_host(slots, kind))))
+
+    def _query_rows_host(self, slots: StageSlots, kind: str):
         layout, n_prompt, images = self.layout, self.n_prompt, self.layout.images
         heads = self.state.text_config.num_attention_heads
         text = slots.text_rows(n_prompt) if kind == "text_attention" else None
@@ -442,8 +458,7 @@ class Prefill:
             count.append(kc)
         width = slots.width
         flat = [b * width + i for b, row in enumerate(idx) for i in row]
-        t = to_device(self.device, flat, row_pos, key_pos, key_end, count)
-        return QueryRows(*t)
+        return flat, row_pos, key_pos, key_end, count
 
     # ------------------------------------------------------------------ deciding
 
@@ -486,11 +501,15 @@ class Prefill:
             scores = self._score(stage, module, hs, kw)
         ix = self._index(stage.index)
         g, m = ix.img_idx.shape
-        k_max = ix.k_ok.shape[1]
+        k_max = max(ix.k)
         dev0 = tok.pos.device
-        img = scores.to(dev0).float().reshape(-1)[ix.img_flat].view(g, m).masked_fill(ix.img_pad, float("-inf"))
+        img = scores.to(dev0).float().reshape(-1)[ix.img_flat].view(g, m)
+        if ix.img_pad is not None:  # images of different sizes: padding never wins
+            img = img.masked_fill(ix.img_pad, float("-inf"))
         order = img.argsort(dim=1, descending=True, stable=True)[:, :k_max]  # ties: the earlier token
-        local = torch.where(ix.k_ok, order, m - 1).sort(1).values  # (G, k_max) ascending, padding last
+        if ix.k_pad is not None:
+            order = order.masked_fill(ix.k_pad, m - 1)
+        local = order.sort(1).values  # (G, k_max) ascending, padding last
         merge = None
         if any(ix.r):
             parts = state.adapter.attn_parts(module, state.text_config)
@@ -504,10 +523,12 @@ class Prefill:
                     xv = hs.reshape(-1, hs.shape[-1])[flat.to(hs.device)].to(dev)  # (G, k_max, d)
                     metric = parts.k_proj(parts.norm(xv)).view(g, k_max, parts.num_kv_heads, parts.head_dim).mean(2)
                 self.score_flops += g * k_max * hs.shape[-1] * parts.num_kv_heads * parts.head_dim
-            pairs = match_pairs(metric, ix.k, ix.r, None if all(k == k_max for k in ix.k) else ~ix.k_ok.to(dev))
-            # the real pairs, in the flat (B*N) slots of this stage's input
-            src = flat.reshape(-1)[(pairs.src.to(dev0) + ix.pair_base).reshape(-1)[ix.pair_sel]]
-            dst = flat.reshape(-1)[(pairs.dst.to(dev0) + ix.pair_base).reshape(-1)[ix.pair_sel]]
+            pairs = match_pairs(metric, ix.k, ix.r, None if ix.k_pad is None else ix.k_pad.to(dev))
+            # the real pairs, in the flat (B*N) slots of this stage's input (A: even kept tokens, B: odd)
+            src = flat[:, 0::2].gather(1, pairs.src_a.to(dev0)).reshape(-1)
+            dst = flat[:, 1::2].gather(1, pairs.dst_b.to(dev0)).reshape(-1)
+            if ix.pair_sel is not None:  # images with fewer merges than others: only the real pairs
+                src, dst = src[ix.pair_sel], dst[ix.pair_sel]
             merge = (src, dst)
             local = local.gather(1, pairs.keep.to(dev0)[:, : ix.o_max])
         else:
@@ -522,9 +543,11 @@ class Prefill:
         self.score_flops += flops
         m = ix.img_idx.shape[1]
         g = ix.img_idx.shape[0]
-        chosen = keep_vis.to(ix.img_idx.device).reshape(-1)[ix.img_flat].view(g, m) & ~ix.img_pad
-        ar = torch.arange(m, device=ix.img_idx.device)
-        local = torch.where(chosen, ar, m - 1).sort(1).values[:, : ix.o_max]
+        dropped = ~keep_vis.to(ix.img_idx.device).reshape(-1)[ix.img_flat].view(g, m)
+        if ix.img_pad is not None:
+            dropped = dropped | ix.img_pad
+        ar = torch.arange(m, device=ix.img_idx.device).expand(g, m)
+        local = ar.masked_fill(dropped, m - 1).sort(1).values[:, : ix.o_max]
         return self._select(ix, local)
 
     # ------------------------------------------------------------------ after the last layer

@@ -80,7 +80,9 @@ class Tokens:
         """(B, N) log sizes for proportional attention, or None when they are all zero."""
         if not (prop_attn and self.merged):
             return None
-        return self.__dict__.setdefault("_log_size", self.size.log())
+        if "_log_size" not in self.__dict__:
+            self.__dict__["_log_size"] = self.size.log()
+        return self.__dict__["_log_size"]
 
     def take(self, sel: torch.Tensor, code: torch.Tensor, has_fillers: bool) -> Tokens:
         """The slots ``sel`` (B, N'), which then hold ``code`` (B, N'); a filler has size 1."""

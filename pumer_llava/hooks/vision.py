@@ -103,6 +103,8 @@ def vispruner_keep(state, tok: Tokens, layout, slots, keep: list[int], emb: torc
     tokens are, so no step waits for the device. Returns the mask and the FLOPs the
     similarity cost."""
     importance = token_importance(state, tok, emb, layout)  # (B, N)
+    if len(set(slots.counts)) == 1 and len(set(keep)) == 1 and keep[0] < slots.counts[0]:
+        return _keep_batched(state, layout, slots, keep[0], importance, emb)
     kept = torch.zeros(tok.code.shape, dtype=torch.bool, device=emb.device)
     flops = 0.0
     for g, n_keep in enumerate(keep):
@@ -120,3 +122,24 @@ def vispruner_keep(state, tok: Tokens, layout, slots, keep: list[int], emb: torc
         kept[b, s0 + torch.cat([imp, diverse])] = True
         flops += (t - n_imp) ** 2 * emb.shape[-1]
     return kept, flops
+
+
+def _keep_batched(state, layout, slots, n_keep: int, importance: torch.Tensor, emb: torch.Tensor):
+    """:func:`vispruner_keep` when every image has the same count and budget (LLaVA-1.5): the
+    images are the rows of one (G, T) problem."""
+    bsz, n, d = emb.shape
+    g, t = len(layout.images), slots.counts[0]
+    n_imp = round(n_keep * state.important_ratio)
+    flat = [im.sample * n + slots.start[i] + j for i, im in enumerate(layout.images) for j in range(t)]
+    (idx,) = to_device(emb.device, flat)
+    idx = idx.view(g, t)
+    imp = importance.reshape(-1)[idx].topk(n_imp, dim=1).indices  # (G, n_imp) local indices
+    free = torch.ones(g, t, dtype=torch.bool, device=emb.device).scatter(1, imp, False)
+    ar = torch.arange(t, device=emb.device).expand(g, t)
+    rest = ar.masked_fill(~free, t - 1).sort(1).values[:, : t - n_imp]  # (G, T - n_imp) ascending
+    feats = emb.reshape(-1, d)[idx.gather(1, rest)]  # (G, T - n_imp, d)
+    diverse = rest.gather(1, remove_duplicates(feats, n_keep - n_imp))
+    chosen = idx.gather(1, torch.cat([imp, diverse], 1))  # (G, n_keep) flat slots
+    kept = torch.zeros(bsz * n, dtype=torch.bool, device=emb.device)
+    kept[chosen.reshape(-1)] = True
+    return kept.view(bsz, n), float(g * (t - n_imp) ** 2 * d)

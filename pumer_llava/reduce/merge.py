@@ -129,13 +129,22 @@ def merge_into(
 class Pairs:
     """What bipartite matching decided, without touching the values (see :func:`match_pairs`).
 
-    src, dst: (B, r_max) local indices: ``src[b, j]`` merges into ``dst[b, j]`` for j < r[b];
+    src_a: (B, r_max) the merging tokens as indices into set A (token ``2 * i``); dst_b:
+    (B, r_max) their partners as indices into set B (token ``2 * j + 1``); real for j < r[b].
     keep: (B, o_max) local indices of the survivors, ascending (valid for j < n_valid - r).
     """
 
-    src: torch.Tensor
-    dst: torch.Tensor
+    src_a: torch.Tensor
+    dst_b: torch.Tensor
     keep: torch.Tensor
+
+    @property
+    def src(self) -> torch.Tensor:
+        return self.src_a * 2
+
+    @property
+    def dst(self) -> torch.Tensor:
+        return self.dst_b * 2 + 1
 
 
 def match_pairs(metric: torch.Tensor, counts: list[int], r: list[int], invalid: torch.Tensor | None = None) -> Pairs:
@@ -159,17 +168,21 @@ def match_pairs(metric: torch.Tensor, counts: list[int], r: list[int], invalid: 
     if invalid is not None:
         node_max = node_max.masked_fill(invalid[:, 0::2], float("-inf"))
     src_a = node_max.argsort(dim=-1, descending=True, stable=True)[:, :r_max]  # (B, r_max)
-    dst = node_idx.gather(1, src_a) * 2 + 1
-    src = src_a * 2
+    dst_b = node_idx.gather(1, src_a)
     # survivors: every valid token that is not a real source, ascending
     o_max = max((c - x for c, x in zip(counts, r)), default=0)
-    gone = torch.tensor([[j >= x for j in range(r_max)] for x in r], dtype=torch.bool).to(dev, non_blocking=True)
-    drop = torch.zeros(bsz, n + 1, dtype=torch.bool, device=dev)
-    drop.scatter_(1, src.masked_fill(gone, n), True)  # padding entries land in a trash column
-    drop = drop[:, :n] if invalid is None else drop[:, :n] | invalid
-    ar = torch.arange(n, device=dev)
-    keep = torch.where(drop, n - 1, ar).sort(1).values[:, :o_max]
-    return Pairs(src=src, dst=dst, keep=keep)
+    drop = torch.zeros(bsz, n, dtype=torch.bool, device=dev)
+    if min(r, default=0) == r_max:
+        drop[:, 0::2].scatter_(1, src_a, True)
+    else:  # rows with fewer merges: their padding pairs scatter into a trash column
+        gone = torch.tensor([[j >= x for j in range(r_max)] for x in r], dtype=torch.bool).to(dev, non_blocking=True)
+        wide = torch.zeros(bsz, n // 2 + n % 2 + 1, dtype=torch.bool, device=dev)
+        wide.scatter_(1, src_a.masked_fill(gone, wide.shape[1] - 1), True)
+        drop[:, 0::2] = wide[:, :-1]
+    if invalid is not None:
+        drop = drop | invalid
+    keep = torch.arange(n, device=dev).expand(bsz, n).masked_fill(drop, n - 1).sort(1).values[:, :o_max]
+    return Pairs(src_a=src_a, dst_b=dst_b, keep=keep)
 
 
 def merge_pairs(x: torch.Tensor, size: torch.Tensor | None, src: torch.Tensor, dst: torch.Tensor):

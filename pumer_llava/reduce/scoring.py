@@ -125,7 +125,9 @@ def scores_from_rows(
     logits = torch.matmul(qg.float() * scaling, k.float().transpose(-1, -2))  # (B, Hkv, G*R, N)
     if key_bias is not None:
         logits = logits + key_bias.float()[:, None, None, :]
-    hidden = (key_pos[:, None, :] > row_pos[:, :, None]).repeat(1, h // hkv, 1)  # (B, G*R, N)
+    hidden = key_pos[:, None, :] > row_pos[:, :, None]  # (B, R, N)
+    if h > hkv:
+        hidden = hidden.repeat(1, h // hkv, 1)  # (B, G*R, N)
     probs = logits.masked_fill(hidden[:, None], torch.finfo(logits.dtype).min).softmax(dim=-1)
     per_row = probs.view(bsz, h, r, n).sum(1)  # (B, R, N) summed over heads
     w = row_pos[:, :, None] > key_end[:, None, :]  # (B, R, N)

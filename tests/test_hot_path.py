@@ -1,0 +1,142 @@
+"""What the reduction costs per prefill and per decode step: operators, kernels, host syncs.
+
+Counted with :class:`pumer_llava.counting.OpCounter` on a 32-layer tiny LLaVA (ratio 0.25,
+each method at its default layers). These are counts, not timings: they pin what a GPU pays
+in launches and stalls, so a change that adds a sync or a per-layer op fails here.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pumer_llava import apply_pumer, remove_pumer
+from pumer_llava.counting import OpCounter
+from pumer_llava.hooks import layout as layout_mod
+from pumer_llava.hooks.layout import FILLER, PAD, TEXT, PromptLayout
+from tiny import IMAGE_TOKEN, N_VIS, make_inputs, make_mixed_inputs, tiny_llava
+
+# prefill ops (all dispatched operators) of a reducing prefill over the unpatched one, at most
+PREFILL_OPS = {"pumer": 1.21, "fastv": 1.06, "random": 1.04, "vispruner": 1.08}
+DECODE_OPS = 1.02  # every method, prop-attn on for PuMer
+
+
+@pytest.fixture(scope="module")
+def deep():
+    return tiny_llava(layers=32).eval()
+
+
+def _counts(model, inp):
+    """(prefill counter, decode-step counter) of one forward and one step after it."""
+    with torch.no_grad():
+        with OpCounter() as pre:
+            out = model(**inp, use_cache=True)
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        mask = torch.cat([inp["attention_mask"], torch.ones_like(nxt)], 1)
+        with OpCounter() as dec:
+            model(input_ids=nxt, attention_mask=mask, past_key_values=out.past_key_values, use_cache=True)
+    return pre, dec
+
+
+@pytest.fixture(scope="module")
+def baseline(deep):
+    inp = make_inputs(prefix_lens=(3, 5), suffix_lens=(6, 4))
+    _counts(deep, inp)  # warm: lazy imports and caches of transformers itself
+    return inp, _counts(deep, inp)
+
+
+@pytest.mark.parametrize("method", sorted(PREFILL_OPS))
+def test_prefill_and_decode_counts(deep, baseline, method):
+    inp, (pre0, dec0) = baseline
+    apply_pumer(deep, ratio=0.25, method=method)
+    try:
+        layout_mod._PLANS.clear()
+        cold, _ = _counts(deep, inp)  # a prompt shape never seen: its plans are built and copied
+        pre, dec = _counts(deep, inp)  # seen before: its plans are reused
+        stages = len(deep.pumer.layers) + int(bool(deep.pumer.recipe.pre_llm))
+        assert deep.pumer.last_stats.visual_tokens_final == [4, 4]
+    finally:
+        remove_pumer(deep)
+    # one read of the ids before the first layer; nothing else waits for the device
+    assert cold.syncs <= pre0.syncs + 2 and pre.syncs <= pre0.syncs + 2, (cold.sync_ops, pre.sync_ops)
+    assert cold.sync_ops.get("tolist") == 1 and "nonzero" not in cold.sync_ops
+    assert pre.ops <= PREFILL_OPS[method] * pre0.ops, (method, pre.ops / pre0.ops)
+    assert pre.kernels <= PREFILL_OPS[method] * pre0.kernels, (method, pre.kernels / pre0.kernels)
+    # building plans costs Python, a copy per stage (and the views of its parts), no sync
+    assert cold.kernels <= pre.kernels + 6 * stages, (cold.kernels, pre.kernels)
+    # a decode step: a few ops per stage (positions and sizes appended), none per layer
+    assert dec.syncs == dec0.syncs
+    assert dec.ops <= DECODE_OPS * dec0.ops, (method, dec.ops / dec0.ops)
+    assert dec.kernels <= DECODE_OPS * dec0.kernels, (method, dec.kernels / dec0.kernels)
+
+
+def test_pumer_prop_attn_decode_is_per_stage(deep, baseline):
+    inp, (_, dec0) = baseline
+    apply_pumer(deep, ratio=0.25, method="pumer", prop_attn=True)
+    try:
+        assert deep.pumer.prop_attn
+        stages = len(deep.pumer.layers)
+        _, dec = _counts(deep, inp)
+    finally:
+        remove_pumer(deep)
+    assert stages == 3 and dec.kernels - dec0.kernels <= 4 * stages, dec.kernels - dec0.kernels
+
+
+@pytest.mark.parametrize("method", ["pumer", "fastv", "vispruner"])
+def test_ragged_batches_do_not_sync(deep, method):
+    """Rows of different lengths and images per row (one, two, none): still one read of the ids."""
+    inp, _ = make_mixed_inputs()
+    with torch.no_grad(), OpCounter() as base:
+        deep(**inp, use_cache=True)
+    apply_pumer(deep, ratio=0.25, method=method)
+    try:
+        layout_mod._PLANS.clear()
+        with torch.no_grad(), OpCounter() as c:
+            deep(**inp, use_cache=True)
+        stats = deep.pumer.last_stats
+    finally:
+        remove_pumer(deep)
+    assert c.syncs <= base.syncs + 2, c.sync_ops
+    assert stats.visual_tokens_final == [4, 8, 0]
+
+
+def test_statistics_are_built_when_read(deep, baseline):
+    inp, _ = baseline
+    apply_pumer(deep, ratio=0.25, method="pumer")
+    try:
+        with torch.no_grad():
+            deep(**inp, use_cache=True)
+        stats = deep.pumer.last_stats
+        assert "_builder" in stats.__dict__  # nothing read from the device yet
+        with OpCounter() as c:
+            kept = stats.kept_patches
+        assert c.sync_ops.get("tolist", 0) >= 1  # reading them is when the device is waited for
+        assert sorted(kept) == list(deep.pumer.layers) and all(len(p) == 4 for p in kept[deep.pumer.layers[-1]])
+        assert stats.select_seconds > 0 and 0 < stats.flops_ratio < 1
+    finally:
+        remove_pumer(deep)
+
+
+# ----------------------------------------------------------------------------- the host layout
+
+
+def test_layout_of_a_padded_batch_with_adjacent_images():
+    # row 0: pad, text, two images of 2 tokens each back to back, text; row 1: text, three images
+    ids = [[-1, 5, 3, 3, 3, 3, 7, 8], [5, 6, 3, 3, 3, 3, 3, 3]]
+    lay = PromptLayout(ids, {3}, per_image=2)
+    assert [(im.sample, im.start, im.end, im.count) for im in lay.images] == [
+        (0, 2, 3, 2), (0, 4, 5, 2), (1, 2, 3, 2), (1, 4, 5, 2), (1, 6, 7, 2)]
+    assert lay.code[0] == [PAD, TEXT, 0, 0, 1, 1, TEXT, TEXT]
+    assert lay.valid_n == [7, 8] and lay.visual_n == [4, 6] and lay.vis_start == [2, 2]
+    slots = lay.stage([1, 2, 1, 1, 1])  # row 0 keeps 7 slots, row 1 five: two fillers lead row 1
+    assert slots.width == 7 and slots.fillers == [0, 2] and slots.has_fillers
+    assert slots.code[1] == [FILLER, FILLER, TEXT, TEXT, 2, 3, 4]
+    assert slots.start == [2, 3, 4, 5, 6]
+    idx, ok, pos = slots.text_rows(n_prompt=8)
+    assert idx == [[1, 5, 6], [2, 3, 2]] and ok[1] == [True, True, False] and pos[0] == [1, 6, 7]
+
+
+def test_an_image_run_is_cut_by_id_and_by_the_fixed_count():
+    lay = PromptLayout([[IMAGE_TOKEN] * (2 * N_VIS) + [9, 4, 4]], {IMAGE_TOKEN, 4}, per_image=N_VIS)
+    assert [im.count for im in lay.images] == [N_VIS, N_VIS, 2]
+    assert lay.stage([1, 2, 1]).width == 1 + 2 + 1 + 1
