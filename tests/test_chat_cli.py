@@ -235,6 +235,10 @@ def test_other_fatal_errors_are_one_line(tiny_dir, images, tmp_path, in_process,
     assert "--compare needs --prompt" in capsys.readouterr().err
     assert main(["--model", str(tiny_dir), "--image", str(images[0]), "--prompt", "hi", "--ratio", "2"]) == 1
     assert "ratio must be in (0, 1]" in capsys.readouterr().err
+    # the reduction's arguments are checked before the (slow) model load: no model is read here
+    assert main(["--model", str(tmp_path / "empty"), "--image", str(images[0]), "--prompt", "hi", "--method", "nope"]) == 1
+    err = capsys.readouterr().err
+    assert "unknown method 'nope'" in err and "loading" not in err
 
 
 @pytest.mark.parametrize("method", [None, "random"])  # random keeps the same tokens whatever the text

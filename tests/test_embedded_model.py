@@ -56,7 +56,7 @@ def test_chat_template_gives_the_training_prompt(loaded):
 
 def _learned_types(threshold=0.9):
     """Question types the shipped model answers at >= ``threshold`` on the held-out test split,
-    as its training record says (see the README's accuracy section for all of them)."""
+    as its training record says (docs/accuracy.md has all of them)."""
     acc = embedded_training_record()["test_accuracy"]
     return {t for t, a in acc.items() if t != "overall" and a >= threshold}
 

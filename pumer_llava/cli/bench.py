@@ -994,12 +994,15 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--model", default=d.model, help=f"a model folder, or a preset: {', '.join(PRESETS)}")
-    p.add_argument("--methods", type=_strs, default=d.methods, help="comma-separated methods")
-    p.add_argument("--fractions", type=_floats, default=d.fractions, help="comma-separated kept fractions")
-    p.add_argument("--batch-sizes", type=_ints, default=d.batch_sizes, help="generation batch sizes")
+    p.add_argument("--methods", type=_strs, default=",".join(d.methods), help="comma-separated methods")
+    p.add_argument("--fractions", type=_floats, default=",".join(f"{f:g}" for f in d.fractions),
+                   help="comma-separated kept fractions (1 measures the hooks' overhead)")
+    p.add_argument("--batch-sizes", type=_ints, default=",".join(map(str, d.batch_sizes)),
+                   help="comma-separated generation batch sizes")
     p.add_argument("--dtype", default=d.dtype, choices=["auto", *DTYPES], help="auto: fp16 on CUDA, fp32 on CPU")
     p.add_argument("--load-in-4bit", action="store_true", help="bitsandbytes nf4 (tower, projector, lm_head kept)")
-    p.add_argument("--attn", default=d.attn, choices=["sdpa", "eager", "flash_attention_2"])
+    p.add_argument("--attn", default=d.attn, choices=["sdpa", "eager", "flash_attention_2"],
+                   help="attention implementation the model is loaded with")
     p.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--repeats", type=int, default=d.repeats, help="timed prefill repeats per config")
     p.add_argument("--gen-repeats", type=int, default=d.gen_repeats, help="timed generate repeats (0: skip)")
@@ -1009,10 +1012,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--suffix-tokens", type=int, default=None, help="text tokens after the image")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-memory", action="store_true", help="skip the untimed peak-memory runs")
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the random weights, inputs and the random method")
     p.add_argument("--out", default=None,
                    help="output prefix (.json/.md/.png); default eval/results/speed_<device>_<model>_<dtype>")
-    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--no-plot", action="store_true", help="write the JSON and Markdown only")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -1034,6 +1037,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"pumer-bench: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\npumer-bench: interrupted, nothing written", file=sys.stderr)
+        return 130
     prefix = args.out or str(Path("eval/results") / default_prefix(result))
     paths = write_outputs(result, prefix, make_plot=not args.no_plot)
     print(to_markdown(result))

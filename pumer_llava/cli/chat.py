@@ -779,6 +779,16 @@ def _run(args, out: TextIO, err: TextIO) -> int:
         torch.set_num_threads(args.threads)
     if not interactive:
         open_image(image)  # fail before the (slow) model load
+    if not args.no_pumer:  # the reduction's arguments too: checked without a model
+        from ..config import PumerConfig
+        from ..methods import get_recipe
+
+        try:
+            recipe = get_recipe(args.method or "pumer")
+            ratio = args.ratio if (args.ratio is not None or args.keep_tokens is not None) else 0.25
+            PumerConfig(method=recipe.name, ratio=ratio, keep_tokens=args.keep_tokens)
+        except ValueError as e:
+            raise CliError(str(e)) from None
     _quiet_transformers()
     quant = "4bit" if args.load_in_4bit else "8bit" if args.load_in_8bit else None
     err.write(f"loading {model_name} ...\n")
