@@ -192,8 +192,10 @@ def test_cli_subprocess(tmp_path):
     assert out.with_suffix(".png").exists() and out.with_suffix(".md").exists()
 
 
-def test_cli_rejects_bad_arguments(capsys):
+def test_cli_rejects_bad_arguments(capsys, tmp_path):
     assert main(["--model", "no-such-model", "--quiet"]) == 2
     assert "neither a folder nor a preset" in capsys.readouterr().err
+    assert main(["--model", str(tmp_path), "--quiet"]) == 2
+    assert "not a model folder (it has no config.json)" in capsys.readouterr().err
     assert main(["--model", "tiny", "--fractions", "0", "--quiet"]) == 2
     assert main(["--model", "tiny", "--methods", "nope", "--quiet", "--batch-sizes", "1"]) == 2

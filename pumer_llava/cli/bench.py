@@ -257,6 +257,8 @@ def load_model(spec: BenchSpec):
         return model
     if not Path(path).is_dir():
         raise ValueError(f"--model {path!r} is neither a folder nor a preset; presets: {', '.join(sorted(PRESETS))}")
+    if not (Path(path) / "config.json").is_file():
+        raise ValueError(f"--model {path}: not a model folder (it has no config.json); presets: {', '.join(sorted(PRESETS))}")
     return _from_pretrained(path, spec, device, dtype)
 
 
