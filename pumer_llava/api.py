@@ -112,10 +112,10 @@ def apply_pumer(
             f"mask; {attn} takes none: pass prop_attn=False or load the model with attn_implementation='sdpa'"
         )
     gen_cfg = getattr(model, "generation_config", None)
-    if getattr(gen_cfg, "cache_implementation", None) in ("static", "offloaded_static", "sliding_window", "hybrid"):
+    if getattr(gen_cfg, "cache_implementation", None) in ("offloaded_static", "sliding_window", "hybrid"):
         raise ValueError(
-            f"generation_config.cache_implementation={gen_cfg.cache_implementation!r} preallocates a fixed-length "
-            "cache, which reduced layers cannot use: set it to None (DynamicCache)"
+            f"generation_config.cache_implementation={gen_cfg.cache_implementation!r} is not supported with "
+            "reduction: set it to None (DynamicCache) or 'static'"
         )
 
     # everything is valid: now patch (replacing, never stacking)
@@ -135,6 +135,11 @@ def apply_pumer(
         runtime.install(model, state, vparts, projector)
     else:
         runtime.install(model, state)
+    if gen_cfg is not None:
+        # generate() compiles the decoding forward on a GPU with a static cache; the hooks run
+        # Python between layers, so that compiled forward is not supported: keep it eager
+        state.saved_disable_compile = (getattr(gen_cfg, "disable_compile", None),)
+        gen_cfg.disable_compile = True
     model.pumer = state
     return model
 
@@ -147,6 +152,9 @@ def remove_pumer(model: nn.Module) -> nn.Module:
     for h in state.handles:
         h.remove()
     state.handles.clear()
+    gen_cfg = getattr(model, "generation_config", None)
+    if gen_cfg is not None and state.saved_disable_compile is not None:
+        (gen_cfg.disable_compile,) = state.saved_disable_compile
     state.call = state.prompt = state.importance = None
     state.vision_calls.clear()
     del model.pumer

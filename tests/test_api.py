@@ -63,15 +63,25 @@ def test_flex_attention_is_refused():
         apply_pumer(model)
 
 
-def test_static_cache_is_refused_at_generate_time_and_in_config():
+def test_caches_other_than_dynamic_and_static_are_refused_and_compile_is_kept_off():
+    from transformers import DynamicCache
+    from transformers.cache_utils import StaticSlidingWindowLayer
+
     model = tiny_llava("llama")
+    model.generation_config.cache_implementation = "offloaded_static"
+    with pytest.raises(ValueError, match="cache_implementation='offloaded_static' is not supported"):
+        apply_pumer(model)
+    assert "pumer" not in model.__dict__
+    model.generation_config.cache_implementation = None
+    assert not model.generation_config.disable_compile
     apply_pumer(model, ratio=0.25)
-    with pytest.raises(ValueError, match="static, fixed-length cache"):
-        model.generate(**make_inputs(), max_new_tokens=2, cache_implementation="static")
-    model2 = tiny_llava("llama")
-    model2.generation_config.cache_implementation = "static"
-    with pytest.raises(ValueError, match="cache_implementation='static'"):
-        apply_pumer(model2)
+    assert model.generation_config.disable_compile  # generate() must not compile around the hooks
+    cache = DynamicCache(config=model.config)
+    cache.layers[0] = StaticSlidingWindowLayer(max_cache_len=64, sliding_window=8)
+    with pytest.raises(ValueError, match="StaticSlidingWindowLayer layers"):
+        model(**make_inputs(), past_key_values=cache)
+    remove_pumer(model)
+    assert not model.generation_config.disable_compile  # as the user had it
 
 
 def test_apply_twice_replaces_and_remove_leaves_nothing():

@@ -78,6 +78,23 @@ def test_beams_sampling_and_speculative_decoding(arch, method, where):
     assert torch.equal(samples[0], samples[1]) and samples[0].shape[0] == 2 * inp["input_ids"].shape[0]
 
 
+@pytest.mark.parametrize("arch,method,where", CASES)
+def test_static_cache_gives_the_dynamic_cache_tokens(arch, method, where):
+    """``cache_implementation="static"``: reduced layers are preallocated to what they keep plus
+    the new tokens, and answer as the dynamic cache does (greedy, beams, a padded batch)."""
+    from pumer_llava.hooks.cache import ReducedStaticLayer
+
+    model, inp, _ = BUILDERS[arch]()
+    _apply(model, method, where)
+    for kw in (dict(), dict(num_beams=2)):
+        dynamic = _gen(model, inp, **kw)
+        static = _gen(model, inp, cache_implementation="static", return_dict_in_generate=True, **kw)
+        assert torch.equal(static.sequences, dynamic), (arch, method, where, kw)
+    layers = static.past_key_values.layers
+    reduced = [x for x in layers if isinstance(x, ReducedStaticLayer)]
+    assert reduced and all(x.max_cache_len < x.logical_len for x in reduced)  # fewer slots than positions
+
+
 @pytest.mark.parametrize("method,where", [(m, w) for m in SETUPS for w in ("default", "layer0")])
 def test_assisted_decoding_equals_greedy(method, where):
     model = tiny_llava()

@@ -21,7 +21,22 @@ drops the entries whose position is past the new length (speculative rollback);
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
+from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer, StaticLayer
+
+
+def _record(layer, key_states: torch.Tensor, total: int) -> None:
+    """After ``layer`` stored ``key_states`` and holds ``total`` entries: what they are."""
+    pend, layer.pending = layer.pending, None
+    if pend is not None and pend[0].shape[1] == total:
+        layer.pos, layer.log_size, layer.n_full, layer.fillers = pend
+        return
+    # nobody said which positions arrive: the next ones of the sequence
+    bsz, q = key_states.shape[0], key_states.shape[-2]
+    new = torch.arange(layer.n_full, layer.n_full + q, device=key_states.device).expand(bsz, q)
+    layer.pos = new if layer.pos is None else torch.cat([layer.pos, new.to(layer.pos.device)], dim=1)
+    if layer.log_size is not None:
+        layer.log_size = torch.cat([layer.log_size, layer.log_size.new_zeros(bsz, q)], dim=1)
+    layer.n_full += q
 
 
 class ReducedLayer(DynamicLayer):
@@ -39,17 +54,7 @@ class ReducedLayer(DynamicLayer):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         keys, values = super().update(key_states, value_states)
-        pend, self.pending = self.pending, None
-        if pend is not None and pend[0].shape[1] == keys.shape[-2]:
-            self.pos, self.log_size, self.n_full, self.fillers = pend
-            return keys, values
-        # nobody said which positions arrive: the next ones of the sequence
-        bsz, q = key_states.shape[0], key_states.shape[-2]
-        new = torch.arange(self.n_full, self.n_full + q, device=keys.device).expand(bsz, q)
-        self.pos = new if self.pos is None else torch.cat([self.pos, new.to(self.pos.device)], dim=1)
-        if self.log_size is not None:
-            self.log_size = torch.cat([self.log_size, self.log_size.new_zeros(bsz, q)], dim=1)
-        self.n_full += q
+        _record(self, key_states, keys.shape[-2])
         return keys, values
 
     def get_seq_length(self) -> int:
@@ -104,37 +109,101 @@ class ReducedLayer(DynamicLayer):
             self.log_size = fn(self.log_size)
 
 
-def reduced_layer(cache: Cache, idx: int) -> ReducedLayer:
-    """Layer ``idx`` of ``cache`` as a :class:`ReducedLayer` (swapped in while still empty)."""
+class ReducedStaticLayer(StaticLayer):
+    """A preallocated cache layer (``generate(..., cache_implementation="static")``) whose
+    entries carry their original positions, as :class:`ReducedLayer`.
+
+    It holds what the reducing prefill keeps plus every position the static cache was sized
+    for after the prompt, so a generation that fits the plain static cache fits here. Keys
+    and values are written in place into the preallocated tensors; attention reads the
+    slots written so far (a view), so masks and positions are those of :class:`ReducedLayer`.
+    It still says it is compileable, as a static layer does: that is what makes the model
+    build its mask for the preallocated length the plain static layers need. Compiling the
+    forward is what is not supported (``apply_pumer`` turns ``generate``'s auto-compile off).
+    """
+
+    def __init__(self, max_cache_len: int, **kwargs):
+        super().__init__(max_cache_len=max_cache_len)
+        self.logical_len = max_cache_len  # the positions the plain static cache holds (the mask's columns)
+        self.pos: torch.Tensor | None = None
+        self.log_size: torch.Tensor | None = None
+        self.n_full = 0
+        self.used = 0  # slots written
+        self.fillers = False
+        self.pending: tuple | None = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        q = key_states.shape[-2]
+        if not self.is_initialized:
+            # the entries this prefill writes, plus what the plain cache leaves after the prompt
+            n_full = self.pending[2] if self.pending is not None else q
+            self.max_cache_len = q + max(self.max_cache_len - n_full, 0)
+            self.lazy_initialization(key_states, value_states)
+        if self.used + q > self.max_cache_len:
+            raise RuntimeError(
+                f"the static cache is full ({self.max_cache_len} entries in a reduced layer): it was sized for "
+                "fewer tokens than this forward adds"
+            )
+        idx = torch.arange(self.used, self.used + q, device=self.device)
+        self.keys.index_copy_(2, idx, key_states)
+        self.values.index_copy_(2, idx, value_states)
+        self.used += q
+        self.cumulative_length.fill_(self.used)
+        _record(self, key_states, self.used)
+        return self.keys[:, :, : self.used], self.values[:, :, : self.used]
+
+    def get_seq_length(self) -> int:
+        return self.n_full if self.is_initialized else 0
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.logical_len, 0  # the model's mask is over positions, as for the plain static cache
+
+    def reset(self) -> None:
+        super().reset()
+        self.pos = self.log_size = self.pending = None
+        self.n_full = self.used = 0
+        self.fillers = False
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        for name in ("pos", "log_size"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, t.index_select(0, beam_idx.to(t.device)))
+
+
+def reduced_layer(cache: Cache, idx: int):
+    """Layer ``idx`` of ``cache`` as a :class:`ReducedLayer` (a :class:`ReducedStaticLayer` in a
+    static cache), swapped in while still empty."""
     layers = cache.layers
     while len(layers) <= idx and cache.layer_class_to_replicate is not None:
         layers.append(cache.layer_class_to_replicate())
     layer = layers[idx]
-    if isinstance(layer, ReducedLayer):
+    if isinstance(layer, (ReducedLayer, ReducedStaticLayer)):
         return layer
-    if layer.get_seq_length() > 0:
+    if layer.is_initialized and int(layer.get_seq_length()) > 0:
         raise RuntimeError(f"cache layer {idx} already holds tokens: a reduced prefill needs an empty cache")
-    layers[idx] = new = ReducedLayer()
+    if isinstance(layer, StaticLayer):
+        layers[idx] = new = ReducedStaticLayer(max_cache_len=layer.max_cache_len)
+    else:
+        layers[idx] = new = ReducedLayer()
     return new
 
 
 def check_cache(cache: Cache) -> None:
     """Refuse, before anything is computed, a cache whose layers a reduction cannot swap."""
-    if getattr(cache, "is_compileable", False):
-        raise ValueError(
-            f"pumer_llava does not support {type(cache).__name__} (a static, fixed-length cache): reduced "
-            "layers hold fewer tokens than the cache preallocates. Use the default DynamicCache "
-            "(generate(..., cache_implementation=None))."
-        )
-    ok = (DynamicLayer, DynamicSlidingWindowLayer, ReducedLayer)
+    ok = (DynamicLayer, DynamicSlidingWindowLayer, ReducedLayer, StaticLayer, ReducedStaticLayer)
     bad = {type(layer).__name__ for layer in cache.layers if type(layer) not in ok}
-    if bad:
+    if bad or getattr(cache, "offloading", False):
+        what = ", ".join(sorted(bad)) + " layers" if bad else "offloaded layers"
         raise ValueError(
-            f"pumer_llava stores reduced layers in a DynamicCache; this {type(cache).__name__} has "
-            f"{', '.join(sorted(bad))} layers: use the default DynamicCache"
+            f"pumer_llava stores reduced layers in a DynamicCache or a StaticCache; this {type(cache).__name__} has "
+            f"{what}: use generate(..., cache_implementation=None) or 'static'"
         )
 
 
 def is_reduced(cache: Cache | None) -> bool:
     """Whether ``cache`` holds a reduced prefill (some layer with its positions)."""
-    return cache is not None and any(isinstance(x, ReducedLayer) and x.pos is not None for x in cache.layers)
+    return cache is not None and any(
+        isinstance(x, (ReducedLayer, ReducedStaticLayer)) and x.pos is not None and x.n_full > 0 for x in cache.layers
+    )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .cache import ReducedLayer
+from .cache import ReducedLayer, ReducedStaticLayer
 from .masks import layer_mask
 
 
@@ -19,13 +19,13 @@ class Extend:
 
     def __init__(self, state, cache, q: int):
         self.state, self.cache, self.q = state, cache, q
-        self.n_full = cache.get_seq_length()
+        self.n_full: int | None = None  # the logical length, from the reduced layers (host ints)
         self.memo: dict[int, tuple] = {}  # id of a layer's position tensor -> (pending, mask)
 
     def at_layer(self, layer: int, args: tuple, kwargs: dict):
         cache = self.cache
         entry = cache.layers[layer] if layer < len(cache.layers) else None
-        if not isinstance(entry, ReducedLayer) or entry.pos is None:
+        if not isinstance(entry, (ReducedLayer, ReducedStaticLayer)) or entry.pos is None:
             return None  # a layer that holds every token: the model's own mask fits it
         hit = self.memo.get(id(entry.pos))
         if hit is None:
@@ -34,14 +34,16 @@ class Extend:
         entry.pending, mask = hit
         return args, {**kwargs, "attention_mask": mask}
 
-    def _extend(self, entry: ReducedLayer, model_mask, dtype):
-        if entry.n_full != self.n_full:
+    def _extend(self, entry, model_mask, dtype):
+        if self.n_full is None:
+            self.n_full = entry.n_full
+        elif entry.n_full != self.n_full:
             raise RuntimeError(
                 f"the reduced cache's layers disagree on the sequence length ({entry.n_full} vs {self.n_full}): "
                 "it was changed layer by layer outside transformers' cache operations"
             )
-        bsz, q = entry.pos.shape[0], self.q
-        q_pos = torch.arange(self.n_full, self.n_full + q, device=entry.pos.device).expand(bsz, q)
+        bsz, q, n = entry.pos.shape[0], self.q, self.n_full
+        q_pos = torch.arange(n, n + q, device=entry.pos.device).expand(bsz, q)
         k_pos = torch.cat([entry.pos, q_pos], dim=1)
         log_size = None
         if entry.log_size is not None:
@@ -49,4 +51,4 @@ class Extend:
         state = self.state
         mask = layer_mask(model_mask, None, q_pos, k_pos, log_size, fillers=entry.fillers, dtype=dtype,
                           flash=state.flash, eager=state.eager)
-        return (k_pos, log_size, self.n_full + q, entry.fillers), mask
+        return (k_pos, log_size, n + q, entry.fillers), mask

@@ -32,11 +32,26 @@ def carries_visual_inputs(kwargs: dict) -> bool:
     )
 
 
+def key_padding(mask, n: int) -> torch.Tensor | None:
+    """(B, n) bool, True at real tokens, from whatever attention mask the forward got: the 2-D
+    mask, or the mask ``generate`` precomputed for a static cache (a 4-D mask, or one per layer
+    type), whose last query row sees every key that is not padding. None: no padding."""
+    if isinstance(mask, dict):
+        mask = next((m for m in mask.values() if m is not None), None)
+    if mask is None:
+        return None
+    if mask.ndim == 2:
+        return mask[:, -n:] != 0
+    last = mask[:, 0, -1, :n]  # (B, n) what the last query row may read
+    return last if last.dtype == torch.bool else last == 0
+
+
 def read_layout(state: PumerState, input_ids: torch.Tensor, mask) -> PromptLayout:
-    """The prompt's layout from one read of the ids (padding, where a 2-D mask says so, as -1)."""
+    """The prompt's layout from one read of the ids (padding, where the mask says so, as -1)."""
     ids = input_ids
-    if mask is not None and mask.ndim == 2:
-        ids = ids.masked_fill(mask.to(ids.device) == 0, -1)
+    valid = key_padding(mask, ids.shape[1])
+    if valid is not None:
+        ids = ids.masked_fill(~valid.to(ids.device), -1)
     per_image = state.adapter.visual_tokens_per_image(state.model_config)
     return PromptLayout(ids.tolist(), state.visual_id_set, per_image)
 
