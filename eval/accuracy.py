@@ -411,11 +411,10 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
     if args.model:
-        model = LlavaForConditionalGeneration.from_pretrained(args.model, dtype=torch.float32, attn_implementation="sdpa")
-        processor = AutoProcessor.from_pretrained(args.model)
+        from pumer_llava.loading import load_model
+
+        model, processor, _ = load_model(args.model, device="cpu", dtype="float32", attn="sdpa")
     else:
         from pumer_llava.embedded import EMBEDDED_MODEL_DIR, load_embedded
 

@@ -200,7 +200,7 @@ def parse_reduction(
     return None if config.removes_nothing else config
 
 
-DTYPES = ("auto", "float32", "float16", "bfloat16")
+from .loading import DTYPE_NAMES as DTYPES  # noqa: E402  the tools' one dtype vocabulary
 
 
 @dataclass
@@ -589,17 +589,12 @@ def flatten_visuals(visuals: Any) -> list:
 # ------------------------------------------------------------------------- lmms-eval side
 
 
-def _model_class_for(model_type: str):
-    import transformers
-
+def _evaluated_rows() -> tuple[str, ...]:
     from .hooks.adapters import ADAPTERS
 
-    # the LLaVA rows of the adapter table: their processors take images and a chat prompt the
-    # way this class feeds them (Qwen2-VL's image_grid_thw path is not wired here)
-    names = {k: a.class_name for k, a in ADAPTERS.items() if k.startswith("llava")}
-    if model_type not in names or not hasattr(transformers, names[model_type]):
-        raise ValueError(f"pumer_llava evaluates LLaVA-family models ({', '.join(names)}); got model_type={model_type!r}")
-    return getattr(transformers, names[model_type])
+    # the LLaVA rows: their processors take images and a chat prompt the way this class feeds
+    # them (Qwen2-VL's image_grid_thw path is not wired here)
+    return tuple(k for k in ADAPTERS if k in ("llava", "llava_next", "llava_onevision"))
 
 
 try:  # the model class needs lmms-eval; the helpers above do not
@@ -682,7 +677,6 @@ class PumerLlava(_LmmsBase):
 
         self._log = logger
         a = self.args
-        torch_dtype = "auto" if a.dtype == "auto" else getattr(torch, a.dtype)
         # lmms-eval shards the documents by the launcher's RANK / WORLD_SIZE; each process
         # evaluates its shard on its own GPU (LOCAL_RANK), or on the CPU
         self._rank, local_rank, self._world_size = launcher_rank()
@@ -694,36 +688,21 @@ class PumerLlava(_LmmsBase):
             device = a.device
         self._device = torch.device(device)
 
-        from transformers import AutoConfig, AutoProcessor
+        from .hooks.adapters import ADAPTERS
+        from .loading import adapter_for, load_model, read_config
 
-        config = AutoConfig.from_pretrained(a.pretrained, revision=a.revision, trust_remote_code=a.trust_remote_code)
-        model_cls = _model_class_for(getattr(config, "model_type", "llava"))
-        load_kw: dict[str, Any] = dict(
-            revision=a.revision, dtype=torch_dtype, trust_remote_code=a.trust_remote_code
-        )
-        if a.attn_implementation is not None:
-            load_kw["attn_implementation"] = a.attn_implementation
-        if a.load_in_4bit:
-            from transformers import BitsAndBytesConfig
-
-            compute = torch.float16 if torch_dtype == "auto" else torch_dtype
-            load_kw["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True,
-                bnb_4bit_quant_type="nf4",
-                bnb_4bit_compute_dtype=compute,
-                # the vision tower, projector and head stay in full precision
-                llm_int8_skip_modules=["model.vision_tower", "model.multi_modal_projector", "lm_head"],
+        config, _ = read_config(a.pretrained, a.revision, a.trust_remote_code)
+        adapter = adapter_for(config)
+        rows = _evaluated_rows()
+        if adapter.model_type not in rows:
+            raise ValueError(
+                f"pumer_llava evaluates {', '.join(ADAPTERS[k].class_name for k in rows)} through lmms-eval; "
+                f"{adapter.class_name} works through apply_pumer but its processor inputs are not wired here"
             )
-            load_kw["device_map"] = a.device_map or {"": str(self._device)}
-        elif a.device_map:
-            load_kw["device_map"] = a.device_map
-        self._model = model_cls.from_pretrained(a.pretrained, **load_kw)
-        if "device_map" not in load_kw:
-            self._model.to(self._device)
-        self._model.eval()
-
-        self._processor = AutoProcessor.from_pretrained(
-            a.pretrained, revision=a.revision, trust_remote_code=a.trust_remote_code
+        self._model, self._processor, self._adapter = load_model(
+            a.pretrained, device=self._device, dtype=None if a.dtype == "auto" else a.dtype,
+            quant="4bit" if a.load_in_4bit else None, attn=a.attn_implementation, revision=a.revision,
+            trust_remote_code=a.trust_remote_code, device_map=a.device_map or None,
         )
         self._tokenizer = self._processor.tokenizer
         self._tokenizer.padding_side = "left"  # batched generation: the prompt ends at the same index
@@ -851,12 +830,9 @@ class PumerLlava(_LmmsBase):
         return self.task_dict[task][split][doc_id]
 
     def _visual_counts(self, input_ids) -> list[int]:
-        image_id = getattr(self._model.config, "image_token_id", None)
-        if image_id is None:
-            image_id = getattr(self._model.config, "image_token_index", None)
-        if image_id is None:
-            return [0] * input_ids.shape[0]
-        return (input_ids == image_id).sum(-1).tolist()
+        from .loading import count_visual_tokens
+
+        return count_visual_tokens(self._adapter, self._model.config, input_ids)
 
     def _last_stats(self):
         state = getattr(self._model, "pumer", None)

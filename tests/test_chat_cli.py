@@ -197,7 +197,7 @@ def test_a_folder_that_is_not_llava_exits_with_the_reason(tiny_dir, images, tmp_
         tmp_path / "llama")
     r = _run(["--model", tmp_path / "llama", "--image", images[0], "--prompt", "hi"], timeout=120)
     assert r.returncode != 0
-    assert "is a 'llama' checkpoint, not a LLaVA" in r.stderr
+    assert "model_type 'llama' is not a supported vision-language model; supported: LlavaForConditionalGeneration" in r.stderr
     assert "Traceback" not in r.stderr
 
 

@@ -52,13 +52,11 @@ def main(argv=None) -> dict:
     p.add_argument("--multiple-choice", action="store_true", help="score the colour questions by their choices")
     a = p.parse_args(argv)
 
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
     from pumer_llava import apply_pumer
+    from pumer_llava.loading import load_model
 
     torch.manual_seed(0)
-    processor = AutoProcessor.from_pretrained(a.model)
-    model = LlavaForConditionalGeneration.from_pretrained(a.model, dtype="auto").eval()
+    model, processor, _ = load_model(a.model, device="cpu")
     if a.method != "none" and a.ratio < 1.0:
         apply_pumer(model, ratio=a.ratio, method=a.method)
     records = read_split(Path(a.data) / "questions.jsonl")

@@ -69,7 +69,6 @@ from ..reduce import decoder_flops
 SCHEMA = "pumer-bench/1"
 NONE = "none"  # the unpatched model
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-_QUANT_SKIP = ["model.vision_tower", "model.multi_modal_projector", "lm_head"]  # bnb's CPU nf4 needs >= 64 features
 _DEFAULT_PREFIX, _DEFAULT_SUFFIX = 36, 18  # LLaVA-1.5 template around the image
 
 
@@ -101,10 +100,14 @@ class BenchSpec:
         return torch.device(self.device)
 
     def resolved_dtype(self) -> str:
+        """The short name (fp32, fp16, bf16) of ``dtype``, which takes either spelling."""
         if self.dtype != "auto":
-            if self.dtype not in DTYPES:
-                raise ValueError(f"dtype {self.dtype!r} is not one of auto, {', '.join(DTYPES)}")
-            return self.dtype
+            from ..loading import DTYPE_NAMES, DTYPES as ANY
+
+            key = str(self.dtype).lower()
+            if key not in ANY:
+                raise ValueError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPE_NAMES)}")
+            return next(k for k, v in DTYPES.items() if v == ANY[key])
         return "fp16" if self.resolved_device().type == "cuda" else "fp32"
 
     def validate(self) -> None:
@@ -283,21 +286,15 @@ def _check_fits(spec: BenchSpec, device: torch.device, dtype: torch.dtype) -> No
 
 
 def _from_pretrained(path: str, spec: BenchSpec, device: torch.device, dtype: torch.dtype):
-    from transformers import AutoConfig, BitsAndBytesConfig, LlavaForConditionalGeneration
+    from ..loading import load_model as load
 
-    kwargs: dict[str, Any] = dict(dtype=dtype, attn_implementation=spec.attn, device_map=str(device))
-    if spec.load_in_4bit:
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_compute_dtype=dtype,
-            llm_int8_skip_modules=_QUANT_SKIP,
-        )
-    if AutoConfig.from_pretrained(path).model_type != "llava":
-        raise ValueError(f"{path}: pumer-bench builds LlavaForConditionalGeneration models only")
-    model = LlavaForConditionalGeneration.from_pretrained(path, **kwargs).eval()
+    model, _, adapter = load(path, device=device, dtype=dtype, quant="4bit" if spec.load_in_4bit else None,
+                             attn=spec.attn, device_map=str(device), processor=False)
+    if adapter.visual_tokens_per_image(model.config) is None:
+        raise ValueError(f"{path}: pumer-bench builds prompts with a fixed number of visual tokens per image; "
+                         f"{adapter.class_name} varies it (anyres, video): use a LLaVA-1.5 checkpoint or a preset")
     gen = model.generation_config
-    text = model.config.text_config
+    text = adapter.text_config(model.config)
     if gen.pad_token_id is None:
         gen.pad_token_id = text.pad_token_id if text.pad_token_id is not None else 0
     gen.eos_token_id = None
@@ -1001,7 +998,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated kept fractions (1 measures the hooks' overhead)")
     p.add_argument("--batch-sizes", type=_ints, default=",".join(map(str, d.batch_sizes)),
                    help="comma-separated generation batch sizes")
-    p.add_argument("--dtype", default=d.dtype, choices=["auto", *DTYPES], help="auto: fp16 on CUDA, fp32 on CPU")
+    from ..loading import DTYPE_NAMES
+
+    p.add_argument("--dtype", default=d.dtype, choices=list(DTYPE_NAMES), help="auto: fp16 on CUDA, fp32 on CPU")
     p.add_argument("--load-in-4bit", action="store_true", help="bitsandbytes nf4 (tower, projector, lm_head kept)")
     p.add_argument("--attn", default=d.attn, choices=["sdpa", "eager", "flash_attention_2"],
                    help="attention implementation the model is loaded with")

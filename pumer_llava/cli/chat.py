@@ -30,7 +30,6 @@ from typing import TextIO
 EXIT_ERROR = 1
 DEFAULT_MAX_NEW_TOKENS = 128
 PREFILL_PAIRS = 21  # --compare: interleaved reduced / unreduced prefills behind the speed-up it prints
-_QUANT_SKIP = ["model.vision_tower", "model.multi_modal_projector", "lm_head"]  # bnb's CPU nf4 needs >= 64 features
 
 HELP = """commands:
   /image PATH    load another image and start a new conversation
@@ -108,87 +107,19 @@ def example_questions(image_path: str | None) -> list[str]:
 # ------------------------------------------------------------------------------ loading
 
 
-def _resolve_device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise CliError(f"--device {name!r}: {e}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CliError(f"--device {name}: CUDA is not available here (torch {torch.__version__}); use --device cpu")
-    return device
-
-
-def _resolve_dtype(name: str, device):
-    import torch
-
-    if name == "auto":  # half precision where it is fast, float32 on CPU
-        return torch.float16 if device.type == "cuda" else torch.float32
-    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
-
-
 def _first_line(e: BaseException) -> str:
     text = str(e).strip() or type(e).__name__
     return text.splitlines()[0]
 
 
 def load_model(name: str, device: str = "auto", dtype: str = "auto", quant: str | None = None):
-    """``(model, processor)`` for a LLaVA checkpoint (folder or hub id); CliError if it is not one."""
-    import torch
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+    """``(model, processor)`` for a supported checkpoint (folder or hub id); CliError if it is not one."""
+    from ..loading import load_model as load
 
-    local = Path(name).expanduser()
-    if local.exists():
-        if not local.is_dir():
-            raise CliError(f"--model {name}: not a folder (expected a Hugging Face model folder or hub id)")
-        if not (local / "config.json").is_file():
-            raise CliError(f"{name} is not a model folder: it has no config.json")
-        name = str(local)
-    elif name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name:
-        raise CliError(f"no such model folder: {local} (and not a hub id like 'llava-hf/llava-1.5-7b-hf')")
     try:
-        config = AutoConfig.from_pretrained(name)
-    except (OSError, ValueError, KeyError) as e:
-        raise CliError(f"cannot read a model config from {name}: {_first_line(e)}") from None
-    model_type = getattr(config, "model_type", None)
-    if getattr(config, "vision_config", None) is None or getattr(config, "image_token_id", None) is None:
-        raise CliError(
-            f"{name} is a {model_type!r} checkpoint, not a LLaVA vision-language model "
-            "(pumer-chat needs a LLaVA checkpoint, e.g. model_type 'llava')"
-        )
-    dev = _resolve_device(device)
-    torch_dtype = _resolve_dtype(dtype, dev)
-    kwargs: dict = {"dtype": torch_dtype}
-    if quant:
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            raise CliError(f"--load-in-{quant} needs bitsandbytes: pip install 'pumer_llava[quant]'") from None
-        from transformers import BitsAndBytesConfig
-
-        if quant == "4bit":
-            q = BitsAndBytesConfig(
-                load_in_4bit=True,
-                bnb_4bit_quant_type="nf4",
-                bnb_4bit_compute_dtype=torch_dtype,
-                llm_int8_skip_modules=_QUANT_SKIP,
-            )
-        else:
-            q = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=_QUANT_SKIP)
-        kwargs.update(quantization_config=q, device_map={"": str(dev)})
-    try:
-        model = AutoModelForImageTextToText.from_pretrained(name, **kwargs)
-        processor = AutoProcessor.from_pretrained(name)
-    except (OSError, ValueError, KeyError, ImportError, RuntimeError) as e:
-        raise CliError(f"cannot load {name}: {_first_line(e)}") from None
-    if getattr(processor, "tokenizer", None) is None or getattr(processor, "image_processor", None) is None:
-        raise CliError(f"{name}: its processor has no tokenizer or no image processor (got {type(processor).__name__})")
-    if not quant:
-        model.to(dev)
-    model.eval()
+        model, processor, _ = load(name, device=device, dtype=dtype, quant=quant)
+    except ValueError as e:
+        raise CliError(str(e)) from None
     gen = model.generation_config
     if gen.pad_token_id is None:
         gen.pad_token_id = processor.tokenizer.pad_token_id or processor.tokenizer.eos_token_id
@@ -542,7 +473,10 @@ class ChatSession:
 
     def _image_stats(self, input_ids, reduced: bool) -> TurnStats:
         """What the first turn's forward did to the image (from model.pumer.last_stats)."""
-        total = int((input_ids[0] == self.model.config.image_token_id).sum())
+        from ..hooks import get_adapter
+        from ..loading import count_visual_tokens
+
+        total = count_visual_tokens(get_adapter(self.model), self.model.config, input_ids[:1])[0]
         s = TurnStats(turn=1, reduction="off", prompt_tokens=0, new_tokens=0, prefill_s=0.0, decode_tps=None,
                       visual_total=total, visual_kept=total)
         last = self.model.pumer.last_stats if reduced else None
@@ -744,7 +678,9 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--load-in-4bit", action="store_true", help="bitsandbytes nf4 weights for the language model")
     quant.add_argument("--load-in-8bit", action="store_true", help="bitsandbytes int8 weights for the language model")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+    from ..loading import DTYPE_NAMES
+
+    p.add_argument("--dtype", default="auto", choices=list(DTYPE_NAMES),
                    help="auto: float16 on CUDA, float32 on CPU")
     p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, help="per answer")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's; 1 is often best on a busy machine)")

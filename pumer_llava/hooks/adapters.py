@@ -64,6 +64,8 @@ class Adapter:
     newline: Callable[[nn.Module], nn.Parameter] | None = None  # the row-end token anyres packing inserts
     no_vision_parts: str = "the model does not expose it"  # why vision_parts is None, for the refusal
     text_types: tuple[str, ...] = ("llama", "mistral", "qwen2")
+    # modules bitsandbytes leaves in full precision: the vision side and the head
+    full_precision: tuple[str, ...] = ("model.vision_tower", "model.multi_modal_projector", "lm_head")
     notes: str = ""
 
 
@@ -154,6 +156,7 @@ def _qwen_vl(model_type: str, class_name: str) -> Adapter:
             "does not map onto one visual token, and the pre-LLM path does not build M-RoPE decode positions"
         ),
         text_types=(f"{model_type}_text",),
+        full_precision=("model.visual", "lm_head"),
         notes="M-RoPE positions; visual tokens per image vary with the image size; video tokens count as visual",
     )
 
