@@ -9,6 +9,7 @@
 
 from .api import apply_pumer, disabled, remove_pumer
 from .config import PumerConfig
+from .draw import draw_kept
 from .hooks.state import ReductionStats
 from .methods import METHODS, Recipe, ScoreContext, list_methods
 
@@ -22,6 +23,7 @@ __all__ = [
     "ScoreContext",
     "apply_pumer",
     "disabled",
+    "draw_kept",
     "list_methods",
     "remove_pumer",
 ]

@@ -313,3 +313,65 @@ def test_vispruner_chat_holds_a_conversation(tiny_dir, images):
     lines = [x for x in r.stdout.splitlines() if x.startswith("[visual tokens")]
     assert lines[0].startswith(f"[visual tokens 4/{N_VIS} kept (25%)")
     assert all("on turn 1, cache reused" in x for x in lines[1:]) and len(lines) == 3
+
+
+def test_ctrl_c_at_the_prompt_says_bye_and_stats_tell_the_reduction_state(tiny_dir, images):
+    import io
+
+    from pumer_llava.cli.chat import Chat, ChatSession, load_model
+
+    model, processor = load_model(str(tiny_dir))
+    s = ChatSession(model, processor, max_new_tokens=2)
+    s.set_image(str(images[0]))
+    _, stats = s.ask("what color is it ?", None)  # no reduction applied: the model runs as loaded
+    assert "(reduction off)" in stats.report() and "image reduced" not in stats.report()
+    s.set_reduction(ratio=0.25)
+    _, stats = s.ask("what color is it ?", None)
+    assert "(image reduced on turn 1)" in stats.report()
+    out = io.StringIO()
+
+    def read(prompt):
+        raise KeyboardInterrupt
+
+    assert Chat(s, out, echo=False).run(read) == 0
+    assert "(Ctrl-C: bye)" in out.getvalue()
+
+
+def test_show_draws_the_kept_patches(tiny_dir, images, tmp_path):
+    import io
+
+    from PIL import Image
+
+    from pumer_llava import draw_kept
+    from pumer_llava.cli.chat import Chat, ChatSession, load_model
+
+    model, processor = load_model(str(tiny_dir))
+    s = ChatSession(model, processor, max_new_tokens=2)
+    s.set_image(str(images[0]))
+    out = io.StringIO()
+    chat = Chat(s, out, echo=False)
+    chat.command("/show " + str(tmp_path / "none.png"))
+    assert "nothing to show" in out.getvalue()
+    s.set_reduction(ratio=0.25)
+    s.ask("what color is it ?", None)
+    chat.command("/show " + str(tmp_path / "kept.png"))
+    stats = s.kept_stats
+    layers = sorted(stats.kept_patches)
+    assert f"kept patches written to {tmp_path / 'kept.png'}" in out.getvalue()
+    drawn = Image.open(tmp_path / "kept.png")
+    side = int(stats.visual_tokens_total[0] ** 0.5)
+    assert side * side == stats.visual_tokens_total[0]
+    from pumer_llava.draw import GAP, LABEL
+
+    size = drawn.size[1] - LABEL
+    assert size % side == 0 and drawn.size[0] == len(layers) * size + GAP * (len(layers) - 1)
+    # on a white image: exactly the kept patches stay white, the others are dimmed to a quarter
+    white = Image.new("RGB", (64, 48), (255, 255, 255))
+    one = draw_kept(white, stats, layer=layers[-1])
+    cell = one.size[0] // side
+    lit = {r * side + c for r in range(side) for c in range(side)
+           if one.crop((c * cell, LABEL + r * cell, (c + 1) * cell, LABEL + (r + 1) * cell)).convert("L").getextrema()
+           == (255, 255)}
+    assert lit == set(stats.kept_patches[layers[-1]][0]) and len(lit) < side * side
+    with pytest.raises(ValueError, match="layer 99 did not reduce"):
+        draw_kept(Image.open(images[0]), stats, layer=99)

@@ -37,6 +37,7 @@ HELP = """commands:
   /keep N        keep N visual tokens instead of a fraction (new conversation)
   /method NAME   reduction method (new conversation); /method alone lists them
   /stats         visual tokens per layer, prefill time, decode speed, peak memory of the last turn
+  /show PATH     save the image with the patches the reduction kept, per reducing layer (PNG)
   /reset         forget the conversation, keep the image
   /help          this text
   /quit          leave (also Ctrl-D)
@@ -247,7 +248,8 @@ class TurnStats:
     def report(self) -> str:
         rows = [
             ("reduction", self.reduction),
-            ("visual tokens", f"{self.visual_kept} of {self.visual_total} kept (image reduced on turn 1)"),
+            ("visual tokens", f"{self.visual_kept} of {self.visual_total} kept "
+                              + ("(reduction off)" if self.reduction == "off" else "(image reduced on turn 1)")),
         ]
         if self.per_layer:
             rows.append(("per layer", _layer_runs(self.per_layer)))
@@ -307,6 +309,7 @@ class ChatSession:
         self.ended_with_eos = True
         self.turn = 0
         self.first: TurnStats | None = None  # turn 1: what the image reduction did
+        self.kept_stats = None  # turn 1's last_stats when it was reduced (what /show draws)
 
     def set_image(self, path: str) -> None:
         self.image, self.image_path = open_image(path)
@@ -480,6 +483,7 @@ class ChatSession:
         s = TurnStats(turn=1, reduction="off", prompt_tokens=0, new_tokens=0, prefill_s=0.0, decode_tps=None,
                       visual_total=total, visual_kept=total)
         last = self.model.pumer.last_stats if reduced else None
+        self.kept_stats = last  # what /show draws
         if last is not None:
             s.visual_total = last.visual_tokens_total[0]
             s.visual_kept = last.visual_tokens_final[0]
@@ -540,8 +544,8 @@ class Chat:
             except EOFError:
                 self.say()
                 return 0
-            except KeyboardInterrupt:
-                self.say()
+            except KeyboardInterrupt:  # at the prompt: leave, saying so (during an answer: stop the answer)
+                self.say("\n(Ctrl-C: bye)")
                 return 0
             if self.echo:
                 self.say(line)
@@ -585,6 +589,18 @@ class Chat:
             elif name == "reset":
                 s.reset()
                 self.say("new conversation (same image)")
+            elif name == "show":
+                if not arg:
+                    self.say("usage: /show PATH (a .png to write)")
+                    return None
+                stats = getattr(s, "kept_stats", None)
+                if stats is None or s.image is None:
+                    self.say("nothing to show: ask a question with the reduction on first")
+                    return None
+                from ..draw import draw_kept
+
+                draw_kept(s.image, stats).save(arg)
+                self.say(f"kept patches written to {arg} (layers {', '.join(map(str, sorted(stats.kept_patches)))})")
             elif name == "stats":
                 self.say(s.last.report() if s.last else "no answer yet: ask a question first")
             elif name == "image":
