@@ -63,8 +63,12 @@ CONTROLS = ("oracle_aware", "oracle_blind", "lowest", "feature_norm")
 # pruning and merging at a deeper layer, all under one budget.
 HYBRIDS = {"vispruner+pumer": {"method": "vispruner", "merge_share": 0.5}}
 # Registered methods with one setting changed, at the same layers as the method itself:
-# PuMer's text-informed pruning without its merging, to tell which half costs accuracy.
-VARIANTS = {"pumer-prune": ("pumer", {"merge_share": 0.0})}
+# PuMer's text-informed pruning without its merging, to tell which half costs accuracy, and
+# PuMer with its other merge rule (fold removed tokens into kept ones instead of pairing kept ones).
+VARIANTS = {
+    "pumer-prune": ("pumer", {"merge_share": 0.0}),
+    "pumer-recycle": ("pumer", {"merge_rule": "recycle"}),
+}
 
 
 def prompt(question: str) -> str:

@@ -48,6 +48,7 @@ def apply_pumer(
     prop_attn: bool | None = None,
     seed: int = 0,
     important_ratio: float | None = None,
+    merge_rule: str | None = None,
 ) -> nn.Module:
     """Turn visual-token reduction on for ``model`` (in place) and return it.
 
@@ -58,6 +59,8 @@ def apply_pumer(
     method:      "pumer" (default), "vispruner", "fastv", "random" (``list_methods()``), or a Recipe.
     layers:      decoder layers (0-based) that reduce; default: the method's for this depth.
     merge_share: share of each stage's removal done by merging (0 prune only, 1 merge only).
+    merge_rule:  "bipartite" (default: ToMe matching among the kept tokens) or "recycle" (the
+                 best-scored removed tokens fold into their most similar kept token).
     prop_attn:   proportional attention for merged tokens (needs an additive-mask backend).
     seed:        seed of the random baseline.
     important_ratio: VisPruner's share of its budget kept by importance (default 0.5): the
@@ -80,6 +83,7 @@ def apply_pumer(
         prop_attn=prop_attn,
         seed=seed,
         important_ratio=important_ratio,
+        merge_rule=merge_rule,
     )
     decoder_layers = adapter.layers(model)
     depth = len(decoder_layers)

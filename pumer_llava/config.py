@@ -7,6 +7,16 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 
+MERGE_RULES = {
+    # bipartite soft matching among the tokens pruning kept (ToMe, as PuMer): the most similar
+    # kept tokens average into one, so two look-alike objects in different places can become one
+    "bipartite": "merge the most similar of the tokens pruning kept, pairwise (ToMe)",
+    # the tokens pruning would drop next (the best-scored of the removed) are folded into their
+    # most similar kept token; every token the score ranks in the budget stays as it was
+    "recycle": "fold the best-scored removed tokens into their most similar kept token",
+}
+
+
 @dataclass(frozen=True)
 class PumerConfig:
     """What to reduce, where, and by how much.
@@ -25,6 +35,8 @@ class PumerConfig:
     prop_attn:   proportional attention: a merged token standing for ``s`` tokens gets
                  ``log s`` added to its attention logits; ``None`` takes the default.
     seed:        seed of the ``random`` baseline.
+    merge_rule:  how a stage's merge share is spent (see :data:`MERGE_RULES`); ``None`` takes
+                 the default, ``"bipartite"``.
     important_ratio: VisPruner's share of the budget kept for importance ([CLS] attention, or the
                  mean attention a patch receives for towers without a [CLS]);
                  the rest is kept for diversity. In [0, 1]; ``None`` takes 0.5 (the paper's).
@@ -38,6 +50,7 @@ class PumerConfig:
     prop_attn: bool | None = None
     seed: int = 0
     important_ratio: float | None = None
+    merge_rule: str | None = None
 
     def __post_init__(self) -> None:
         if self.layers is not None and not isinstance(self.layers, tuple):
@@ -81,6 +94,8 @@ class PumerConfig:
                 raise ValueError(f"important_ratio must be in [0, 1], got {self.important_ratio}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
+        if self.merge_rule is not None and self.merge_rule not in MERGE_RULES:
+            raise ValueError(f"merge_rule must be one of {', '.join(MERGE_RULES)}, got {self.merge_rule!r}")
 
     @property
     def removes_nothing(self) -> bool:

@@ -162,6 +162,7 @@ def parse_reduction(
     prop_attn: Any = None,
     seed: Any = 0,
     important_ratio: Any = None,
+    merge_rule: Any = None,
 ) -> PumerConfig | None:
     """The reduction asked for on the command line, validated; ``None`` means unreduced.
 
@@ -183,6 +184,7 @@ def parse_reduction(
     prop = parse_opt_bool("prop_attn", prop_attn)
     seed_i = parse_int("seed", 0 if _none(seed) else seed)
     imp = parse_opt_float("important_ratio", important_ratio)
+    rule = None if _none(merge_rule) else str(merge_rule).strip().lower()
     if method in UNREDUCED_METHODS:
         if keep is not None:
             raise ValueError(f"method={method} evaluates the unreduced model: keep_tokens={keep} makes no sense with it")
@@ -195,7 +197,7 @@ def parse_reduction(
         )
     config = PumerConfig(
         method=method, ratio=r, keep_tokens=keep, layers=cfg_layers, merge_share=share, prop_attn=prop, seed=seed_i,
-        important_ratio=imp,
+        important_ratio=imp, merge_rule=rule,
     )
     return None if config.removes_nothing else config
 
@@ -242,6 +244,7 @@ def parse_model_args(
     prop_attn: Any = None,
     seed: Any = 0,
     important_ratio: Any = None,
+    merge_rule: Any = None,
     revision: Any = "main",
     device: Any = None,
     dtype: Any = "auto",
@@ -267,7 +270,8 @@ def parse_model_args(
         raise ValueError(f"unknown model_args {sorted(unknown)}; pumer_llava accepts: {', '.join(known)}")
     if _none(pretrained) or not isinstance(pretrained, str):
         raise ValueError(f"pretrained must name a model folder or hub id, got {pretrained!r}")
-    reduction = parse_reduction(ratio, method, keep_tokens, layers, merge_share, prop_attn, seed, important_ratio)
+    reduction = parse_reduction(ratio, method, keep_tokens, layers, merge_share, prop_attn, seed, important_ratio,
+                                merge_rule)
     dtype_s = "auto" if _none(dtype) else str(dtype).strip().lower().replace("torch.", "")
     if dtype_s not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -630,7 +634,7 @@ class PumerLlava(_LmmsBase):
             --tasks pope --batch_size 8 --output_path results/
 
     Reduction: ratio, method (pumer, fastv, random, ... or none), keep_tokens, layers
-    ([2,8,16] or 2;8;16), merge_share, prop_attn, seed, important_ratio (vispruner). Loading: pretrained, revision,
+    ([2,8,16] or 2;8;16), merge_share, merge_rule, prop_attn, seed, important_ratio (vispruner). Loading: pretrained, revision,
     device (auto/cpu/cuda[:N]), dtype (auto/float32/float16/bfloat16),
     attn_implementation, load_in_4bit, device_map, trust_remote_code. Generation:
     batch_size, max_new_tokens (default when the task gives none), chat_template,
@@ -651,6 +655,7 @@ class PumerLlava(_LmmsBase):
         prop_attn: bool | str | None = None,
         seed: int | str = 0,
         important_ratio: float | str | None = None,
+        merge_rule: str | None = None,
         revision: str = "main",
         device: str | None = None,
         dtype: str = "auto",
@@ -727,6 +732,7 @@ class PumerLlava(_LmmsBase):
                 prop_attn=r.prop_attn,
                 seed=r.seed,
                 important_ratio=r.important_ratio,
+                merge_rule=r.merge_rule,
             )
             resolved = self._model.pumer.to_dict()
         else:

@@ -292,3 +292,21 @@ def test_placeholder_id_without_an_image_is_a_plain_token():
         apply_pumer(model, ratio=1.0)
         got = model(**step, past_key_values=model(**inp, use_cache=True).past_key_values).logits
     assert (got - ref).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("rule", ["bipartite", "recycle"])
+def test_merge_rules_land_on_the_budget_and_generate_alike_cached_or_not(rule):
+    from tiny import assert_cached_equals_recomputed, make_mixed_inputs
+
+    model = tiny_llava("llama")
+    apply_pumer(model, ratio=0.25, merge_rule=rule, merge_share=0.5)
+    assert model.pumer.to_dict()["merge_rule"] == rule
+    inp, images = make_mixed_inputs()
+    _, stats = assert_cached_equals_recomputed(model, inp, max_new_tokens=4, do_sample=False)
+    assert stats.visual_tokens_final == [round(N_VIS * 0.25) * n for n in images]
+    with torch.no_grad():  # merged tokens stand for the ones folded in: sizes reach the cache
+        out = model(**inp, use_cache=True)
+    logs = [layer.log_size for layer in out.past_key_values.layers if getattr(layer, "log_size", None) is not None]
+    assert logs and all(float(ls.exp().max()) > 1.0 for ls in logs)
+    with pytest.raises(ValueError, match="merge_rule must be one of bipartite, recycle"):
+        apply_pumer(model, merge_rule="average")

@@ -149,3 +149,78 @@ def test_mean_over_rows_after_uses_each_keys_own_followers():
     per_row = probs.mean(1)[0]
     want = [per_row[:, 0].mean(), per_row[1:, 1].mean(), per_row[2:, 2].mean(), per_row[:, 3].mean()]
     torch.testing.assert_close(got[0], torch.stack(want))
+
+
+# ------------------------------------------------------------------ the runtime's lean pieces
+
+
+def test_match_pairs_decides_what_bipartite_merge_merges():
+    from pumer_llava.reduce.merge import match_pairs
+
+    g = torch.Generator().manual_seed(3)
+    metric = torch.randn(3, 10, 6, generator=g)
+    counts, r = [10, 8, 7], [3, 2, 3]
+    invalid = torch.arange(10)[None, :] >= torch.tensor(counts)[:, None]
+    pairs = match_pairs(metric, counts, r, invalid)
+    for b in range(3):
+        n = counts[b]
+        ref = bipartite_merge(metric[b : b + 1, :n], metric[b : b + 1, :n], torch.ones(1, n), r[b])
+        assert pairs.src[b, : r[b]].tolist() == ref.src[0].tolist()
+        assert pairs.dst[b, : r[b]].tolist() == ref.dst[0].tolist()
+        assert pairs.keep[b, : n - r[b]].tolist() == ref.survive[0].nonzero()[:, 0].tolist()
+
+
+def test_merge_pairs_conserves_size_weighted_sums():
+    from pumer_llava.reduce.merge import merge_pairs
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 6, 5, generator=g)
+    size = torch.rand(2, 6, generator=g) + 0.5
+    src = torch.tensor([0, 2, 7, 9])  # flat (B*N) indices: row 0 slots 0, 2; row 1 slots 1, 3
+    dst = torch.tensor([1, 1, 10, 8])
+    out, new = merge_pairs(x, size, src, dst)
+    gone = torch.zeros(12, dtype=torch.bool)
+    gone[src] = True
+    keep = ~gone.view(2, 6)
+    for b in range(2):
+        before = (size[b, :, None] * x[b]).sum(0)
+        after = (new[b, keep[b], None] * out[b, keep[b]]).sum(0)
+        torch.testing.assert_close(after, before)
+        torch.testing.assert_close(new[b, keep[b]].sum(), size[b].sum())
+    untouched = keep.clone()
+    untouched.view(-1)[dst] = False
+    torch.testing.assert_close(out[untouched], x[untouched])
+    ones, count = merge_pairs(x, None, src, dst)  # sizes all one: the plain mean
+    torch.testing.assert_close(ones[0, 1], x[0, [0, 1, 2]].mean(0))
+    assert count[0, 1] == 3 and count[1, 2] == 2
+
+
+def test_recycle_targets_are_the_most_similar_kept_tokens():
+    from pumer_llava.reduce.merge import recycle_targets
+
+    g = torch.Generator().manual_seed(5)
+    kept, removed = torch.randn(2, 5, 4, generator=g), torch.randn(2, 3, 4, generator=g)
+    invalid = torch.tensor([[False] * 5, [False, False, False, True, True]])
+    got = recycle_targets(kept, removed, invalid)
+    for b in range(2):
+        for j in range(3):
+            sims = [float(torch.nn.functional.cosine_similarity(removed[b, j], kept[b, i], dim=0))
+                    if not invalid[b, i] else -2.0 for i in range(5)]
+            assert got[b, j] == max(range(5), key=sims.__getitem__)
+
+
+def test_scores_from_rows_equals_masked_attention_then_row_mean():
+    from pumer_llava.reduce.scoring import scores_from_rows
+
+    g = torch.Generator().manual_seed(6)
+    b, h, hkv, r, n, hd = 2, 4, 2, 3, 7, 8
+    q, k = torch.randn(b, h, r, hd, generator=g), torch.randn(b, hkv, n, hd, generator=g)
+    key_pos = torch.tensor([[0, 1, 2, 3, 4, 5, 6], [0, 1, 2, 3, 9, 9, 9]])  # row 1: three padding keys
+    row_pos = torch.tensor([[4, 5, 6], [2, 3, -2]])  # row 1: one padding query row
+    key_end = torch.tensor([[-1, 3, 3, 3, -1, -1, -1], [-1, -1, -1, -1, -1, -1, -1]])
+    allowed = key_pos[:, None, :] <= row_pos[:, :, None]
+    probs = query_row_attention(q, k, allowed, hd**-0.5)  # (B, H, R, N)
+    want = mean_over_rows_after(probs, row_pos, row_pos >= 0, key_end)
+    w = (row_pos[:, :, None] > key_end[:, None, :]) & (row_pos >= 0)[:, :, None]
+    count = h * w.sum(1).clamp_min(1)
+    torch.testing.assert_close(scores_from_rows(q, k, hd**-0.5, key_pos, row_pos, key_end, count), want)

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from ..reduce import plan_stages
-from ..reduce.merge import match_pairs, merge_pairs
+from ..reduce.merge import match_pairs, merge_pairs, recycle_targets
 from .cache import reduced_layer
 from .layout import FILLER, TEXT, PromptLayout, StageSlots, cached, to_device
 from .masks import layer_mask
@@ -212,6 +212,8 @@ class StageIndex:
     img_pad: torch.Tensor | None  # (G, m) bool: padding entries (None: every image has m tokens)
     k_pad: torch.Tensor | None  # (G, k_max) bool: j >= what the image keeps after pruning (None: all keep k_max)
     pair_sel: torch.Tensor | None  # (P,) the real merges among the flattened (G, r_max) pairs (None: all)
+    o_pad: torch.Tensor | None  # (G, o_max) bool: j >= what the image keeps (None: all keep o_max)
+    rec: torch.Tensor  # (G, r_max) recycle: the score ranks of the tokens folded in (o .. o + r - 1)
     k: list[int]
     r: list[int]
     o_max: int
@@ -356,21 +358,26 @@ class Prefill:
 
     def _index(self, s: int) -> StageIndex:
         """Stage ``s``'s index tensors, from the host layout, in one copy to the device."""
-        key = ("index", self.layout.key, tuple(self.counts[s]), tuple(self.plans[s]), self.device)
+        rule = self.state.merge_rule
+        key = ("index", self.layout.key, tuple(self.counts[s]), tuple(self.plans[s]), rule, self.device)
 
         def build():
-            host, *flags = self._index_host(s)
+            host, *flags = self._index_host(s, rule)
             return (to_device(self.device, *host), *flags)
 
-        t, ragged_m, ragged_k, ragged_r, k, r, o_max = cached(key, build)
+        t, ragged_m, ragged_k, ragged_r, ragged_o, k, r, o_max = cached(key, build)
         return StageIndex(self.slots(s), self.slots(s + 1), *t[:6], t[6].bool() if ragged_m else None,
-                          t[7].bool() if ragged_k else None, t[8] if ragged_r else None, k, r, o_max)
+                          t[7].bool() if ragged_k else None, t[8] if ragged_r else None,
+                          t[9].bool() if ragged_o else None, t[10], k, r, o_max)
 
-    def _index_host(self, s: int):
+    def _index_host(self, s: int, rule: str):
         slots_in, slots_out = self.slots(s), self.slots(s + 1)
         layout, plan_rows = self.layout, self.plans[s]
         k = [n - p for n, (p, _, _) in zip(slots_in.counts, plan_rows)]
-        r = [min(m_, kg // 2) for kg, (_, m_, _) in zip(k, plan_rows)]
+        if rule == "recycle":  # every removed-by-merging token has a kept token to fold into
+            r = [m_ for _, m_, _ in plan_rows]
+        else:  # bipartite: set B has half the tokens
+            r = [min(m_, kg // 2) for kg, (_, m_, _) in zip(k, plan_rows)]
         o = slots_out.counts
         k_max, o_max, r_max = max(k), max(o), max(r)
         img_idx, img_ok = slots_in.image_slots()
@@ -396,9 +403,14 @@ class Prefill:
         pair_sel = [g * r_max + j for g, rg in enumerate(r) for j in range(rg)]
         # masks only where rows differ (one image, or images of one size, need none)
         ragged_m, ragged_k, ragged_r = min(slots_in.counts) != max(slots_in.counts), min(k) != k_max, min(r) != r_max
+        ragged_o = min(o) != o_max
+        o_pad = [[j >= og for j in range(o_max)] for og in o]
+        # recycle: the r tokens ranked right after the o kept ones are folded in
+        rec = [[min(og + j, max(kg - 1, 0)) for j in range(r_max)] for og, kg in zip(o, k)]
         host = (img_idx, img_flat, sel_base, vis_dst, vis_src, slots_out.code,
-                img_pad if ragged_m else [], k_pad if ragged_k else [], pair_sel if ragged_r else [])
-        return host, ragged_m, ragged_k, ragged_r, k, r, o_max
+                img_pad if ragged_m else [], k_pad if ragged_k else [], pair_sel if ragged_r else [],
+                o_pad if ragged_o else [], rec)
+        return host, ragged_m, ragged_k, ragged_r, ragged_o, k, r, o_max
 
     def _select(self, ix: StageIndex, local_out: torch.Tensor) -> StageDecision:
         """The decision from each image's chosen local indices (G, o_max), ascending."""
@@ -511,7 +523,9 @@ class Prefill:
             order = order.masked_fill(ix.k_pad, m - 1)
         local = order.sort(1).values  # (G, k_max) ascending, padding last
         merge = None
-        if any(ix.r):
+        if any(ix.r) and state.merge_rule == "recycle":
+            local, merge = self._recycle(stage, module, hs, ix, order, m)
+        elif any(ix.r):
             parts = state.adapter.attn_parts(module, state.text_config)
             dev = parts.k_proj.weight.device
             flat = ix.img_flat.view(g, m).gather(1, local)  # (G, k_max) kept slots in the flat (B*N) layout
@@ -536,6 +550,38 @@ class Prefill:
         self.metric = None
         dec = self._select(ix, local)
         return StageDecision(dec.n_in, dec.sel, dec.code, dec.has_fillers, merge)
+
+    def _keys(self, stage: Stage, module, hs: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+        """Head-averaged keys of the slots ``flat`` (any shape, flat (B*N) indices): the ones the
+        scoring computed at this layer, else from the layer's own norm and k projection."""
+        if self.metric is not None and self.metric[0] == stage.layer:
+            keys = self.metric[1]
+            return keys.reshape(-1, keys.shape[-1])[flat.to(keys.device)]
+        parts = self.state.adapter.attn_parts(module, self.state.text_config)
+        with torch.no_grad():
+            x = hs.reshape(-1, hs.shape[-1])[flat.to(hs.device)].to(parts.k_proj.weight.device)
+            k = parts.k_proj(parts.norm(x))
+        self.score_flops += flat.numel() * hs.shape[-1] * parts.num_kv_heads * parts.head_dim
+        return k.view(*flat.shape, parts.num_kv_heads, parts.head_dim).mean(-2)
+
+    def _recycle(self, stage: Stage, module, hs: torch.Tensor, ix: StageIndex, order: torch.Tensor, m: int):
+        """Keep the ``o`` best-scored tokens of each image as they are; fold the ``r`` ranked right
+        after them into their most similar kept token (cosine of head-averaged keys)."""
+        g = order.shape[0]
+        top = order[:, : ix.o_max]
+        if ix.o_pad is not None:
+            top = top.masked_fill(ix.o_pad, m - 1)
+        local = top.sort(1).values  # (G, o_max) ascending
+        flat = ix.img_flat.view(g, m)
+        kept = flat.gather(1, local)  # (G, o_max) flat slots
+        src = flat.gather(1, order.gather(1, ix.rec))  # (G, r_max)
+        mk, ms = self._keys(stage, module, hs, kept), self._keys(stage, module, hs, src)
+        target = recycle_targets(mk, ms, None if ix.o_pad is None else ix.o_pad.to(mk.device))
+        dst = kept.gather(1, target.to(kept.device))
+        src, dst = src.reshape(-1), dst.reshape(-1)
+        if ix.pair_sel is not None:
+            src, dst = src[ix.pair_sel], dst[ix.pair_sel]
+        return local, (src, dst)
 
     def _decide_vision(self, stage: Stage, hs: torch.Tensor) -> StageDecision:
         ix = self._index(stage.index)

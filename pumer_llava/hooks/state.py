@@ -172,12 +172,17 @@ class PumerState:
         return self.recipe.important_ratio if r is None else r
 
     @property
+    def merge_rule(self) -> str:
+        return self.config.merge_rule or "bipartite"
+
+    @property
     def prop_attn(self) -> bool:
         return self.recipe.prop_attn if self.config.prop_attn is None else self.config.prop_attn
 
     def to_dict(self) -> dict[str, Any]:
         d = self.config.to_dict()
-        d.update(layers=list(self.layers), merge_share=self.merge_share, prop_attn=self.prop_attn)
+        d.update(layers=list(self.layers), merge_share=self.merge_share, prop_attn=self.prop_attn,
+                 merge_rule=self.merge_rule)
         if self.recipe.pre_llm:
             d.update(pre_llm=self.recipe.pre_llm, important_ratio=self.important_ratio)
         return d

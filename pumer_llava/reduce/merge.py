@@ -203,3 +203,21 @@ def merge_pairs(x: torch.Tensor, size: torch.Tensor | None, src: torch.Tensor, d
     den = sf.index_add(0, dst, sf.index_select(0, src))
     out = num / den[:, None]
     return out.view(bsz, n, d).to(x.dtype), den.view(bsz, n)
+
+
+def recycle_targets(kept: torch.Tensor, removed: torch.Tensor, kept_invalid: torch.Tensor | None = None) -> torch.Tensor:
+    """For each removed token, the kept token it folds into: the most similar by cosine.
+
+    kept: (B, o, c) and removed: (B, r, c) metrics (PuMer: head-averaged keys); kept_invalid:
+    (B, o) bool, padding among the kept (never a target). Returns (B, r) indices into kept.
+    Ties go to the earlier kept token. Used by the ``recycle`` merge rule: the tokens the score
+    ranks in the budget stay as they are, each only absorbing what is folded into it.
+    """
+    mk = kept.float()
+    ms = removed.float()
+    mk = mk / mk.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    ms = ms / ms.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    sim = ms @ mk.transpose(1, 2)  # (B, r, o)
+    if kept_invalid is not None:
+        sim = sim.masked_fill(kept_invalid[:, None, :], float("-inf"))
+    return sim.argmax(-1)
