@@ -199,3 +199,17 @@ def test_cli_rejects_bad_arguments(capsys, tmp_path):
     assert "not a model folder (it has no config.json)" in capsys.readouterr().err
     assert main(["--model", "tiny", "--fractions", "0", "--quiet"]) == 2
     assert main(["--model", "tiny", "--methods", "nope", "--quiet", "--batch-sizes", "1"]) == 2
+
+
+def test_static_cache_generation_and_compile_refused(capsys):
+    spec = dict(SPEC, methods=("pumer",), fractions=(1.0, 0.25), batch_sizes=(2,), repeats=1, gen_repeats=1,
+                memory=False, cache="static")
+    out = run_benchmark(BenchSpec(**spec), progress=False)
+    assert out["config"]["cache"] == "static" and "static KV cache" in to_markdown(out)
+    rows = {(r["method"], r["fraction"]): r for r in out["generation"]}
+    # a static cache preallocates: the reduced layers hold fewer slots than the unreduced ones
+    assert rows[("pumer", 0.25)]["kv_cache_bytes"] < rows[("none", 1.0)]["kv_cache_bytes"]
+    with pytest.raises(ValueError, match="cache must be dynamic or static"):
+        BenchSpec(**dict(SPEC, cache="paged")).validate()
+    assert main(["--model", "tiny", "--compile", "--quiet"]) == 2
+    assert "--compile is not supported" in capsys.readouterr().err

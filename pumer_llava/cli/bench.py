@@ -93,6 +93,7 @@ class BenchSpec:
     threads: int | None = None
     memory: bool = True
     seed: int = 0
+    cache: str = "dynamic"  # generate()'s KV cache: dynamic, or static (preallocated)
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
@@ -118,6 +119,8 @@ class BenchSpec:
             raise ValueError("no method to benchmark")
         if any(b < 1 for b in self.batch_sizes):
             raise ValueError(f"batch sizes must be >= 1, got {self.batch_sizes}")
+        if self.cache not in ("dynamic", "static"):
+            raise ValueError(f"cache must be dynamic or static, got {self.cache!r}")
         if self.repeats < 1 or self.gen_repeats < 0 or self.warmup < 0 or self.new_tokens < 2:
             raise ValueError("need repeats >= 1, gen_repeats >= 0, warmup >= 0 and new_tokens >= 2")
         self.resolved_dtype()
@@ -404,7 +407,7 @@ def _op_counts(model, inputs) -> dict[str, int]:
     }
 
 
-def _generate(model, inputs, new_tokens: int, device) -> dict[str, Any]:
+def _generate(model, inputs, new_tokens: int, device, cache: str = "dynamic") -> dict[str, Any]:
     from transformers import LogitsProcessorList
 
     gc.collect()
@@ -419,6 +422,7 @@ def _generate(model, inputs, new_tokens: int, device) -> dict[str, Any]:
             eos_token_id=None,
             logits_processor=LogitsProcessorList([clock]),
             return_dict_in_generate=True,
+            cache_implementation=None if cache == "dynamic" else cache,
         )
         t1 = _now(device)
     bsz = inputs["input_ids"].shape[0]
@@ -726,13 +730,13 @@ def _generation_rows(model, spec, settings, schedule, bsz, prefix, suffix, devic
             for _, s in warm:
                 bar.set_postfix_str(f"warm-up b={bsz} {s.key}", refresh=False)
                 _switch(model, s, spec.seed)
-                _generate(model, inputs, spec.new_tokens, device)
+                _generate(model, inputs, spec.new_tokens, device, spec.cache)
                 bar.update()
         for r in range(spec.gen_repeats):
             for group, s in schedule(r):
                 bar.set_postfix_str(f"generate b={bsz} {s.key}", refresh=False)
                 _switch(model, s, spec.seed)
-                res = _generate(model, inputs, spec.new_tokens, device)
+                res = _generate(model, inputs, spec.new_tokens, device, spec.cache)
                 res.update(repeat=r, group=group)
                 if s.method == NONE:
                     base[(r, group)] = res
@@ -767,7 +771,7 @@ def _generation_rows(model, spec, settings, schedule, bsz, prefix, suffix, devic
         if spec.memory:
             _switch(model, s, spec.seed)
             bar.set_postfix_str(f"memory b={bsz} {s.key}", refresh=False)
-            res, peak = _tracked(lambda: _generate(model, inputs, spec.new_tokens, device))
+            res, peak = _tracked(lambda: _generate(model, inputs, spec.new_tokens, device, spec.cache))
             bar.update()
             row["peak_tensor_bytes"] = peak
             row.setdefault("kv_cache_bytes", res["kv_cache_bytes"])
@@ -823,7 +827,8 @@ def to_markdown(result: dict) -> str:
     lines = [
         f"## pumer-bench: {c['model']} on {e['device_name']} ({e['device']})",
         "",
-        f"{c['dtype']}{quant}, attention {c['attn']}, torch {e['torch']}, transformers {e['transformers']}, "
+        f"{c['dtype']}{quant}, attention {c['attn']}, {c.get('cache', 'dynamic')} KV cache, torch {e['torch']}, "
+        f"transformers {e['transformers']}, "
         f"{e['torch_threads']} thread(s). Prompt: {c['prefix_tokens']} text + {c['visual_tokens']} visual + "
         f"{c['suffix_tokens']} text tokens; text model hidden {c['text_hidden']}, {c['text_layers']} layers, "
         f"MLP {c['text_mlp']}. Medians of {c['repeats']} prefill / {c['gen_repeats']} generate repeats after "
@@ -1013,6 +1018,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--suffix-tokens", type=int, default=None, help="text tokens after the image")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-memory", action="store_true", help="skip the untimed peak-memory runs")
+    p.add_argument("--cache", default=d.cache, choices=["dynamic", "static"],
+                   help="generate()'s KV cache; static preallocates it (reduced layers to what they keep)")
+    p.add_argument("--compile", action="store_true",
+                   help="compiled decoding: not supported with reduction (the hooks run Python between layers)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the random weights, inputs and the random method")
     p.add_argument("--out", default=None,
                    help="output prefix (.json/.md/.png); default eval/results/speed_<device>_<model>_<dtype>")
@@ -1023,12 +1032,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.compile:
+        print("pumer-bench: --compile is not supported: the reduction's hooks run Python between decoder layers, "
+              "so generate() keeps its forward eager while a model is patched (--cache static works)", file=sys.stderr)
+        return 2
     spec = BenchSpec(
         model=args.model, methods=args.methods, fractions=args.fractions, batch_sizes=args.batch_sizes,
         dtype=args.dtype, load_in_4bit=args.load_in_4bit, attn=args.attn, device=args.device,
         repeats=args.repeats, gen_repeats=args.gen_repeats, warmup=args.warmup, new_tokens=args.new_tokens,
         prefix_tokens=args.prefix_tokens, suffix_tokens=args.suffix_tokens, threads=args.threads,
-        memory=not args.no_memory, seed=args.seed,
+        memory=not args.no_memory, seed=args.seed, cache=args.cache,
     )
     try:
         spec.validate()
