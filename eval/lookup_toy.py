@@ -6,13 +6,13 @@ and a random colour word, then query cell names; the loss is the colour of the q
 cell, predicted at the cell-name token itself (``one``: one attention hop), at a marker
 after it (``two``: the marker must first find the cell-name token), or both.
 
-Measured on 2 CPU cores (session 2), D=256, 6 layers, RoPE base 1e6, embeddings std 1:
+Measured on 2 CPU cores, D=256, 6 layers, RoPE base 1e6, embeddings std 1:
 ``one`` jumps from chance to ~100% between steps 130 and 200 (also with batch 8,
 gradient clipping 1.0, weight decay 0.05, betas (0.9, 0.98), lr 1.5e-3); ``two`` alone
 stays at chance for 400 steps; ``both`` learns the one-hop part by step ~200 and the
 two-hop answer by step ~1,000 (2 layers). Inside ``train_proxy.py`` the same skill did
-not form even on exact word-sum visual tokens (session 2). Session 3 found why, bisecting
-from this toy towards the trainer: two-hop caption targets trained from the start (the
+not form even on exact word-sum visual tokens. Bisecting
+from this toy towards the trainer found why: two-hop caption targets trained from the start (the
 shape after the colour, the next cell name) kept it from forming, and even without them
 its formation was erratic (one run in ~450 steps, five runs not in 600). The trainer now
 supervises the lookup on one head of decoder layer 0 (``lookup_supervision``), with which

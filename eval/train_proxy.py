@@ -33,7 +33,7 @@ What makes it train in minutes on two cores:
   (64 per image, on 24 extra tower-only images per step), with six of its heads supervised
   to find the neighbours and the equals (``tower_supervision``); a relation or count question
   then needs one lookup of a cell instead of a combination of cells, which a from-scratch
-  language model did not learn in the budget (relation 26%, count 40%, session 3).
+  language model did not learn in the budget (relation 26%, count 40%).
 - Supervised attention hops in the language model: the cell-name lookup
   (``lookup_supervision``), the content search, previous word, direction word and the
   colour-and-shape conjunction (``Packer.question_routes``), and probes that make each hop
@@ -339,7 +339,7 @@ class Packer:
         Its shape word is predicted at the colour word, one token after the cell name, so it
         needs two attention hops (carry "c5" forward, then find its cell), and its next cell
         name needs a search. Trained from the start, those targets kept the one-hop lookup
-        "the word c5 finds the visual token of cell c5" from forming at all (session 3: colour
+        "the word c5 finds the visual token of cell c5" from forming at all (colour
         targets alone learnt it in ~250 steps, with the shape and name targets added it was
         still at chance after 400). So the extra segments are one-hop pairs of the same objects
         in a shuffled order, after a prompt that says which attribute follows a cell name: ``k``
@@ -429,7 +429,7 @@ class Packer:
 
         A relation's reference is looked up like any cell name (or found by ``conj``), never its
         neighbour: addressing "the cell left of c5" from the words meant learning a shifted copy
-        of all 64 cell names, and a supervised hop for it (session 4) never formed.
+        of all 64 cell names, and a supervised hop for it never formed.
         With ``route_supervision(..., mass=True)`` (the default) a route's ``<s>`` counts only
         when nothing else is a key.
         """
@@ -616,7 +616,7 @@ def cell_facts(examples) -> torch.Tensor:
     or off the grid), and how many objects of the scene share its colour and its shape.
 
     Relation and count questions need more than one cell, and a from-scratch language model
-    did not learn to combine cells in the CPU budget (relation 26%, count 40% in session 3):
+    did not learn to combine cells in the CPU budget (relation 26%, count 40%):
     "the object left of c5" meant finding c5, then addressing the cell beside it, and counting
     meant reading a count out of how attention spread. The vision tower sees every patch at
     once and is trained densely (64 targets per image), so it learns these facts quickly; a
@@ -809,7 +809,7 @@ def packed_forward(model, batch, capture_layers=()):
         # keeps it on throughout, as a diagnostic): the language model gets, instead of (or
         # mixed into) the projector's output, the exact sum of the word embeddings of each
         # cell's name, colour and shape, the tokens the projector is being aligned to. With
-        # both sides moving at once the lookup never formed (session 2); on fixed tokens it
+        # both sides moving at once the lookup never formed; on fixed tokens it
         # forms in ~450 steps, and by the time the mix fades out the projector's tokens are
         # within a few percent of those sums (the alignment loss).
         oracle = word_sums(model, [t[:B] for t in batch["ground"]])
@@ -865,7 +865,7 @@ def _head_attention_nll(model, batch, layer_idx: int, heads: int, rows, pos, col
 
 def attention_supervision(model, batch, layer_idx: int, heads: int, image_start: int) -> torch.Tensor:
     """Attention of the position that predicts the answer to the cells the question needs
-    (a two-hop target: off by default since session 3, see ``lookup_supervision``)."""
+    (a two-hop target: off by default, see ``lookup_supervision``)."""
     t, need = batch["targets"], batch["needed"]
     sel = (need >= 0).any(1)
     if not sel.any():
@@ -910,7 +910,7 @@ def lookup_supervision(model, batch, layer_idx: int, heads: int, image_start: in
     which no reduction method in the registry reads) attend, from each caption cell name
     whose attribute is predicted right there, to that cell's visual token.
 
-    Session 3 found that nothing else made this lookup form reliably in the CPU budget: with
+    Nothing else made this lookup form reliably in the CPU budget: with
     exact word-sum visual tokens it formed in one short run and not in the next five (RoPE at
     these distances takes most of the content match away, and the first layer's attention
     goes to the token itself). With this loss it forms in tens of steps; its weight decays to
@@ -1416,7 +1416,7 @@ def main(argv=None):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         # Clipped apart: one global norm let the tower's auxiliary gradients scale the language
-        # model's updates down, and the lookup did not form (session 3).
+        # model's updates down, and the lookup did not form.
         torch.nn.utils.clip_grad_norm_(lm_params, 1.0)
         torch.nn.utils.clip_grad_norm_(vision_params + list(heads.parameters()), 1.0)
         opt.step()
