@@ -213,3 +213,24 @@ def test_static_cache_generation_and_compile_refused(capsys):
         BenchSpec(**dict(SPEC, cache="paged")).validate()
     assert main(["--model", "tiny", "--compile", "--quiet"]) == 2
     assert "--compile is not supported" in capsys.readouterr().err
+
+
+def test_ctrl_c_keeps_the_finished_rows(tmp_path, monkeypatch, capsys):
+    import json
+
+    from pumer_llava.cli import bench
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench, "_generation_rows", interrupted)
+    out = tmp_path / "partial"
+    code = main(["--model", "tiny", "--methods", "random", "--fractions", "1,0.25", "--batch-sizes", "1",
+                 "--repeats", "1", "--no-memory", "--quiet", "--out", str(out)])
+    assert code == 130
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert data["interrupted"] and data["generation"] == [] and len(data["prefill"]) == 3
+    assert "the files hold the rows that finished" in capsys.readouterr().err
+    monkeypatch.setattr(bench, "_prefill_rows", interrupted)
+    assert main(["--model", "tiny", "--methods", "random", "--quiet", "--out", str(tmp_path / "none")]) == 130
+    assert "nothing written" in capsys.readouterr().err and not (tmp_path / "none.json").exists()

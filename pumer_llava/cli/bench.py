@@ -580,6 +580,9 @@ def _run(spec: BenchSpec, model, progress: bool) -> dict[str, Any]:
     # and no full collection can land inside a timed run.
     gc.collect()
     gc.freeze()
+    prefill_rows: list[dict] = []
+    gen_rows: list[dict] = []
+    interrupted = False
     try:
         # ---- prefill at batch 1
         inputs1 = make_inputs(model, 1, prefix, suffix, spec.seed)
@@ -601,9 +604,10 @@ def _run(spec: BenchSpec, model, progress: bool) -> dict[str, Any]:
         prefill_rows = _prefill_rows(model, spec, settings, pre, pre_base, inputs1, device, bar)
 
         # ---- generation per batch size
-        gen_rows: list[dict] = []
         for bsz in spec.batch_sizes:
             gen_rows += _generation_rows(model, spec, settings, schedule, bsz, prefix, suffix, device, bar, n_gen_warm)
+    except KeyboardInterrupt:  # Ctrl-C: keep what finished (the prefill table, whole batch sizes)
+        interrupted = True
     finally:
         gc.unfreeze()
         llm_clock.remove()
@@ -639,6 +643,7 @@ def _run(spec: BenchSpec, model, progress: bool) -> dict[str, Any]:
         "config": config,
         "prefill": prefill_rows,
         "generation": gen_rows,
+        "interrupted": interrupted,
     }
     result["summary"] = summarize(result)
     return result
@@ -784,7 +789,7 @@ def _generation_rows(model, spec, settings, schedule, bsz, prefix, suffix, devic
 
 
 def summarize(result: dict) -> dict[str, Any]:
-    """Per method at each fraction: the numbers the issue's target is stated in."""
+    """Per method at each fraction: the headline ratios (prefill, FLOPs, KV cache, ops, throughput)."""
     out: dict[str, Any] = {}
     for row in result["prefill"]:
         if row["method"] == NONE:
@@ -1054,10 +1059,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\npumer-bench: interrupted, nothing written", file=sys.stderr)
         return 130
+    if result["interrupted"] and not result["prefill"]:
+        print("\npumer-bench: interrupted before the prefill table was finished: nothing written", file=sys.stderr)
+        return 130
     prefix = args.out or str(Path("eval/results") / default_prefix(result))
-    paths = write_outputs(result, prefix, make_plot=not args.no_plot)
+    paths = write_outputs(result, prefix, make_plot=not args.no_plot and not result["interrupted"])
     print(to_markdown(result))
     print("wrote " + ", ".join(str(p) for p in paths), file=sys.stderr)
+    if result["interrupted"]:
+        print("pumer-bench: interrupted: the files hold the rows that finished", file=sys.stderr)
+        return 130
     return 0
 
 
