@@ -568,10 +568,12 @@ def _run(spec: BenchSpec, model, progress: bool) -> dict[str, Any]:
 
     per_round = len(schedule(0))
     n_gen_warm = spec.warmup * len(spec.methods) * 2
-    total = (spec.warmup + spec.repeats) * per_round + len(spec.batch_sizes) * (
-        n_gen_warm + spec.gen_repeats * per_round + (len(settings) if spec.memory else 0)
-    ) + (len(settings) if spec.memory else 0)
-    bar = tqdm(total=total, desc="pumer-bench", disable=not progress, unit="run", file=sys.stderr)
+    # one bar per phase (prefill, then each batch size's generations): a phase's runs take
+    # alike, so its ETA, from the runs it measured, holds; one bar over all of them would
+    # extrapolate the fast prefill runs to the slow generations
+    prefill_runs = (spec.warmup + spec.repeats) * per_round + (len(settings) if spec.memory else 0)
+    gen_runs = n_gen_warm + spec.gen_repeats * per_round + (len(settings) if spec.memory else 0)
+    bar = tqdm(total=prefill_runs, desc="pumer-bench prefill", disable=not progress, unit="run", file=sys.stderr)
     llm_clock = _LLMClock(model, device)
     env = _env(device, torch.get_num_threads())  # load average before the run
     started = time.perf_counter()
@@ -604,7 +606,9 @@ def _run(spec: BenchSpec, model, progress: bool) -> dict[str, Any]:
         prefill_rows = _prefill_rows(model, spec, settings, pre, pre_base, inputs1, device, bar)
 
         # ---- generation per batch size
-        for bsz in spec.batch_sizes:
+        for i, bsz in enumerate(spec.batch_sizes):
+            bar.reset(total=gen_runs)
+            bar.set_description(f"pumer-bench generate b={bsz} ({i + 1}/{len(spec.batch_sizes)})", refresh=False)
             gen_rows += _generation_rows(model, spec, settings, schedule, bsz, prefix, suffix, device, bar, n_gen_warm)
     except KeyboardInterrupt:  # Ctrl-C: keep what finished (the prefill table, whole batch sizes)
         interrupted = True
