@@ -19,6 +19,8 @@ overhead::
     with OpCounter() as c:
         model(**inputs)
     c.ops, c.kernels, c.syncs, c.sync_ops  # sync_ops: which operators synced, with counts
+
+and :func:`kv_cache_bytes`, what a KV cache holds.
 """
 
 from __future__ import annotations
@@ -112,3 +114,15 @@ class OpCounter(TorchDispatchMode):
 
     def to_dict(self) -> dict:
         return {"ops": self.ops, "kernels": self.kernels, "syncs": self.syncs, "sync_ops": dict(self.sync_ops)}
+
+
+def kv_cache_bytes(cache) -> tuple[int, list[int]]:
+    """(bytes of all key/value tensors, tokens held per layer) of a transformers cache."""
+    total, tokens = 0, []
+    for layer in getattr(cache, "layers", None) or []:
+        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+        for t in (keys, values):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+        tokens.append(int(keys.shape[-2]) if isinstance(keys, torch.Tensor) and keys.ndim >= 2 else 0)
+    return total, tokens

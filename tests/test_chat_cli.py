@@ -135,6 +135,8 @@ def test_compare_answers_with_and_without_the_reduction(tiny_dir, images):
     assert f"visual tokens {N_VIS}/{N_VIS} kept" in lines[full + 1]
     assert lines[full].split(": ", 1)[1].strip() == _reference_answer(tiny_dir, images[1], q, 3)
     assert "reduced vs. full: prefill speed-up" in r.stdout and "decoder FLOPs" in r.stdout
+    kv = float(r.stdout.split("KV cache ")[1].split(" of full")[0])
+    assert 0 < kv < 1  # the reduced layers hold 6 of the visual tokens
 
 
 def test_interactive_session_goes_on_after_bad_input(tiny_dir, images):

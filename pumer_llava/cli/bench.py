@@ -64,6 +64,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from .. import __version__, apply_pumer, remove_pumer
 from ..hooks import get_adapter
 from ..presets import PRESETS, build_preset, get_preset
+from ..counting import kv_cache_bytes
 from ..reduce import decoder_flops
 
 SCHEMA = "pumer-bench/1"
@@ -207,18 +208,6 @@ class _LLMClock:
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
-
-
-def kv_cache_bytes(cache) -> tuple[int, list[int]]:
-    """(bytes of all key/value tensors, tokens held per layer) of a transformers cache."""
-    total, tokens = 0, []
-    for layer in getattr(cache, "layers", None) or []:
-        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
-        for t in (keys, values):
-            if isinstance(t, torch.Tensor):
-                total += t.numel() * t.element_size()
-        tokens.append(int(keys.shape[-2]) if isinstance(keys, torch.Tensor) and keys.ndim >= 2 else 0)
-    return total, tokens
 
 
 class _CudaPeak:
