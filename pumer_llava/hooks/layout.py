@@ -29,7 +29,7 @@ TEXT, PAD, FILLER = -1, -2, -3  # ordered so that valid = code >= TEXT and visua
 # of equal shapes) reuses its plans, and their index tensors already on the device, instead
 # of rebuilding them in Python. Nothing writes into a cached tensor.
 _PLANS: OrderedDict = OrderedDict()
-_PLANS_MAX = 128
+_PLANS_MAX = 32  # at batch 32 x 640 tokens a plan is ~1 MB of device tensors
 
 
 def cached(key, build):
