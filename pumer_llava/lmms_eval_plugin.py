@@ -593,12 +593,9 @@ def flatten_visuals(visuals: Any) -> list:
 # ------------------------------------------------------------------------- lmms-eval side
 
 
-def _evaluated_rows() -> tuple[str, ...]:
-    from .hooks.adapters import ADAPTERS
-
-    # the LLaVA rows: their processors take images and a chat prompt the way this class feeds
-    # them (Qwen2-VL's image_grid_thw path is not wired here)
-    return tuple(k for k in ADAPTERS if k in ("llava", "llava_next", "llava_onevision"))
+# the adapter rows evaluated here: their processors take images and a chat prompt the way this
+# class feeds them (Qwen2-VL's image_grid_thw path is not wired here)
+EVALUATED_ROWS = ("llava", "llava_next", "llava_onevision")
 
 
 try:  # the model class needs lmms-eval; the helpers above do not
@@ -698,10 +695,9 @@ class PumerLlava(_LmmsBase):
 
         config, _ = read_config(a.pretrained, a.revision, a.trust_remote_code)
         adapter = adapter_for(config)
-        rows = _evaluated_rows()
-        if adapter.model_type not in rows:
+        if adapter.model_type not in EVALUATED_ROWS:
             raise ValueError(
-                f"pumer_llava evaluates {', '.join(ADAPTERS[k].class_name for k in rows)} through lmms-eval; "
+                f"pumer_llava evaluates {', '.join(ADAPTERS[k].class_name for k in EVALUATED_ROWS)} through lmms-eval; "
                 f"{adapter.class_name} works through apply_pumer but its processor inputs are not wired here"
             )
         self._model, self._processor, self._adapter = load_model(

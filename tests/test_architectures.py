@@ -7,7 +7,7 @@ from pumer_llava import apply_pumer, list_methods, remove_pumer
 from pumer_llava.hooks import prefill
 from pumer_llava.hooks.adapters import ADAPTERS, get_adapter
 from pumer_llava.reduce import plan_stages
-from pumer_llava.reduce.images import split_images
+from pumer_llava.hooks.layout import PromptLayout
 from tiny import (
     alone,
     append_tokens,
@@ -206,13 +206,14 @@ def test_query_row_score_equals_eager_attention_weights(arch):
     vis = _visual(model, ids)
     with torch.no_grad():
         attn = model(**inp, output_attentions=True).attentions[layer]  # (B, H, N, N)
-    images = split_images(ids, vis)  # each image is scored by the text that follows it
+    # each image is scored by the text that follows it
+    layout = PromptLayout(ids.masked_fill(~mask, -1).tolist(), set(ids[vis].tolist()), None)
     want = []
     for b in range(ids.shape[0]):
         cols = vis[b].nonzero()[:, 0]
         score = []
         for c in cols.tolist():
-            end = images.end[images.group[b, c]]
+            end = layout.images[layout.code[b][c]].end
             rows = (torch.arange(ids.shape[1]) > end) & mask[b] & ~vis[b]
             score.append(attn[b][:, rows, c].mean())
         want.append(torch.stack(score))

@@ -5,7 +5,7 @@ import torch
 
 from pumer_llava import apply_pumer, remove_pumer
 from pumer_llava.reduce import plan_stages
-from pumer_llava.reduce.images import split_images
+from pumer_llava.hooks.layout import PromptLayout
 from tiny import IMAGE_SIZE, IMAGE_TOKEN, N_VIS, VOCAB, _left_pad, alone, assert_cached_equals_recomputed, tiny_llava
 
 GEN = dict(do_sample=False, max_new_tokens=5)
@@ -38,11 +38,11 @@ def _kept_per_image(positions, spans):
     return [[len(set(img) & set(positions[b])) for img in imgs] for b, imgs in enumerate(spans)]
 
 
-def test_split_images_cuts_adjacent_fixed_size_images_and_modalities():
-    ids = torch.tensor([[9, 3, 3, 3, 3, 9, 3, 3, 4, 4, 9]])
-    imgs = split_images(ids, (ids == 3) | (ids == 4), per_image=2)
-    assert imgs.group.tolist() == [[-1, 0, 0, 1, 1, -1, 2, 2, 3, 3, -1]]
-    assert imgs.end.tolist() == [2, 4, 7, 9] and imgs.count.tolist() == [2, 2, 2, 2] and imgs.sample.tolist() == [0] * 4
+def test_the_layout_cuts_adjacent_fixed_size_images_and_modalities():
+    imgs = PromptLayout([[9, 3, 3, 3, 3, 9, 3, 3, 4, 4, 9]], {3, 4}, per_image=2)
+    assert imgs.code == [[-1, 0, 0, 1, 1, -1, 2, 2, 3, 3, -1]]  # text is -1, visual tokens their image
+    assert [im.end for im in imgs.images] == [2, 4, 7, 9] and imgs.counts == [2, 2, 2, 2]
+    assert [im.sample for im in imgs.images] == [0] * 4
 
 
 @pytest.mark.parametrize("method", ["pumer", "fastv", "random", "vispruner"])

@@ -5,7 +5,7 @@ import torch
 
 from pumer_llava.reduce import bipartite_merge, decoder_flops, plan_stages
 from pumer_llava.reduce.match import match_rows
-from pumer_llava.reduce.ragged import left_pack, ragged_nonzero, top_per_row
+from pumer_llava.reduce.ragged import ragged_nonzero
 from pumer_llava.reduce.scoring import (
     apply_rope,
     mean_over_rows,
@@ -115,12 +115,6 @@ def test_ragged_helpers():
     m = torch.tensor([[1, 0, 1, 1, 0], [0, 0, 1, 0, 0]]).bool()
     idx, ok = ragged_nonzero(m)
     assert idx.tolist() == [[0, 2, 3], [2, 0, 0]] and ok.tolist() == [[True] * 3, [True, False, False]]
-    s = torch.tensor([[5.0, 1, 3, 2, 9], [1, 2, 3, 4, 5]])
-    sel, sel_ok = top_per_row(s, torch.ones_like(m), torch.tensor([2, 1]))
-    assert sel[0].tolist() == [0, 4] and sel[1, :1].tolist() == [4] and sel_ok.tolist() == [[True, True], [True, False]]
-    sel, filler = left_pack(m)
-    assert sel[0].tolist() == [0, 2, 3] and sel[1, 2].item() == 2
-    assert filler.tolist() == [[False] * 3, [True, True, False]]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -41,17 +41,19 @@ def first_word(text: str) -> str:
     return words[0].strip(".,;:!?\"'") if words else ""
 
 
-def load_run(label: str, folder: Path, task: str, expect: int, processes: int, problems: list[str]) -> dict | None:
+def read_run(label: str, folder: Path, task: str, metric: str, expect: int, problems: list[str]):
+    """A run's results JSON and per-sample log (``--log_samples``), checked alike for every task
+    type: ``metric`` over ``expect`` samples, the log's per-sample scores averaging to it.
+    Returns (results path, results, value, per-sample records), or None when a file is missing."""
     res_path = newest(folder, "*_results.json")
     if res_path is None:
         problems.append(f"[{label}] no *_results.json under {folder}: the evaluation failed (read its log)")
         return None
     results = json.loads(res_path.read_text())
-    metrics = results.get("results", {}).get(task)
-    if not metrics or not isinstance(metrics.get("exact_match,none"), (int, float)):
-        problems.append(f"[{label}] {res_path} has no exact_match for {task}: {metrics}")
+    value = results.get("results", {}).get(task, {}).get(f"{metric},none")
+    if not isinstance(value, (int, float)):
+        problems.append(f"[{label}] {res_path} has no {metric} for {task}: {results.get('results', {}).get(task)}")
         return None
-    acc = float(metrics["exact_match,none"])
     n = results.get("n-samples", {}).get(task, {}).get("effective")
     if n != expect:
         problems.append(f"[{label}] {n} samples evaluated, expected {expect}")
@@ -59,16 +61,24 @@ def load_run(label: str, folder: Path, task: str, expect: int, processes: int, p
     if samples_path is None:
         problems.append(f"[{label}] no per-sample log (*_samples_{task}.jsonl): run lmms-eval with --log_samples")
         return None
+    records = [json.loads(line) for line in samples_path.read_text().splitlines()]
+    if len(records) != expect:
+        problems.append(f"[{label}] the sample log has {len(records)} samples, expected {expect}")
+    if records and abs(sum(float(r[metric]) for r in records) / len(records) - value) > 1e-9:
+        problems.append(f"[{label}] the sample scores do not average to the reported {metric} {value}")
+    return res_path, results, float(value), records
+
+
+def load_run(label: str, folder: Path, task: str, expect: int, processes: int, problems: list[str]) -> dict | None:
+    run = read_run(label, folder, task, "exact_match", expect, problems)
+    if run is None:
+        return None
+    res_path, results, acc, records = run
     samples = {}
-    for line in samples_path.read_text().splitlines():
-        s = json.loads(line)
+    for s in records:
         resp = s["filtered_resps"]
         resp = resp[0] if isinstance(resp, list) else resp
         samples[int(s["doc_id"])] = {"response": resp, "score": float(s["exact_match"]), "target": s["target"]}
-    if len(samples) != expect:
-        problems.append(f"[{label}] the sample log has {len(samples)} samples, expected {expect}")
-    if samples and abs(sum(s["score"] for s in samples.values()) / len(samples) - acc) > 1e-9:
-        problems.append(f"[{label}] the sample scores do not average to the reported accuracy {acc}")
     stats = check_sidecar(label, folder, expect, processes, problems)
     throughput = results.get("throughput", {})
     if "avg_pumer_visual_tokens_final" not in throughput:
@@ -107,35 +117,20 @@ def check_sidecar(label: str, folder: Path, expect: int, processes: int, problem
 
 def load_multiple_choice(label: str, folder: Path, task: str, expect: int, processes: int,
                          problems: list[str]) -> dict | None:
-    res_path = newest(folder, "*_results.json")
-    if res_path is None:
-        problems.append(f"[{label}] no *_results.json under {folder}: the evaluation failed (read its log)")
+    run = read_run(label, folder, task, "acc", expect, problems)
+    if run is None:
         return None
-    results = json.loads(res_path.read_text())
-    acc = results.get("results", {}).get(task, {}).get("acc,none")
-    n = results.get("n-samples", {}).get(task, {}).get("effective")
-    if not isinstance(acc, (int, float)) or n != expect:
-        problems.append(f"[{label}] {res_path}: acc {acc!r} over {n} samples, expected {expect}")
-        return None
-    samples_path = newest(folder, f"*_samples_{task}.jsonl")
-    if samples_path is None:
-        problems.append(f"[{label}] no per-sample log (*_samples_{task}.jsonl): run lmms-eval with --log_samples")
-        return None
+    res_path, _, acc, records = run
     docs = {}
-    for line in samples_path.read_text().splitlines():
-        s = json.loads(line)
+    for s in records:
         losses = [float(r[0]) for r in (x[0] if isinstance(x[0], list) else x for x in s["filtered_resps"])]
         docs[int(s["doc_id"])] = {"losses": losses, "chosen": min(range(len(losses)), key=losses.__getitem__),
                                   "target": int(s["target"]), "acc": float(s["acc"]), "question": s.get("input")}
-    if len(docs) != expect:
-        problems.append(f"[{label}] the sample log has {len(docs)} samples, expected {expect}")
-    if docs and abs(sum(d["acc"] for d in docs.values()) / len(docs) - acc) > 1e-9:
-        problems.append(f"[{label}] the sample scores do not average to the reported accuracy {acc}")
     wrong = [i for i, d in docs.items() if (d["chosen"] == d["target"]) != bool(d["acc"])]
     if wrong:
         problems.append(f"[{label}] lmms-eval's score is not 'the lowest loss is the target' on docs {wrong[:5]}")
     check_sidecar(label, folder, expect, processes, problems)
-    print(f"[{label}] {task} acc {acc:.4f} on {n} samples ({res_path})")
+    print(f"[{label}] {task} acc {acc:.4f} on {len(docs)} samples ({res_path})")
     return {"label": label, "accuracy": acc, "docs": docs}
 
 

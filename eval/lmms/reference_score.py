@@ -83,10 +83,8 @@ def main(argv=None) -> dict:
         "correct": correct,
         "accuracy": sum(correct) / len(correct) if correct else 0.0,
     }
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(out, indent=2) + "\n")
-    print(f"reference accuracy {out['accuracy']:.4f} on {len(records)} questions ({a.method}, ratio {a.ratio})")
-    return out
+    return _write(a, out, f"reference accuracy {out['accuracy']:.4f} on {len(records)} questions "
+                          f"({a.method}, ratio {a.ratio})")
 
 
 def _multiple_choice(a, model, processor, records) -> dict:
@@ -124,9 +122,14 @@ def _multiple_choice(a, model, processor, records) -> dict:
         "correct": correct,
         "accuracy": sum(correct) / len(correct) if correct else 0.0,
     }
+    return _write(a, out, f"reference multiple-choice accuracy {out['accuracy']:.4f} on {len(records)} colour "
+                          f"questions ({a.method})")
+
+
+def _write(a, out: dict, line: str) -> dict:
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(out, indent=2) + "\n")
-    print(f"reference multiple-choice accuracy {out['accuracy']:.4f} on {len(records)} colour questions ({a.method})")
+    print(line)
     return out
 
 

@@ -97,9 +97,9 @@ class BenchSpec:
     cache: str = "dynamic"  # generate()'s KV cache: dynamic, or static (preallocated)
 
     def resolved_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+        from ..loading import resolve_device
+
+        return resolve_device(self.device)
 
     def resolved_dtype(self) -> str:
         """The short name (fp32, fp16, bf16) of ``dtype``, which takes either spelling."""

@@ -98,6 +98,13 @@ class PromptLayout:
     def n_images(self) -> int:
         return len(self.images)
 
+    def per_sample(self, per_image: list[int]) -> list[int]:
+        """Per row, the sum of a per-image quantity over that row's images."""
+        out = [0] * self.bsz
+        for im, n in zip(self.images, per_image):
+            out[im.sample] += n
+        return out
+
     def stage(self, counts: list[int]) -> StageSlots:
         """The slot layout when image g holds ``counts[g]`` tokens."""
         return cached(("slots", self.key, tuple(counts)), lambda: StageSlots(self, counts))

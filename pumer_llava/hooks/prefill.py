@@ -481,7 +481,7 @@ class Prefill:
         slots = self.slots(stage.index)
         if callable(scorer):
             # how many each sample keeps after pruning (merging takes its share after the scores)
-            keep = self._per_sample([n_out + m for _, m, n_out in self.plans[stage.index]])
+            keep = self.layout.per_sample([n_out + m for _, m, n_out in self.plans[stage.index]])
             vis_start = torch.tensor(self.layout.vis_start, device=tok.pos.device)
             return custom_scores(scorer, tok, hs, stage.layer, stage.index - int(bool(state.recipe.pre_llm)),
                                  self.input_ids[:, : self.n_prompt], vis_start, keep)
@@ -494,12 +494,6 @@ class Prefill:
         self.metric = (stage.score_layer, metric)
         self.score_flops += flops
         return scores
-
-    def _per_sample(self, per_image: list[int]) -> list[int]:
-        out = [0] * self.layout.bsz
-        for im, n in zip(self.layout.images, per_image):
-            out[im.sample] += n
-        return out
 
     def _decide(self, stage: Stage, module, hs: torch.Tensor, kw: dict) -> StageDecision:
         """Prune, then merge, within each image: every image keeps its own budget.
@@ -521,35 +515,31 @@ class Prefill:
         order = img.argsort(dim=1, descending=True, stable=True)[:, :k_max]  # ties: the earlier token
         if ix.k_pad is not None:
             order = order.masked_fill(ix.k_pad, m - 1)
-        local = order.sort(1).values  # (G, k_max) ascending, padding last
         merge = None
         if any(ix.r) and state.merge_rule == "recycle":
             local, merge = self._recycle(stage, module, hs, ix, order, m)
-        elif any(ix.r):
-            parts = state.adapter.attn_parts(module, state.text_config)
-            dev = parts.k_proj.weight.device
-            flat = ix.img_flat.view(g, m).gather(1, local)  # (G, k_max) kept slots in the flat (B*N) layout
-            if self.metric is not None and self.metric[0] == stage.layer:  # keys the scoring already computed
-                keys = self.metric[1]
-                metric = keys.reshape(-1, keys.shape[-1])[flat.to(dev)]
-            else:
-                with torch.no_grad():
-                    xv = hs.reshape(-1, hs.shape[-1])[flat.to(hs.device)].to(dev)  # (G, k_max, d)
-                    metric = parts.k_proj(parts.norm(xv)).view(g, k_max, parts.num_kv_heads, parts.head_dim).mean(2)
-                self.score_flops += g * k_max * hs.shape[-1] * parts.num_kv_heads * parts.head_dim
-            pairs = match_pairs(metric, ix.k, ix.r, None if ix.k_pad is None else ix.k_pad.to(dev))
-            # the real pairs, in the flat (B*N) slots of this stage's input (A: even kept tokens, B: odd)
-            src = flat[:, 0::2].gather(1, pairs.src_a.to(dev0)).reshape(-1)
-            dst = flat[:, 1::2].gather(1, pairs.dst_b.to(dev0)).reshape(-1)
-            if ix.pair_sel is not None:  # images with fewer merges than others: only the real pairs
-                src, dst = src[ix.pair_sel], dst[ix.pair_sel]
-            merge = (src, dst)
-            local = local.gather(1, pairs.keep.to(dev0)[:, : ix.o_max])
         else:
-            local = local[:, : ix.o_max]
+            local = order.sort(1).values  # (G, k_max) ascending, padding last
+            if any(ix.r):
+                local, merge = self._bipartite(stage, module, hs, ix, local, m)
+            else:
+                local = local[:, : ix.o_max]
         self.metric = None
         dec = self._select(ix, local)
         return StageDecision(dec.n_in, dec.sel, dec.code, dec.has_fillers, merge)
+
+    def _bipartite(self, stage: Stage, module, hs: torch.Tensor, ix: StageIndex, local: torch.Tensor, m: int):
+        """Merge the most similar of the kept tokens pairwise (bipartite soft matching on keys)."""
+        g, dev0 = local.shape[0], local.device
+        flat = ix.img_flat.view(g, m).gather(1, local)  # (G, k_max) kept slots in the flat (B*N) layout
+        metric = self._keys(stage, module, hs, flat)
+        pairs = match_pairs(metric, ix.k, ix.r, None if ix.k_pad is None else ix.k_pad.to(metric.device))
+        # the real pairs, in the flat (B*N) slots of this stage's input (A: even kept tokens, B: odd)
+        src = flat[:, 0::2].gather(1, pairs.src_a.to(dev0)).reshape(-1)
+        dst = flat[:, 1::2].gather(1, pairs.dst_b.to(dev0)).reshape(-1)
+        if ix.pair_sel is not None:  # images with fewer merges than others: only the real pairs
+            src, dst = src[ix.pair_sel], dst[ix.pair_sel]
+        return local.gather(1, pairs.keep.to(dev0)[:, : ix.o_max]), (src, dst)
 
     def _keys(self, stage: Stage, module, hs: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
         """Head-averaged keys of the slots ``flat`` (any shape, flat (B*N) indices): the ones the
@@ -575,7 +565,8 @@ class Prefill:
         flat = ix.img_flat.view(g, m)
         kept = flat.gather(1, local)  # (G, o_max) flat slots
         src = flat.gather(1, order.gather(1, ix.rec))  # (G, r_max)
-        mk, ms = self._keys(stage, module, hs, kept), self._keys(stage, module, hs, src)
+        keys = self._keys(stage, module, hs, torch.cat([kept, src], 1))  # one projection for both
+        mk, ms = keys[:, : kept.shape[1]], keys[:, kept.shape[1] :]
         target = recycle_targets(mk, ms, None if ix.o_pad is None else ix.o_pad.to(mk.device))
         dst = kept.gather(1, target.to(kept.device))
         src, dst = src.reshape(-1), dst.reshape(-1)

@@ -48,12 +48,6 @@ def stats_reduced(state, pre) -> ReductionStats:
     reducing = list(state.layers)
     timer, score_flops, totals = pre.timer, pre.score_flops, list(pre.totals)
 
-    def per_sample(counts):
-        out = [0] * layout.bsz
-        for im, n in zip(layout.images, counts):
-            out[im.sample] += n
-        return out
-
     def build():
         # layers before the first reducing one see the unreduced sequence
         text_n = [v - t for v, t in zip(layout.valid_n, layout.visual_n)]
@@ -61,7 +55,7 @@ def stats_reduced(state, pre) -> ReductionStats:
         tokens, vis = [], []
         for i in range(n_layers):  # a count holds from its reducing layer to the next one
             cur = counts_at.get(i, cur)
-            v = per_sample(cur)
+            v = layout.per_sample(cur)
             vis.append(v)
             tokens.append([t + x for t, x in zip(text_n, v)])
         flops = sum(decoder_flops([tokens[layer][b] for layer in range(n_layers)], d, m) for b in range(layout.bsz))

@@ -39,90 +39,33 @@ def bipartite_merge(
     x: (B, n, d) token values; metric: (B, n, c) what similarity is measured on (PuMer:
     head-averaged keys); size: (B, n) how many original tokens each one already stands for;
     r: merges per row (int, or (B,) for rows of different lengths); valid: (B, n) bool, the
-    real tokens of each row (padding never merges and is never merged into).
+    real tokens of each row, its first entries (padding never merges and is never merged into).
     Tokens alternate A, B, A, B... in the given order. A merged value is the size-weighted
     mean, so ``sum(size * x)`` and ``sum(size)`` over survivors equal those over the valid
     inputs. ``r`` is clamped to half a row's valid tokens (B has that many members).
-    With ``r`` and ``counts`` (each row's valid tokens) as host lists, nothing waits for the
-    device: every shape is known on the host.
+    The matching is :func:`match_pairs`, the averaging :func:`merge_pairs`; ``counts`` (each
+    row's valid tokens, on the host) spares reading them from ``valid``.
     """
-    bsz, n, d = x.shape
+    bsz, n, _ = x.shape
     dev = x.device
     if valid is None:
         valid = torch.ones(bsz, n, dtype=torch.bool, device=dev)
-    if isinstance(r, (list, tuple)) and counts is not None:
-        r_host = [min(max(int(x), 0), c // 2) for x, c in zip(r, counts)]
-        r_max = max(r_host, default=0)
-        r = torch.tensor(r_host, device=dev) if r_max else None
-    else:
-        r = torch.as_tensor(r, device=dev).expand(bsz).clone()
-        r = torch.minimum(r.clamp_min(0), valid.sum(1) // 2)
-        r_max = int(r.max()) if bsz else 0
-    arange = torch.arange(n, device=dev)
-    acc = torch.promote_types(x.dtype, torch.float32)  # half inputs are averaged in float32
+    counts = valid.sum(1).tolist() if counts is None else list(counts)
+    r = [int(r)] * bsz if isinstance(r, int) else [int(v) for v in (r.tolist() if torch.is_tensor(r) else r)]
+    r = [min(max(v, 0), c // 2) for v, c in zip(r * (bsz if len(r) == 1 else 1), counts)]
+    r_max = max(r, default=0)
     if r_max == 0:
         empty = torch.zeros(bsz, 0, dtype=torch.long, device=dev)
         return MergeResult(x, size, valid.clone(), empty, empty, empty.bool())
-
-    # valid tokens of a row are assumed to be its first entries (the callers pad at the end)
-    a_idx, b_idx = arange[0::2], arange[1::2]  # (na,), (nb,)
-    m = metric.to(acc)
-    m = m / m.norm(dim=-1, keepdim=True).clamp_min(1e-6)
-    sim = m[:, a_idx] @ m[:, b_idx].transpose(1, 2)  # (B, na, nb) cosine similarity
-    sim = sim.masked_fill(~valid[:, None, b_idx], float("-inf"))
-    node_max, node_idx = sim.max(dim=-1)  # best B partner of every A token
-    node_max = node_max.masked_fill(~valid[:, a_idx], float("-inf"))
-    order = node_max.argsort(dim=-1, descending=True, stable=True)
-    src_a = order[:, :r_max]  # (B, r_max) indices into A
-    src_ok = torch.arange(r_max, device=dev)[None, :] < r[:, None]
-    dst_b = node_idx.gather(1, src_a)  # (B, r_max) indices into B
-
-    xf, sf = x.to(acc), size.to(acc)
-    xs = xf * sf[..., None]  # (B, n, d) size-weighted values
-    w = src_ok.to(acc)
-    xb = xs[:, b_idx].clone()  # (B, nb, d)
-    sb = sf[:, b_idx].clone()  # (B, nb)
-    src_x = xs[:, a_idx].gather(1, src_a[..., None].expand(-1, -1, d)) * w[..., None]
-    xb.scatter_add_(1, dst_b[..., None].expand(-1, -1, d), src_x)
-    sb.scatter_add_(1, dst_b, sf[:, a_idx].gather(1, src_a) * w)
-
-    x_new = xf.clone()
-    size_new = sf.clone()
-    x_new[:, b_idx] = xb / sb.clamp_min(1e-12)[..., None]
-    size_new[:, b_idx] = sb
-    src = a_idx[src_a]
+    pairs = match_pairs(metric, counts, r, None if min(counts) == n else ~valid)
+    src, dst = pairs.src, pairs.dst  # (B, r_max) local indices
+    src_ok = torch.arange(r_max, device=dev)[None, :] < torch.tensor(r, device=dev)[:, None]
+    base = (torch.arange(bsz, device=dev) * n)[:, None]
+    flat_src, flat_dst = (base + src)[src_ok], (base + dst)[src_ok]
+    x_new, size_new = merge_pairs(x, size, flat_src, flat_dst)
     survive = valid.clone()
-    survive.scatter_(1, src, ~src_ok & survive.gather(1, src))
-    return MergeResult(
-        x=x_new.to(x.dtype),
-        size=size_new.to(size.dtype),
-        survive=survive,
-        src=src,
-        dst=b_idx[dst_b],
-        src_ok=src_ok,
-    )
-
-
-def merge_into(
-    x: torch.Tensor, size: torch.Tensor, rows: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, w: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Apply merges given as pairs: token ``src[p]`` of row ``rows[p]`` into ``dst[p]`` where ``w[p]``.
-
-    x: (B, N, d) values; size: (B, N) tokens each stands for; rows, src, dst: (P,) long;
-    w: (P,) float, 1 for a real merge, 0 for padding. A destination becomes the size-weighted
-    mean of itself and its sources, and its size their sum; every other slot is unchanged
-    (merged-away sources are left as they were: the caller drops them). Pure indexing, no
-    host sync, so a decision made once can be applied again to the same tokens.
-    """
-    acc = torch.promote_types(x.dtype, torch.float32)
-    sf = size.to(acc)
-    xs = x.to(acc) * sf[..., None]  # (B, N, d)
-    wf = w.to(acc)
-    num = xs.index_put((rows, dst), xs[rows, src] * wf[:, None], accumulate=True)
-    den = sf.index_put((rows, dst), sf[rows, src] * wf, accumulate=True)
-    hit = torch.zeros_like(sf).index_put((rows, dst), wf, accumulate=True) > 0  # (B, N)
-    out = torch.where(hit[..., None], num / den.clamp_min(1e-12)[..., None], x.to(acc))
-    return out.to(x.dtype), den.to(size.dtype)
+    survive.view(-1)[flat_src] = False
+    return MergeResult(x=x_new, size=size_new.to(size.dtype), survive=survive, src=src, dst=dst, src_ok=src_ok)
 
 
 @dataclass
