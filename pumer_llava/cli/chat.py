@@ -345,6 +345,11 @@ class ChatSession:
             return self._render([_user_message(question, image=True)], True)
         return f"USER: {self.image_token}\n{question} ASSISTANT:"
 
+    def _first_inputs(self, question: str):
+        """The processor's inputs of a first turn: the image and ``question`` in the chat prompt."""
+        inputs = self.processor(images=[self.image], text=[self._first_prompt(question)], return_tensors="pt")
+        return inputs.to(self.model.device, dtype=self.model.dtype)
+
     def _continuation_text(self, question: str) -> str:
         """The text that follows the cached ids: end of the last answer, the new user turn,
         the generation prompt (the chat template's own, rendered as a difference)."""
@@ -392,8 +397,7 @@ class ChatSession:
                     out.write(f"(the conversation outgrew the model's {limit}-token context: starting a new one)\n")
                 self.reset()
         if self.sequences is None:
-            inputs = self.processor(images=[self.image], text=[self._first_prompt(question)], return_tensors="pt")
-            inputs = inputs.to(device, dtype=model.dtype)
+            inputs = self._first_inputs(question)
             prompt_tokens = int(inputs["input_ids"].shape[1])
         else:
             inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "past_key_values": self.cache}
@@ -459,8 +463,7 @@ class ChatSession:
         from .. import disabled
 
         model = self.model
-        inputs = self.processor(images=[self.image], text=[self._first_prompt(question)], return_tensors="pt")
-        inputs = inputs.to(model.device, dtype=model.dtype)
+        inputs = self._first_inputs(question)
         patched = getattr(model, "pumer", None) is not None
 
         def once(reduce: bool) -> float:
