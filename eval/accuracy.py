@@ -2,7 +2,7 @@
 
 Scores each registered method (``pumer_llava.list_methods()``) at several kept
 fractions of the 64 visual tokens on the held-out test split of
-``eval/proxy_task.py``, next to control rows built as custom ``Recipe`` objects:
+``eval/proxy_task.py``, next to control rows built as custom ``Method`` objects:
 
 - ``oracle_aware``: keeps the cells the question needs first, then other object
   cells, then background (an upper bound for question-aware selection);
@@ -53,9 +53,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # the package, when not installed
 import proxy_task as task  # noqa: E402
 
-from pumer_llava import Recipe, apply_pumer, list_methods, remove_pumer  # noqa: E402
-from pumer_llava.methods import get_recipe  # noqa: E402
-from pumer_llava.reduce.scoring import apply_rope, mean_over_rows, query_row_attention  # noqa: E402
+from pumer_llava import Method, apply_pumer, list_methods, remove_pumer  # noqa: E402
+from pumer_llava.methods import MergeOptions, get_method, visual_scorer  # noqa: E402
 
 DEFAULT_FRACTIONS = (1.0, 0.5, 0.25, 0.11)
 CONTROLS = ("oracle_aware", "oracle_blind", "lowest", "feature_norm")
@@ -118,101 +117,24 @@ class Priorities:
         return t.gather(1, ctx.patch_index.clamp(0, task.NUM_CELLS - 1))  # (B, n)
 
 
-class LowestTextAttention:
-    """Scores = minus PuMer's text-attention score at the reducing layer.
-
-    The library's scorer is not exposed as a callable, so this recomputes it from
-    the layer input (captured by a forward hook on the previous layer) with the
-    layer's own norm, q/k projections and RoPE, using ``pumer_llava.reduce``'s
-    pure functions: mean over heads and over the question tokens (text after the
-    image) of their attention to each visual token.
-    """
-
-    def __init__(self, model, layer: int):
-        if layer < 0:
-            raise ValueError("the lowest-score control needs a reducing layer >= 0")
-        self.model, self.layer = model, layer
-        self.captured: dict = {}
-        layers = model.model.language_model.layers
-        if layer == 0:  # the input of layer 0 itself (registered before apply_pumer's hooks)
-            self._handles = [layers[0].register_forward_pre_hook(self._grab_in, with_kwargs=True)]
-        else:
-            self._handles = [
-                layers[layer - 1].register_forward_pre_hook(self._grab_pos, with_kwargs=True),
-                layers[layer - 1].register_forward_hook(self._grab_out),
-            ]
-
-    def _grab_in(self, module, args, kwargs):
-        self.captured["pos_emb"] = kwargs["position_embeddings"]
-        self.captured["hidden"] = args[0] if args else kwargs["hidden_states"]
-
-    def _grab_pos(self, module, args, kwargs):
-        self.captured["pos_emb"] = kwargs["position_embeddings"]
-
-    def _grab_out(self, module, args, output):
-        self.captured["hidden"] = output[0] if isinstance(output, tuple) else output
-
-    def close(self):
-        for h in self._handles:
-            h.remove()
-
-    @torch.no_grad()
-    def scorer(self, ctx):
-        layer = self.model.model.language_model.layers[self.layer]
-        attn = layer.self_attn
-        cfg = self.model.config.text_config
-        h = self.captured["hidden"]  # (B, N, d) full length: nothing was removed before
-        cos, sin = self.captured["pos_emb"]
-        ids = ctx.input_ids  # (B, N)
-        bsz, n = ids.shape
-        image = ids == self.model.config.image_token_id
-        idx = torch.arange(n, device=ids.device)
-        last_img = (image.long() * idx).argmax(1)  # (B,)
-        pad = self.model.generation_config.pad_token_id
-        rows = (idx[None, :] > last_img[:, None]) & (ids != pad)  # (B, N) question tokens
-        r = int(rows.sum(1).max())
-        order = torch.argsort((~rows).to(torch.int8), dim=1, stable=True)[:, :r]  # (B, R)
-        row_valid = torch.arange(r)[None, :] < rows.sum(1)[:, None]
-        x = layer.input_layernorm(h)
-        hd, nh, nkv = attn.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
-        q = attn.q_proj(x.gather(1, order[..., None].expand(-1, -1, x.shape[-1])))
-        q = q.view(bsz, r, nh, hd).transpose(1, 2)  # (B, H, R, hd)
-        k = attn.k_proj(x).view(bsz, n, nkv, hd).transpose(1, 2)  # (B, Hkv, N, hd)
-        cos, sin = cos.expand(bsz, -1, -1), sin.expand(bsz, -1, -1)
-        take = lambda t: t.gather(1, order[..., None].expand(-1, -1, t.shape[-1]))  # noqa: E731
-        q, k = apply_rope(q, take(cos), take(sin)), apply_rope(k, cos, sin)
-        valid = ids != pad
-        allowed = (idx[None, None, :] <= order[:, :, None]) & valid[:, None, :] & row_valid[:, :, None]
-        score = mean_over_rows(query_row_attention(q, k, allowed, attn.scaling), row_valid)  # (B, N)
-        return -score.gather(1, ctx.positions.to(score.device))
+def lowest_text_attention(ctx):
+    """Scores = minus PuMer's text-attention score at the reducing layer (the library's own
+    attention service, so it is exactly PuMer's score with the sign flipped)."""
+    return -ctx.attention("text")
 
 
-class FeatureNorm:
+def feature_norm(ctx):
     """Scores = L2 norm of each visual token as it enters the language model (the projector's
     output): the question-blind heuristic that beat both attention scores on an easy version
-    of this task. Captured by a pre-hook on decoder layer 0."""
-
-    def __init__(self, model):
-        self.hidden = None
-        layer0 = model.model.language_model.layers[0]
-        self._handle = layer0.register_forward_pre_hook(self._grab, with_kwargs=True)
-
-    def _grab(self, module, args, kwargs):
-        h = args[0] if args else kwargs["hidden_states"]
-        if h.shape[1] > 1:  # prefill only
-            self.hidden = h
-
-    def close(self):
-        self._handle.remove()
-
-    @torch.no_grad()
-    def scorer(self, ctx):
-        norms = self.hidden.norm(dim=-1)  # (B, N) full length: nothing was removed before
-        return norms.gather(1, ctx.positions.to(norms.device))
+    of this task."""
+    return ctx.input_embeddings().norm(dim=-1)
 
 
-def control_recipe(name: str, scorer, layer: int) -> Recipe:
-    return Recipe(name=name, scorer=scorer, default_layers=lambda depth: (layer,), description=f"control: {name}")
+def control_method(name: str, score, layer: int) -> Method:
+    """A control row at one decoder layer; ``score`` reads the LayerContext (wrap a scorer over
+    the visual tokens alone with ``visual_scorer``). Takes the merge options (none by default)."""
+    return Method(name=name, score=score, default_layers=lambda depth: (layer,), options=MergeOptions,
+                  description=f"control: {name}")
 
 
 def make_batches(processor, records, batch_size) -> list[tuple[list[dict], dict]]:
@@ -300,10 +222,11 @@ def run(model, processor, records, methods, fractions, controls, control_layer, 
         todo += [(name, base, kw) for name, (base, kw) in (VARIANTS if variants is None else variants).items()
                  if base in methods]
         for name, base, kw in todo:
-            recipe = get_recipe(base)
+            method = get_method(base)
             override = dict(kw)
-            if method_layers is not None and not recipe.pre_llm:
-                override["layers"] = sorted({max(x, recipe.min_layer) for x in method_layers})
+            if method_layers is not None and method.before_llm is None:
+                low = max(method.min_layer, -method.score_offset)
+                override["layers"] = sorted({max(x, low) for x in method_layers})
             apply_pumer(model, keep_tokens=keep, method=base, **override)
             res = evaluate(model, processor, batches)
             add(name, "method", fraction, keep, res, list(model.pumer.layers), model.pumer.merge_share)
@@ -314,25 +237,21 @@ def run(model, processor, records, methods, fractions, controls, control_layer, 
             add(name, "method", fraction, keep, res, ["pre"] + list(model.pumer.layers), model.pumer.merge_share)
             remove_pumer(model)
         for name in controls:
-            before, lowest = None, None
+            before = None
             if name.startswith("oracle"):
-                recipe = control_recipe(name, priorities.scorer, control_layer)
+                method = control_method(name, visual_scorer(priorities.scorer), control_layer)
                 before = lambda chunk, kind=name: priorities.set(chunk, kind)  # noqa: E731
             elif name == "lowest":
-                lowest = LowestTextAttention(model, control_layer)
-                recipe = control_recipe(name, lowest.scorer, control_layer)
+                method = control_method(name, lowest_text_attention, control_layer)
             elif name == "feature_norm":
-                lowest = FeatureNorm(model)
-                recipe = control_recipe(name, lowest.scorer, control_layer)
+                method = control_method(name, feature_norm, control_layer)
             else:
                 raise ValueError(f"unknown control {name!r}; known: {', '.join(CONTROLS)}")
-            apply_pumer(model, keep_tokens=keep, method=recipe, merge_share=0.0)
+            apply_pumer(model, keep_tokens=keep, method=method)
             try:
                 res = evaluate(model, processor, batches, before_batch=before)
             finally:
                 remove_pumer(model)
-                if lowest is not None:
-                    lowest.close()
             add(name, "control", fraction, keep, res, [control_layer])
     return {"rows": rows}
 

@@ -7,23 +7,27 @@
     remove_pumer(model)
 """
 
-from .api import apply_pumer, disabled, remove_pumer
+from .api import apply_pumer, disabled, methods_for, remove_pumer
 from .config import PumerConfig
 from .draw import draw_kept
 from .hooks.state import ReductionStats
-from .methods import METHODS, Recipe, ScoreContext, list_methods
+from .methods import METHODS, Choice, Method, MethodOptions, ScoreContext, list_methods, register_method
 
 __version__ = "0.1.0"
 
 __all__ = [
     "METHODS",
+    "Choice",
+    "Method",
+    "MethodOptions",
     "PumerConfig",
-    "Recipe",
     "ReductionStats",
     "ScoreContext",
     "apply_pumer",
     "disabled",
     "draw_kept",
     "list_methods",
+    "methods_for",
+    "register_method",
     "remove_pumer",
 ]

@@ -12,43 +12,65 @@ from torch import nn
 from .config import PumerConfig
 from .hooks import PumerState, get_adapter
 from .hooks import runtime
-from .methods import Recipe, get_recipe
+from .methods import NEEDS, Method, get_method, list_methods
 
 _ATTN_OK = ("eager", "sdpa", "flash_attention_2", "flash_attention_3")
-_RATIO_DEFAULT = 0.25
 
 
-def _resolve_layers(recipe: Recipe, config: PumerConfig, depth: int) -> tuple[int, ...]:
-    layers = tuple(config.layers) if config.layers is not None else tuple(recipe.default_layers(depth))
-    low = max(recipe.min_layer, -recipe.score_offset)
+def _resolve_layers(method: Method, config: PumerConfig, depth: int) -> tuple[int, ...]:
+    if config.layers is not None and not method.in_llm:
+        raise ValueError(f"method {method.name!r} acts before the language model only: it takes no layers")
+    layers = tuple(config.layers) if config.layers is not None else tuple(method.default_layers(depth))
+    low = max(method.min_layer, -method.score_offset)
     bad = [x for x in layers if not low <= x < depth]
     if bad:
         raise ValueError(
-            f"reducing layers {bad} are outside the model: method {recipe.name!r} accepts layers "
+            f"reducing layers {bad} are outside the model: method {method.name!r} accepts layers "
             f"{low}..{depth - 1} of this {depth}-layer language model"
         )
-    if recipe.score_offset:
+    if method.score_offset:
         for prev, cur in zip(layers, layers[1:]):
-            if cur + recipe.score_offset < prev:
+            if cur + method.score_offset < prev:
                 raise ValueError(
-                    f"method {recipe.name!r} scores at layer L{recipe.score_offset:+d}: layers {prev} and {cur} "
-                    f"are too close (need at least {-recipe.score_offset} apart)"
+                    f"method {method.name!r} scores at layer L{method.score_offset:+d}: layers {prev} and {cur} "
+                    f"are too close (need at least {-method.score_offset} apart)"
                 )
     return layers
+
+
+def missing_inputs(method: Method, model: nn.Module, adapter=None) -> str | None:
+    """Why ``model`` cannot run ``method`` (the inputs it needs that the model lacks), or None."""
+    adapter = adapter or get_adapter(model)
+    if method.before_llm is not None or method.needs:
+        if adapter.vision_parts is None or adapter.projector is None:
+            return f"{adapter.class_name} has no pre-LLM path here: {adapter.no_vision_parts}"
+    if "cls" in method.needs or "vision" in method.needs:
+        try:
+            parts = adapter.vision_parts(model)
+        except ValueError as e:
+            return str(e)
+        if "cls" in method.needs and not parts.has_cls:
+            return (f"it needs {NEEDS['cls']}; this tower has none (SigLIP), or LLaVA feeds it to the language model "
+                    "(vision_feature_select_strategy='full')")
+    if "tower_features" in method.needs and adapter.visual_tokens_per_image(model.config) is None:
+        return f"it needs {NEEDS['tower_features']}; {adapter.class_name} packs several views per image (anyres)"
+    return None
+
+
+def methods_for(model: nn.Module) -> list[str]:
+    """The registered methods that can run on ``model``."""
+    adapter = get_adapter(model)
+    return [n for n in list_methods() if missing_inputs(get_method(n), model, adapter) is None]
 
 
 def apply_pumer(
     model: nn.Module,
     ratio: float | None = None,
-    method: str | Recipe = "pumer",
+    method: str | Method = "pumer",
     *,
     keep_tokens: int | None = None,
     layers: Sequence[int] | None = None,
-    merge_share: float | None = None,
-    prop_attn: bool | None = None,
-    seed: int = 0,
-    important_ratio: float | None = None,
-    merge_rule: str | None = None,
+    **options,
 ) -> nn.Module:
     """Turn visual-token reduction on for ``model`` (in place) and return it.
 
@@ -56,60 +78,41 @@ def apply_pumer(
                  last reducing layer, in (0, 1] (default 0.25; 1.0 removes nothing). Every
                  image (or video) of a prompt is scored and budgeted on its own.
     keep_tokens: the budget as an absolute number of visual tokens per image instead of ``ratio``.
-    method:      "pumer" (default), "vispruner", "fastv", "random" (``list_methods()``), or a Recipe.
+    method:      a registered name (``list_methods()``: pumer, fastv, vispruner, visionzip,
+                 divprune, cdpruner, dart, pyramiddrop, sparsevlm, random) or a ``Method``.
     layers:      decoder layers (0-based) that reduce; default: the method's for this depth.
-    merge_share: share of each stage's removal done by merging (0 prune only, 1 merge only).
-    merge_rule:  "bipartite" (default: ToMe matching among the kept tokens) or "recycle" (the
-                 best-scored removed tokens fold into their most similar kept token).
-    prop_attn:   proportional attention for merged tokens (needs an additive-mask backend).
-    seed:        seed of the random baseline.
-    important_ratio: VisPruner's share of its budget kept by importance (default 0.5): the
-                 [CLS] query's attention, or, for towers without a [CLS] (SigLIP) and for
-                 LLaVA's "full" strategy, the mean attention each patch receives.
+    **options:   the method's own options (its options dataclass, e.g. PuMer's ``merge_share``,
+                 ``merge_rule``, ``prop_attn``; VisPruner's ``important_ratio``; random's
+                 ``seed``): an unknown one raises ValueError listing the method's options.
 
     Applying again replaces the previous setup. Every argument is checked before the
     model is touched; a bad one raises ValueError saying what is accepted.
     """
     adapter = get_adapter(model)
-    recipe = get_recipe(method)
-    if ratio is None and keep_tokens is None:
-        ratio = _RATIO_DEFAULT
-    config = PumerConfig(
-        method=recipe.name,
-        ratio=ratio,
-        keep_tokens=keep_tokens,
-        layers=tuple(layers) if layers is not None else None,
-        merge_share=merge_share,
-        prop_attn=prop_attn,
-        seed=seed,
-        important_ratio=important_ratio,
-        merge_rule=merge_rule,
-    )
+    m = get_method(method)
+    config = PumerConfig.make(m, ratio=ratio, keep_tokens=keep_tokens, layers=layers, **options)
+    opts = config.options
     decoder_layers = adapter.layers(model)
     depth = len(decoder_layers)
-    resolved = _resolve_layers(recipe, config, depth)
+    resolved = _resolve_layers(m, config, depth)
     per_image = adapter.visual_tokens_per_image(model.config)
     if keep_tokens is not None and per_image is not None and keep_tokens > per_image:
         raise ValueError(
             f"keep_tokens={keep_tokens} is larger than the visual span of one image ({per_image} tokens): "
             f"accepted 1..{per_image}, or use ratio"
         )
-    if recipe.pre_llm:
-        if adapter.vision_parts is None or adapter.projector is None:
-            raise ValueError(
-                f"method {recipe.name!r} reads the vision tower's attention, which {adapter.class_name} "
-                f"does not offer here: {adapter.no_vision_parts}. Use pumer, fastv or random"
-            )
-        vparts = adapter.vision_parts(model)
-        projector = adapter.projector(model)
-    elif important_ratio is not None:
-        raise ValueError(f"important_ratio applies to vispruner only, not to method {recipe.name!r}")
+    why = missing_inputs(m, model, adapter)
+    if why is not None:
+        raise ValueError(f"method {m.name!r} cannot run on {adapter.class_name}: {why}. "
+                         f"Methods that work here: {', '.join(methods_for(model))}")
+    vparts = adapter.vision_parts(model) if "vision" in m.needs else None
+    projector = adapter.projector(model) if vparts is not None else None
     text_config = adapter.text_config(model.config)
     attn = getattr(text_config, "_attn_implementation", None) or getattr(model.config, "_attn_implementation", None)
     if attn not in _ATTN_OK and attn is not None:
         raise ValueError(f"attention implementation {attn!r} is not supported; supported: {', '.join(_ATTN_OK)}")
-    use_prop = recipe.prop_attn if prop_attn is None else prop_attn
-    merges = (recipe.merge_share if merge_share is None else merge_share) > 0
+    use_prop = bool(getattr(opts, "prop_attn", False))
+    merges = float(getattr(opts, "merge_share", 0.0)) > 0
     if attn and attn.startswith("flash") and use_prop and merges:
         raise ValueError(
             "proportional attention adds log token sizes to the attention logits, which needs an additive "
@@ -126,7 +129,7 @@ def apply_pumer(
     remove_pumer(model)
     state = PumerState(
         config=config,
-        recipe=recipe,
+        method=m,
         adapter=adapter,
         layers=resolved,
         model_ref=weakref.ref(model),
@@ -134,11 +137,10 @@ def apply_pumer(
         eager=attn == "eager",
         visual_ids=torch.tensor(adapter.visual_token_ids(model.config)),
         visual_id_set=frozenset(int(i) for i in adapter.visual_token_ids(model.config)),
+        options=opts,
+        vision_info=vparts,
     )
-    if recipe.pre_llm:
-        runtime.install(model, state, vparts, projector)
-    else:
-        runtime.install(model, state)
+    runtime.install(model, state, projector)
     if gen_cfg is not None:
         # generate() compiles the decoding forward on a GPU with a static cache; the hooks run
         # Python between layers, so that compiled forward is not supported: keep it eager
@@ -159,7 +161,7 @@ def remove_pumer(model: nn.Module) -> nn.Module:
     gen_cfg = getattr(model, "generation_config", None)
     if gen_cfg is not None and state.saved_disable_compile is not None:
         (gen_cfg.disable_compile,) = state.saved_disable_compile
-    state.call = state.prompt = state.importance = None
+    state.call = state.prompt = None
     state.vision_calls.clear()
     del model.pumer
     return model

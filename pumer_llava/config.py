@@ -3,25 +3,15 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Any
-
-
-MERGE_RULES = {
-    # bipartite soft matching among the tokens pruning kept (ToMe, as PuMer): the most similar
-    # kept tokens average into one, so two look-alike objects in different places can become one
-    "bipartite": "merge the most similar of the tokens pruning kept, pairwise (ToMe)",
-    # the tokens pruning would drop next (the best-scored of the removed) are folded into their
-    # most similar kept token; every token the score ranks in the budget stays as it was
-    "recycle": "fold the best-scored removed tokens into their most similar kept token",
-}
 
 
 @dataclass(frozen=True)
 class PumerConfig:
     """What to reduce, where, and by how much.
 
-    method:      a name from :data:`pumer_llava.methods.METHODS`.
+    method:      a name from :data:`pumer_llava.methods.METHODS` (``list_methods()``).
     ratio:       fraction of each image's visual tokens still in the sequence after the
                  last reducing layer, in (0, 1]; 1.0 removes nothing. Several images (or a
                  video) in one prompt each keep their own share.
@@ -30,27 +20,16 @@ class PumerConfig:
     layers:      decoder layers (0-based) at which tokens are removed; ``None`` takes the
                  method's default for the model's depth. Several layers make a cascade:
                  each removes the same fraction, and the last lands on the budget exactly.
-    merge_share: share of each stage's removal done by merging similar visual tokens
-                 instead of pruning them, in [0, 1]; ``None`` takes the method's default.
-    prop_attn:   proportional attention: a merged token standing for ``s`` tokens gets
-                 ``log s`` added to its attention logits; ``None`` takes the default.
-    seed:        seed of the ``random`` baseline.
-    merge_rule:  how a stage's merge share is spent (see :data:`MERGE_RULES`); ``None`` takes
-                 the default, ``"bipartite"``.
-    important_ratio: VisPruner's share of the budget kept for importance ([CLS] attention, or the
-                 mean attention a patch receives for towers without a [CLS]);
-                 the rest is kept for diversity. In [0, 1]; ``None`` takes 0.5 (the paper's).
+    options:     the method's own options (its :class:`~pumer_llava.methods.MethodOptions`
+                 dataclass, e.g. PuMer's ``merge_share``); None: the method's defaults. Build
+                 a config with :meth:`make` to pass them as keywords.
     """
 
     method: str = "pumer"
     ratio: float | None = 0.25
     keep_tokens: int | None = None
     layers: tuple[int, ...] | None = None
-    merge_share: float | None = None
-    prop_attn: bool | None = None
-    seed: int = 0
-    important_ratio: float | None = None
-    merge_rule: str | None = None
+    options: Any = None
 
     def __post_init__(self) -> None:
         if self.layers is not None and not isinstance(self.layers, tuple):
@@ -80,36 +59,49 @@ class PumerConfig:
                 raise ValueError(f"layers must be ints (0-based decoder layer indices), got {self.layers!r}")
             if list(self.layers) != sorted(set(self.layers)):
                 raise ValueError(f"layers must be strictly increasing, got {list(self.layers)}")
-        if self.merge_share is not None:
-            if isinstance(self.merge_share, bool) or not isinstance(self.merge_share, (int, float)):
-                raise ValueError(f"merge_share must be a number in [0, 1], got {self.merge_share!r}")
-            if not 0.0 <= self.merge_share <= 1.0:
-                raise ValueError(f"merge_share must be in [0, 1] (0 = prune only, 1 = merge only), got {self.merge_share}")
-        if self.prop_attn is not None and not isinstance(self.prop_attn, bool):
-            raise ValueError(f"prop_attn must be True, False or None, got {self.prop_attn!r}")
-        if self.important_ratio is not None:
-            if isinstance(self.important_ratio, bool) or not isinstance(self.important_ratio, (int, float)):
-                raise ValueError(f"important_ratio must be a number in [0, 1], got {self.important_ratio!r}")
-            if not 0.0 <= self.important_ratio <= 1.0:
-                raise ValueError(f"important_ratio must be in [0, 1], got {self.important_ratio}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an int, got {self.seed!r}")
-        if self.merge_rule is not None and self.merge_rule not in MERGE_RULES:
-            raise ValueError(f"merge_rule must be one of {', '.join(MERGE_RULES)}, got {self.merge_rule!r}")
+        if self.options is not None:
+            from .methods import METHODS, MethodOptions
+
+            if not isinstance(self.options, MethodOptions):
+                raise ValueError(f"options must be a method's MethodOptions dataclass, got {self.options!r}")
+            cls = METHODS[self.method].options if self.method in METHODS else None
+            if cls is not None and type(self.options) is not cls:
+                raise ValueError(f"options for method {self.method!r} must be {cls.__name__}, got {self.options!r}")
+
+    @classmethod
+    def make(cls, method: Any = "pumer", ratio: float | None = None, keep_tokens: int | None = None,
+             layers=None, **options: Any) -> PumerConfig:
+        """A config with the method's options as keywords, validated against its dataclass
+        (an unknown option raises ValueError listing the method's options)."""
+        from .methods import get_method
+
+        m = get_method(method)
+        if ratio is None and keep_tokens is None:
+            ratio = 0.25
+        return cls(method=m.name, ratio=ratio, keep_tokens=keep_tokens,
+                   layers=tuple(layers) if layers is not None else None, options=m.options.build(m.name, options))
+
 
     @property
     def removes_nothing(self) -> bool:
         return self.keep_tokens is None and self.ratio == 1.0
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["layers"] = list(self.layers) if self.layers is not None else None
+        """Flat: method, ratio, keep_tokens, layers and every option of the method."""
+        d = {"method": self.method, "ratio": self.ratio, "keep_tokens": self.keep_tokens,
+             "layers": list(self.layers) if self.layers is not None else None}
+        opts = self.options
+        if opts is None and isinstance(self.method, str):
+            from .methods import METHODS
+
+            opts = METHODS[self.method].options() if self.method in METHODS else None
+        if opts is not None:
+            d.update(opts.to_dict())
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PumerConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown PumerConfig fields {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**d)
+        """The inverse of :meth:`to_dict` (options by name, validated against the method)."""
+        d = dict(d)
+        common = {k: d.pop(k) for k in ("method", "ratio", "keep_tokens", "layers") if k in d}
+        return cls.make(**common, **d)

@@ -9,8 +9,8 @@ Usage::
 Registered through the ``lmms_eval.models`` entry point (``MANIFEST`` below), so no
 file is copied into lmms-eval. The keyword arguments of :class:`PumerLlava` are the
 ``--model_args`` surface, as in lmms-eval's own ``llava_hf``: every ``apply_pumer``
-argument (``ratio``, ``method``, ``keep_tokens``, ``layers``, ``merge_share``,
-``prop_attn``, ``seed``) plus loading and generation defaults. ``ratio=1.0`` or
+argument (``ratio``, ``method``, ``keep_tokens``, ``layers``, and the method's own options
+such as ``merge_share`` or ``dominant``) plus loading and generation defaults. ``ratio=1.0`` or
 ``method=none`` evaluates the unreduced model. ``layers`` takes ``[2,8,16]`` or
 ``2;8;16`` (a bare comma would split ``--model_args``).
 
@@ -158,17 +158,14 @@ def parse_reduction(
     method: Any = "pumer",
     keep_tokens: Any = None,
     layers: Any = None,
-    merge_share: Any = None,
-    prop_attn: Any = None,
-    seed: Any = 0,
-    important_ratio: Any = None,
-    merge_rule: Any = None,
+    **options: Any,
 ) -> PumerConfig | None:
     """The reduction asked for on the command line, validated; ``None`` means unreduced.
 
     ``method=none`` (or ``off``) or ``ratio=1.0`` gives the unreduced model. Give
-    ``ratio`` or ``keep_tokens``, not both; neither means ``ratio=0.25``. Raises
-    ValueError before anything is loaded.
+    ``ratio`` or ``keep_tokens``, not both; neither means ``ratio=0.25``. ``options`` are
+    the method's own (strings converted by its options dataclass; an unknown one is an
+    error listing them). Raises ValueError before anything is loaded.
     """
     if _none(method):
         method = "none"
@@ -180,25 +177,22 @@ def parse_reduction(
     if r is None and keep is None:
         r = DEFAULT_RATIO
     cfg_layers = parse_layers(layers)
-    share = parse_opt_float("merge_share", merge_share)
-    prop = parse_opt_bool("prop_attn", prop_attn)
-    seed_i = parse_int("seed", 0 if _none(seed) else seed)
-    imp = parse_opt_float("important_ratio", important_ratio)
-    rule = None if _none(merge_rule) else str(merge_rule).strip().lower()
+    given = {k: v for k, v in options.items() if not _none(v)}
     if method in UNREDUCED_METHODS:
         if keep is not None:
             raise ValueError(f"method={method} evaluates the unreduced model: keep_tokens={keep} makes no sense with it")
+        if given:
+            raise ValueError(f"method={method} evaluates the unreduced model: it takes no options, got {sorted(given)}")
         return None
-    from .methods import list_methods
+    from .methods import get_method, list_methods
 
     if method not in list_methods():
         raise ValueError(
             f"unknown method {method!r}; known: {', '.join(list_methods())}, or none for the unreduced model"
         )
-    config = PumerConfig(
-        method=method, ratio=r, keep_tokens=keep, layers=cfg_layers, merge_share=share, prop_attn=prop, seed=seed_i,
-        important_ratio=imp, merge_rule=rule,
-    )
+    m = get_method(method)
+    opts = m.options.parse(method, {k: v if isinstance(v, str) else v for k, v in given.items()})
+    config = PumerConfig(method=method, ratio=r, keep_tokens=keep, layers=cfg_layers, options=opts)
     return None if config.removes_nothing else config
 
 
@@ -240,11 +234,6 @@ def parse_model_args(
     method: Any = "pumer",
     keep_tokens: Any = None,
     layers: Any = None,
-    merge_share: Any = None,
-    prop_attn: Any = None,
-    seed: Any = 0,
-    important_ratio: Any = None,
-    merge_rule: Any = None,
     revision: Any = "main",
     device: Any = None,
     dtype: Any = "auto",
@@ -265,13 +254,20 @@ def parse_model_args(
 
     Raises ValueError naming the argument and what is accepted; nothing is loaded here.
     """
-    if unknown:
-        known = [p for p in parse_model_args.__code__.co_varnames[: parse_model_args.__code__.co_argcount]]
-        raise ValueError(f"unknown model_args {sorted(unknown)}; pumer_llava accepts: {', '.join(known)}")
+    known = [p for p in parse_model_args.__code__.co_varnames[: parse_model_args.__code__.co_argcount]]
+    if unknown:  # the method's own options, or a mistake
+        from .methods import METHODS
+
+        name = method.strip().lower() if isinstance(method, str) else method
+        names = METHODS[name].options.names() if name in METHODS else []
+        stray = sorted(k for k in unknown if k not in names)
+        if stray:
+            own = f"; method {name!r} takes {', '.join(names)}" if names else f"; method {name!r} takes no options"
+            raise ValueError(f"unknown model_args {stray}; pumer_llava accepts: {', '.join(known)}"
+                             f"{own if name in METHODS else ''}")
     if _none(pretrained) or not isinstance(pretrained, str):
         raise ValueError(f"pretrained must name a model folder or hub id, got {pretrained!r}")
-    reduction = parse_reduction(ratio, method, keep_tokens, layers, merge_share, prop_attn, seed, important_ratio,
-                                merge_rule)
+    reduction = parse_reduction(ratio, method, keep_tokens, layers, **unknown)
     dtype_s = "auto" if _none(dtype) else str(dtype).strip().lower().replace("torch.", "")
     if dtype_s not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -630,8 +626,9 @@ class PumerLlava(_LmmsBase):
             --model_args pretrained=llava-hf/llava-1.5-7b-hf,ratio=0.25,method=pumer \\
             --tasks pope --batch_size 8 --output_path results/
 
-    Reduction: ratio, method (pumer, fastv, random, ... or none), keep_tokens, layers
-    ([2,8,16] or 2;8;16), merge_share, merge_rule, prop_attn, seed, important_ratio (vispruner). Loading: pretrained, revision,
+    Reduction: ratio, method (``pumer_llava.list_methods()`` or none), keep_tokens, layers
+    ([2,8,16] or 2;8;16), and the method's own options (e.g. merge_share for pumer, dominant for
+    visionzip, important_ratio for vispruner, seed for random). Loading: pretrained, revision,
     device (auto/cpu/cuda[:N]), dtype (auto/float32/float16/bfloat16),
     attn_implementation, load_in_4bit, device_map, trust_remote_code. Generation:
     batch_size, max_new_tokens (default when the task gives none), chat_template,
@@ -648,11 +645,6 @@ class PumerLlava(_LmmsBase):
         method: str = "pumer",
         keep_tokens: int | str | None = None,
         layers: str | list[int] | None = None,
-        merge_share: float | str | None = None,
-        prop_attn: bool | str | None = None,
-        seed: int | str = 0,
-        important_ratio: float | str | None = None,
-        merge_rule: str | None = None,
         revision: str = "main",
         device: str | None = None,
         dtype: str = "auto",
@@ -718,18 +710,8 @@ class PumerLlava(_LmmsBase):
             from . import apply_pumer
 
             r = a.reduction
-            apply_pumer(
-                self._model,
-                ratio=r.ratio,
-                method=r.method,
-                keep_tokens=r.keep_tokens,
-                layers=r.layers,
-                merge_share=r.merge_share,
-                prop_attn=r.prop_attn,
-                seed=r.seed,
-                important_ratio=r.important_ratio,
-                merge_rule=r.merge_rule,
-            )
+            apply_pumer(self._model, ratio=r.ratio, method=r.method, keep_tokens=r.keep_tokens, layers=r.layers,
+                        **r.options.to_dict())
             resolved = self._model.pumer.to_dict()
         else:
             resolved = {"method": "none", "ratio": 1.0}

@@ -13,6 +13,7 @@ import accuracy  # noqa: E402
 import train_proxy  # noqa: E402
 
 from pumer_llava import apply_pumer, remove_pumer  # noqa: E402
+from pumer_llava.methods import visual_scorer  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -45,12 +46,8 @@ def kept_patches(model, inputs, layer, **apply_kwargs):
 
 
 def kept_by_lowest(model, inputs, layer, keep):
-    low = accuracy.LowestTextAttention(model, layer)
-    try:
-        return kept_patches(model, inputs, layer, keep_tokens=keep,
-                            method=accuracy.control_recipe("lowest", low.scorer, layer), merge_share=0.0)
-    finally:
-        low.close()
+    return kept_patches(model, inputs, layer, keep_tokens=keep,
+                        method=accuracy.control_method("lowest", accuracy.lowest_text_attention, layer), merge_share=0.0)
 
 
 def test_oracle_keeps_the_needed_cells_first(small_proxy, records):
@@ -60,7 +57,7 @@ def test_oracle_keeps_the_needed_cells_first(small_proxy, records):
     pri.set(chunk, "oracle_aware")
     keep = 4
     kept = kept_patches(model, inputs, 1, keep_tokens=keep,
-                        method=accuracy.control_recipe("oracle_aware", pri.scorer, 1), merge_share=0.0)
+                        method=accuracy.control_method("oracle_aware", visual_scorer(pri.scorer), 1), merge_share=0.0)
     for r, cells in zip(chunk, kept):
         need = r["needed_cells"]
         if len(need) <= keep:
@@ -92,11 +89,8 @@ def test_feature_norm_control_keeps_the_largest_input_tokens(small_proxy, record
     feats = feats.pooler_output if hasattr(feats, "pooler_output") else feats
     feats = torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
     expected = [sorted(feats[b].reshape(64, -1).norm(dim=-1).topk(16).indices.tolist()) for b in range(3)]
-    fn = accuracy.FeatureNorm(model)
-    try:
-        kept = kept_patches(model, inputs, 2, keep_tokens=16, method=accuracy.control_recipe("feature_norm", fn.scorer, 2))
-    finally:
-        fn.close()
+    kept = kept_patches(model, inputs, 2, keep_tokens=16,
+                        method=accuracy.control_method("feature_norm", accuracy.feature_norm, 2))
     assert (inputs["input_ids"] == image_id).sum(1).tolist() == [64] * 3
     assert [sorted(k) for k in kept] == expected
 

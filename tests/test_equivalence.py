@@ -6,7 +6,8 @@ Every test runs on tiny LLaVA models built from a config (tests/tiny.py), no dow
 import pytest
 import torch
 
-from pumer_llava import Recipe, apply_pumer, disabled, remove_pumer
+from pumer_llava import Method, apply_pumer, disabled, remove_pumer
+from pumer_llava.methods import visual_scorer
 from pumer_llava.reduce import plan_stages
 from tiny import IMAGE_TOKEN, N_VIS, alone, assert_cached_equals_recomputed, make_inputs, make_mixed_inputs, tiny_llava
 
@@ -109,7 +110,8 @@ def test_cached_decoding_equals_recomputation(kind, attn):
         apply_pumer(model, ratio=0.25, merge_share=0.0)
         model(**inp)
         kept = model.pumer.last_stats.kept_positions
-        replay = Recipe(name="replay", scorer=_fixed_scores([kept[l] for l in sorted(kept)]), default_layers=lambda d: tuple(sorted(kept)))
+        replay = Method(name="replay", score=visual_scorer(_fixed_scores([kept[l] for l in sorted(kept)])),
+                        default_layers=lambda d: tuple(sorted(kept)))
         # 2) merge-only PuMer: merging reads only visual tokens, which later text cannot change
         for kwargs in (dict(method=replay, ratio=0.25), dict(method="pumer", ratio=0.25, merge_share=1.0)):
             apply_pumer(model, **kwargs)

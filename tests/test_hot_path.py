@@ -53,7 +53,7 @@ def test_prefill_and_decode_counts(deep, baseline, method):
         layout_mod._PLANS.clear()
         cold, _ = _counts(deep, inp)  # a prompt shape never seen: its plans are built and copied
         pre, dec = _counts(deep, inp)  # seen before: its plans are reused
-        stages = len(deep.pumer.layers) + int(bool(deep.pumer.recipe.pre_llm))
+        stages = len(deep.pumer.layers) + int(deep.pumer.method.before_llm is not None)
         assert deep.pumer.last_stats.visual_tokens_final == [4, 4]
     finally:
         remove_pumer(deep)

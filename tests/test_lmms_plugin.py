@@ -30,22 +30,24 @@ def test_strings_from_the_command_line_are_converted():
         layers="[1,3]",
         merge_share="0.25",
         prop_attn="false",
-        seed="7",
         batch_size="8",
         max_new_tokens="16",
         load_in_4bit="true",
         dtype="torch.float16",
         max_failure_rate="0.1",
     )
-    assert a.reduction == PumerConfig(method="pumer", ratio=0.5, layers=(1, 3), merge_share=0.25, prop_attn=False, seed=7)
+    assert a.reduction == PumerConfig.make("pumer", ratio=0.5, layers=(1, 3), merge_share=0.25, prop_attn=False)
     assert (a.batch_size, a.max_new_tokens, a.load_in_4bit, a.dtype, a.max_failure_rate) == (8, 16, True, "float16", 0.1)
 
 
 def test_values_as_lmms_eval_converts_them():
     # lmms-eval's handle_arg_string turns "1" into int 1, "0.25" into float, "true" into bool
-    a = plug.parse_model_args(pretrained="m", ratio=0.25, keep_tokens=None, seed=3, use_cache=False, batch_size=4)
-    assert a.reduction.ratio == 0.25 and a.reduction.seed == 3 and a.use_cache is False and a.batch_size == 4
-    assert plug.parse_model_args(pretrained="m", keep_tokens=64).reduction == PumerConfig(ratio=None, keep_tokens=64)
+    a = plug.parse_model_args(pretrained="m", ratio=0.25, method="random", keep_tokens=None, seed=3, use_cache=False,
+                              batch_size=4)
+    assert a.reduction.ratio == 0.25 and a.reduction.options.seed == 3 and a.use_cache is False and a.batch_size == 4
+    assert plug.parse_model_args(pretrained="m", keep_tokens=64).reduction == PumerConfig.make(keep_tokens=64)
+    a = plug.parse_model_args(pretrained="m", method="visionzip", keep_tokens=64, dominant=54)
+    assert a.reduction.options.dominant == 54
 
 
 @pytest.mark.parametrize("value, expected", [("[2,8,16]", (2, 8, 16)), ("2;8;16", (2, 8, 16)), ("2 8", (2, 8)),
@@ -60,7 +62,7 @@ def test_unreduced_forms(kw):
 
 
 def test_default_is_pumer_at_a_quarter():
-    assert plug.parse_model_args(pretrained="m").reduction == PumerConfig(method="pumer", ratio=0.25)
+    assert plug.parse_model_args(pretrained="m").reduction == PumerConfig.make("pumer", ratio=0.25)
 
 
 @pytest.mark.parametrize(
@@ -76,7 +78,10 @@ def test_default_is_pumer_at_a_quarter():
         (dict(layers="[3,1]"), "increasing"),
         (dict(merge_share=2), "merge_share"),
         (dict(prop_attn="maybe"), "prop_attn"),
-        (dict(seed="x"), "seed"),
+        (dict(method="random", seed="x"), "seed must be an int"),
+        (dict(seed=3), r"unknown model_args \['seed'\]; .*; method 'pumer' takes merge_share, merge_rule, prop_attn"),
+        (dict(method="fastv", merge_share=0.5), "method 'fastv' takes no options"),
+        (dict(method="none", merge_share=0.5), "unknown model_args"),
         (dict(dtype="int8"), "dtype"),
         (dict(attn_implementation="paged"), "attn_implementation"),
         (dict(device="tpu"), "device"),
@@ -486,7 +491,7 @@ def test_vispruner_important_ratio_reaches_the_config():
     from pumer_llava.lmms_eval_plugin import parse_reduction
 
     cfg = parse_reduction(ratio="0.25", method="vispruner", important_ratio="0.75")
-    assert cfg.method == "vispruner" and cfg.important_ratio == 0.75
+    assert cfg.method == "vispruner" and cfg.options.important_ratio == 0.75
     with pytest.raises(ValueError, match=r"important_ratio must be in \[0, 1\]"):
         parse_reduction(method="vispruner", important_ratio="2")
 

@@ -95,6 +95,18 @@ class BenchSpec:
     memory: bool = True
     seed: int = 0
     cache: str = "dynamic"  # generate()'s KV cache: dynamic, or static (preallocated)
+    options: dict[str, str] = field(default_factory=dict)  # methods' own options (--option KEY=VALUE)
+
+    def method_kwargs(self, method: str) -> dict[str, Any]:
+        """The options ``method`` runs with: each --option it takes, and the run's seed if it has one."""
+        from ..methods import get_method
+
+        opts = get_method(method).options
+        names = opts.names()
+        text = {k: v for k, v in self.options.items() if k in names}
+        if "seed" in names and "seed" not in text:
+            text["seed"] = str(self.seed)
+        return opts.parse(method, text).to_dict()
 
     def resolved_device(self) -> torch.device:
         from ..loading import resolve_device
@@ -118,6 +130,17 @@ class BenchSpec:
                 raise ValueError(f"kept fraction {f} is outside (0, 1]")
         if not self.methods:
             raise ValueError("no method to benchmark")
+        from ..methods import get_method
+
+        for m in self.methods:
+            get_method(m)
+        taken = {n for m in self.methods for n in get_method(m).options.names()}
+        stray = sorted(set(self.options) - taken)
+        if stray:
+            raise ValueError(f"--option {', '.join(stray)}: no benchmarked method takes it (they take: "
+                             f"{', '.join(sorted(taken)) or 'nothing'})")
+        for m in self.methods:
+            self.method_kwargs(m)
         if any(b < 1 for b in self.batch_sizes):
             raise ValueError(f"batch sizes must be >= 1, got {self.batch_sizes}")
         if self.cache not in ("dynamic", "static"):
@@ -350,11 +373,11 @@ class Setting:
         return f"{self.method}@{self.fraction:g}"
 
 
-def _switch(model, s: Setting, seed: int) -> None:
+def _switch(model, s: Setting, spec: BenchSpec) -> None:
     if s.method == NONE:
         remove_pumer(model)
     else:
-        apply_pumer(model, ratio=s.fraction, method=s.method, seed=seed)
+        apply_pumer(model, ratio=s.fraction, method=s.method, **spec.method_kwargs(s.method))
 
 
 def _prefill(model, inputs, device, llm_clock: _LLMClock) -> dict[str, Any]:
@@ -544,7 +567,7 @@ def _run(spec: BenchSpec, model, progress: bool) -> dict[str, Any]:
 
     settings = [Setting(NONE, 1.0)] + [Setting(m, f) for m in spec.methods for f in spec.fractions]
     for s in settings[1:]:  # validate every setting before any timing
-        apply_pumer(model, ratio=s.fraction, method=s.method, seed=spec.seed)
+        apply_pumer(model, ratio=s.fraction, method=s.method, **spec.method_kwargs(s.method))
     remove_pumer(model)
 
     def schedule(r: int) -> list[tuple[str, Setting]]:
@@ -582,7 +605,7 @@ def _run(spec: BenchSpec, model, progress: bool) -> dict[str, Any]:
         for r in range(spec.warmup + spec.repeats):
             for group, s in schedule(r):
                 bar.set_postfix_str(f"prefill {s.key}", refresh=False)
-                _switch(model, s, spec.seed)
+                _switch(model, s, spec)
                 res = _prefill(model, inputs1, device, llm_clock)
                 bar.update()
                 if r < spec.warmup:
@@ -696,10 +719,10 @@ def _prefill_rows(model, spec, settings, pre, pre_base, inputs1, device, bar) ->
             "cuda_peak_bytes": max((x["cuda_peak"] for x in runs if x["cuda_peak"] is not None), default=None),
         }
         row.update(kv_cache_bytes=runs[-1]["kv_cache_bytes"], kv_tokens_per_layer=runs[-1]["kv_tokens_per_layer"])
-        _switch(model, s, spec.seed)
+        _switch(model, s, spec)
         row.update(_op_counts(model, inputs1))
         if spec.memory:
-            _switch(model, s, spec.seed)
+            _switch(model, s, spec)
             bar.set_postfix_str(f"memory prefill {s.key}", refresh=False)
             (_, peak) = _tracked(lambda: _prefill(model, inputs1, device, _NullClock()))
             bar.update()
@@ -727,13 +750,13 @@ def _generation_rows(model, spec, settings, schedule, bsz, prefix, suffix, devic
         for _ in range(spec.warmup):
             for _, s in warm:
                 bar.set_postfix_str(f"warm-up b={bsz} {s.key}", refresh=False)
-                _switch(model, s, spec.seed)
+                _switch(model, s, spec)
                 _generate(model, inputs, spec.new_tokens, device, spec.cache)
                 bar.update()
         for r in range(spec.gen_repeats):
             for group, s in schedule(r):
                 bar.set_postfix_str(f"generate b={bsz} {s.key}", refresh=False)
-                _switch(model, s, spec.seed)
+                _switch(model, s, spec)
                 res = _generate(model, inputs, spec.new_tokens, device, spec.cache)
                 res.update(repeat=r, group=group)
                 if s.method == NONE:
@@ -767,7 +790,7 @@ def _generation_rows(model, spec, settings, schedule, bsz, prefix, suffix, devic
             )
             row.update(kv_cache_bytes=rs[-1]["kv_cache_bytes"], kv_tokens_per_layer=rs[-1]["kv_tokens_per_layer"])
         if spec.memory:
-            _switch(model, s, spec.seed)
+            _switch(model, s, spec)
             bar.set_postfix_str(f"memory b={bsz} {s.key}", refresh=False)
             res, peak = _tracked(lambda: _generate(model, inputs, spec.new_tokens, device, spec.cache))
             bar.update()
@@ -983,6 +1006,17 @@ def _ints(s: str) -> tuple[int, ...]:
     return tuple(int(x) for x in s.split(",") if x.strip())
 
 
+def parse_options(items: list[str]) -> dict[str, str]:
+    """``KEY=VALUE`` strings as a dict (the values stay strings: each method converts its own)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--option takes KEY=VALUE, got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
 def _strs(s: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in s.split(",") if x.strip())
 
@@ -996,7 +1030,13 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--model", default=d.model, help=f"a model folder, or a preset: {', '.join(PRESETS)}")
-    p.add_argument("--methods", type=_strs, default=",".join(d.methods), help="comma-separated methods")
+    from ..methods import list_methods
+
+    p.add_argument("--methods", type=_strs, default=",".join(d.methods),
+                   help=f"comma-separated methods, or all ({', '.join(list_methods())})")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a method's own option (e.g. merge_share=0.25, dominant=54), for every benchmarked method "
+                   "that takes it; repeatable")
     p.add_argument("--fractions", type=_floats, default=",".join(f"{f:g}" for f in d.fractions),
                    help="comma-separated kept fractions (1 measures the hooks' overhead)")
     p.add_argument("--batch-sizes", type=_ints, default=",".join(map(str, d.batch_sizes)),
@@ -1034,8 +1074,18 @@ def main(argv: list[str] | None = None) -> int:
         print("pumer-bench: --compile is not supported: the reduction's hooks run Python between decoder layers, "
               "so generate() keeps its forward eager while a model is patched (--cache static works)", file=sys.stderr)
         return 2
+    methods = args.methods
+    if methods == ("all",):
+        from ..methods import list_methods
+
+        methods = tuple(list_methods())
+    try:
+        options = parse_options(args.option)
+    except ValueError as exc:
+        print(f"pumer-bench: {exc}", file=sys.stderr)
+        return 2
     spec = BenchSpec(
-        model=args.model, methods=args.methods, fractions=args.fractions, batch_sizes=args.batch_sizes,
+        model=args.model, methods=methods, options=options, fractions=args.fractions, batch_sizes=args.batch_sizes,
         dtype=args.dtype, load_in_4bit=args.load_in_4bit, attn=args.attn, device=args.device,
         repeats=args.repeats, gen_repeats=args.gen_repeats, warmup=args.warmup, new_tokens=args.new_tokens,
         prefix_tokens=args.prefix_tokens, suffix_tokens=args.suffix_tokens, threads=args.threads,

@@ -316,16 +316,30 @@ class ChatSession:
         self.image, self.image_path = open_image(path)
         self.reset()
 
-    def set_reduction(self, *, ratio=None, keep_tokens=None, method=None) -> None:
-        """Re-apply the reduction through apply_pumer; ValueError (nothing changed) if it refuses."""
-        from .. import apply_pumer
+    def set_reduction(self, *, ratio=None, keep_tokens=None, method=None, options=None) -> None:
+        """Re-apply the reduction through apply_pumer; ValueError (nothing changed) if it refuses.
 
-        method = method or (self.reduction or {}).get("method", "pumer")
+        options: the method's own options as strings (``--option KEY=VALUE``); kept while the
+        method stays, dropped when it changes."""
+        from .. import apply_pumer
+        from ..methods import get_method
+
+        old = self.reduction or {}
+        if method is not None and method != old.get("method"):
+            kept_opts = {}
+        else:
+            kept_opts = dict(old.get("options", {}))
+        method = method or old.get("method", "pumer")
+        if options:
+            kept_opts.update(options)
         if ratio is None and keep_tokens is None and self.reduction:
             ratio, keep_tokens = self.reduction["ratio"], self.reduction["keep_tokens"]
-        apply_pumer(self.model, ratio=ratio, method=method, keep_tokens=keep_tokens)
+        m = get_method(method)
+        opts = m.options.parse(m.name, kept_opts)
+        apply_pumer(self.model, ratio=ratio, method=method, keep_tokens=keep_tokens, **opts.to_dict())
         cfg = self.model.pumer.config
-        self.reduction = {"method": cfg.method, "ratio": cfg.ratio, "keep_tokens": cfg.keep_tokens}
+        self.reduction = {"method": cfg.method, "ratio": cfg.ratio, "keep_tokens": cfg.keep_tokens,
+                          "options": kept_opts}
         self.reset()
 
     def describe_reduction(self) -> str:
@@ -703,6 +717,9 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--ratio", type=float, help="fraction of the visual tokens kept, in (0, 1] (default 0.25)")
     budget.add_argument("--keep-tokens", type=int, help="number of visual tokens kept, instead of --ratio")
     p.add_argument("--method", default="pumer", help=f"reduction method: {', '.join(list_methods())} (default pumer)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="one of the method's own options (e.g. merge_share=0.25 for pumer, dominant=54 for visionzip); "
+                   "repeatable")
     p.add_argument("--no-pumer", action="store_true", help="run the model unreduced (/ratio turns it on)")
     quant = p.add_mutually_exclusive_group()
     quant.add_argument("--load-in-4bit", action="store_true", help="bitsandbytes nf4 weights for the language model")
@@ -747,12 +764,15 @@ def _run(args, out: TextIO, err: TextIO) -> int:
         open_image(image)  # fail before the (slow) model load
     if not args.no_pumer:  # the reduction's arguments too: checked without a model
         from ..config import PumerConfig
-        from ..methods import get_recipe
+        from ..methods import get_method
+        from .bench import parse_options
 
         try:
-            recipe = get_recipe(args.method or "pumer")
+            method = get_method(args.method or "pumer")
+            options = parse_options(args.option)
+            method.options.parse(method.name, options)
             ratio = args.ratio if (args.ratio is not None or args.keep_tokens is not None) else 0.25
-            PumerConfig(method=recipe.name, ratio=ratio, keep_tokens=args.keep_tokens)
+            PumerConfig(method=method.name, ratio=ratio, keep_tokens=args.keep_tokens)
         except ValueError as e:
             raise CliError(str(e)) from None
     _quiet_transformers()
@@ -764,7 +784,8 @@ def _run(args, out: TextIO, err: TextIO) -> int:
     session = ChatSession(model, processor, max_new_tokens=args.max_new_tokens)
     if not args.no_pumer:
         try:
-            session.set_reduction(ratio=args.ratio, keep_tokens=args.keep_tokens, method=args.method)
+            session.set_reduction(ratio=args.ratio, keep_tokens=args.keep_tokens, method=args.method,
+                                  options=parse_options(args.option))
         except ValueError as e:
             raise CliError(str(e)) from None
     err.write(f"loaded in {time.perf_counter() - t0:.1f} s\n")

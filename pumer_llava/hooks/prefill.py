@@ -35,14 +35,14 @@ from dataclasses import dataclass
 import torch
 
 from ..reduce import plan_stages
-from ..reduce.merge import match_pairs, merge_pairs, recycle_targets
+from ..reduce.merge import merge_pairs
 from .cache import reduced_layer
+from .context import LayerContext, StageIndex, VisionContext
 from .layout import FILLER, TEXT, PromptLayout, StageSlots, cached, to_device
 from .masks import layer_mask
-from .scoring import QueryRows, attention_scores, custom_scores, random_scores, take_rows
+from .scoring import QueryRows, attention_scores, take_rows
 from .stats import stats_reduced, stats_unreduced
 from .tokens import Tokens
-from .vision import vispruner_keep
 
 
 class SelectTimer:
@@ -94,9 +94,9 @@ class Stage:
     """One reducing step of the cascade.
 
     index: 0-based, in order; layer: the decoder layer at whose input it acts; key: the
-    ``last_stats`` key (-1: VisPruner's choice before the LLM, made at the first layer's input);
-    score_layer: the layer whose input is scored (FastV scores at L-1); vision: chosen from
-    the vision tower (VisPruner) instead of by a scorer.
+    ``last_stats`` key (-1: the choice before the LLM, made at the first layer's input);
+    score_layer: the layer whose input is scored (FastV scores at L-1); vision: the method's
+    ``before_llm`` decides instead of its ``score`` / ``select``.
     """
 
     index: int
@@ -113,7 +113,7 @@ class StageDecision:
     n_in: slots it received; sel (B, N'): which slots stay (left-padded rows); code (B, N'):
     what each new slot holds (:mod:`.layout`); merge: (src, dst) (P,) flat indices into the
     (B * n_in) slots received, ``src[p]`` merging into ``dst[p]`` (``reduce.merge.merge_pairs``),
-    or None.
+    or None; replace: (slots, values), flat slots that take new values first, or None.
     """
 
     n_in: int
@@ -121,6 +121,7 @@ class StageDecision:
     code: torch.Tensor
     has_fillers: bool
     merge: tuple[torch.Tensor, torch.Tensor] | None = None
+    replace: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def extended(self, extra: int) -> StageDecision:
         """The same decision on ``extra`` more slots at the end (tokens after the prompt: kept)."""
@@ -128,12 +129,14 @@ class StageDecision:
             return self
         bsz = self.sel.shape[0]
         tail = torch.arange(self.n_in, self.n_in + extra, device=self.sel.device).expand(bsz, extra)
-        merge = self.merge
-        if merge is not None:  # flat indices into rows of n_in slots: into rows of n_in + extra
-            merge = tuple(f // self.n_in * (self.n_in + extra) + f % self.n_in for f in merge)
+        def widen(f):  # flat indices into rows of n_in slots: into rows of n_in + extra
+            return f // self.n_in * (self.n_in + extra) + f % self.n_in
+
+        merge = None if self.merge is None else tuple(widen(f) for f in self.merge)
+        replace = None if self.replace is None else (widen(self.replace[0]), self.replace[1])
         return StageDecision(self.n_in + extra, torch.cat([self.sel, tail], 1),
                              torch.cat([self.code, self.code.new_full((bsz, extra), TEXT)], 1),
-                             self.has_fillers, merge)
+                             self.has_fillers, merge, replace)
 
 
 @dataclass
@@ -162,7 +165,7 @@ def fingerprint(emb: torch.Tensor) -> torch.Tensor:
 
 def plan(state, layout: PromptLayout) -> tuple[list[Stage], list[list]]:
     """The stages of the cascade and, per stage, each image's (prune, merge, n_out)."""
-    cfg = state.config
+    cfg, method = state.config, state.method
     counts = layout.counts
     keeps = []
     for n, im in zip(counts, layout.images):
@@ -177,12 +180,11 @@ def plan(state, layout: PromptLayout) -> tuple[list[Stage], list[list]]:
             keeps.append(min(n, max(1, round(n * cfg.ratio))))
     if keeps == counts:
         return [], []
-    recipe = state.recipe
     stages = []
-    if recipe.pre_llm:
+    if method.before_llm is not None:
         stages.append(Stage(index=0, layer=0, key=-1, score_layer=0, vision=True))
     for layer in state.layers:
-        stages.append(Stage(index=len(stages), layer=layer, key=layer, score_layer=layer + recipe.score_offset))
+        stages.append(Stage(index=len(stages), layer=layer, key=layer, score_layer=layer + method.score_offset))
     per_image = [plan_stages(n, k, len(stages), state.merge_share) for n, k in zip(counts, keeps)]
     plans = []
     for s, stage in enumerate(stages):
@@ -194,29 +196,6 @@ def plan(state, layout: PromptLayout) -> tuple[list[Stage], list[list]]:
             rows.append((prune, merge, p[s].n_in - prune - merge))
         plans.append(rows)
     return stages, plans
-
-
-@dataclass
-class StageIndex:
-    """One stage's host plan on the device (one copy): where each image's tokens are, how many
-    each keeps, and the template of the slots that stay."""
-
-    slots_in: StageSlots
-    slots_out: StageSlots
-    img_idx: torch.Tensor  # (G, m) slots of each image's tokens (padded with its first)
-    img_flat: torch.Tensor  # (G*m,) the same in the flattened (B*N) layout
-    sel_base: torch.Tensor  # (B, W') input slot of each kept non-visual token; an image's first slot
-    vis_dst: torch.Tensor  # (V,) flat output slots of visual tokens
-    vis_src: torch.Tensor  # (V,) flat (G, o_max) entries of the chosen local indices they take
-    code_out: torch.Tensor  # (B, W')
-    img_pad: torch.Tensor | None  # (G, m) bool: padding entries (None: every image has m tokens)
-    k_pad: torch.Tensor | None  # (G, k_max) bool: j >= what the image keeps after pruning (None: all keep k_max)
-    pair_sel: torch.Tensor | None  # (P,) the real merges among the flattened (G, r_max) pairs (None: all)
-    o_pad: torch.Tensor | None  # (G, o_max) bool: j >= what the image keeps (None: all keep o_max)
-    rec: torch.Tensor  # (G, r_max) recycle: the score ranks of the tokens folded in (o .. o + r - 1)
-    k: list[int]
-    r: list[int]
-    o_max: int
 
 
 class Prefill:
@@ -253,6 +232,7 @@ class Prefill:
         self.decisions: list[StageDecision] = []
         self.reuse: list[StageDecision] | None = None
         self.fingerprint: torch.Tensor | None = None
+        self.embeddings: torch.Tensor | None = None
         self.kw: dict | None = None  # gathered kwargs for the tokens now present
         self.cache_view: tuple | None = None  # (pos, log_size, n_full, fillers) the reduced cache layers store
         self.pending_scores: dict[int, torch.Tensor] = {}
@@ -273,6 +253,7 @@ class Prefill:
     def check_reuse(self, emb: torch.Tensor) -> None:
         """At the language model's input: reuse the last prompt's decisions if this extends it."""
         state = self.state
+        self.embeddings = emb  # the input embeddings, for methods that read them (not a copy)
         self.fingerprint = fingerprint(emb)
         prev = state.prompt
         if prev is None or self.use_cache or not self.reduces:
@@ -332,6 +313,9 @@ class Prefill:
 
     def _apply(self, dec: StageDecision, hs: torch.Tensor) -> torch.Tensor:
         tok = self.tokens
+        if dec.replace is not None:
+            where, values = dec.replace
+            hs = hs.reshape(-1, hs.shape[-1]).index_copy(0, where.to(hs.device), values.to(hs)).view(hs.shape)
         if dec.merge is not None:
             src, dst = (t.to(hs.device) for t in dec.merge)
             hs, size = merge_pairs(hs, None if tok.size is None else tok.size.to(hs.device), src, dst)
@@ -358,26 +342,22 @@ class Prefill:
 
     def _index(self, s: int) -> StageIndex:
         """Stage ``s``'s index tensors, from the host layout, in one copy to the device."""
-        rule = self.state.merge_rule
-        key = ("index", self.layout.key, tuple(self.counts[s]), tuple(self.plans[s]), rule, self.device)
+        key = ("index", self.layout.key, tuple(self.counts[s]), tuple(self.plans[s]), self.device)
 
         def build():
-            host, *flags = self._index_host(s, rule)
+            host, *flags = self._index_host(s)
             return (to_device(self.device, *host), *flags)
 
         t, ragged_m, ragged_k, ragged_r, ragged_o, k, r, o_max = cached(key, build)
         return StageIndex(self.slots(s), self.slots(s + 1), *t[:6], t[6].bool() if ragged_m else None,
                           t[7].bool() if ragged_k else None, t[8] if ragged_r else None,
-                          t[9].bool() if ragged_o else None, t[10], k, r, o_max)
+                          t[9].bool() if ragged_o else None, k, r, o_max)
 
-    def _index_host(self, s: int, rule: str):
+    def _index_host(self, s: int):
         slots_in, slots_out = self.slots(s), self.slots(s + 1)
         layout, plan_rows = self.layout, self.plans[s]
         k = [n - p for n, (p, _, _) in zip(slots_in.counts, plan_rows)]
-        if rule == "recycle":  # every removed-by-merging token has a kept token to fold into
-            r = [m_ for _, m_, _ in plan_rows]
-        else:  # bipartite: set B has half the tokens
-            r = [min(m_, kg // 2) for kg, (_, m_, _) in zip(k, plan_rows)]
+        r = [m_ for _, m_, _ in plan_rows]  # at most half of k (``plan_stages``)
         o = slots_out.counts
         k_max, o_max, r_max = max(k), max(o), max(r)
         img_idx, img_ok = slots_in.image_slots()
@@ -405,18 +385,21 @@ class Prefill:
         ragged_m, ragged_k, ragged_r = min(slots_in.counts) != max(slots_in.counts), min(k) != k_max, min(r) != r_max
         ragged_o = min(o) != o_max
         o_pad = [[j >= og for j in range(o_max)] for og in o]
-        # recycle: the r tokens ranked right after the o kept ones are folded in
-        rec = [[min(og + j, max(kg - 1, 0)) for j in range(r_max)] for og, kg in zip(o, k)]
         host = (img_idx, img_flat, sel_base, vis_dst, vis_src, slots_out.code,
                 img_pad if ragged_m else [], k_pad if ragged_k else [], pair_sel if ragged_r else [],
-                o_pad if ragged_o else [], rec)
+                o_pad if ragged_o else [])
         return host, ragged_m, ragged_k, ragged_r, ragged_o, k, r, o_max
 
-    def _select(self, ix: StageIndex, local_out: torch.Tensor) -> StageDecision:
+    def _select(self, ix: StageIndex, choice) -> StageDecision:
         """The decision from each image's chosen local indices (G, o_max), ascending."""
+        local = choice.keep.to(ix.sel_base.device)
+        if tuple(local.shape) != (ix.img_idx.shape[0], ix.o_max):
+            raise ValueError(f"{self.state.method.name}: the choice keeps {tuple(local.shape)} local indices, "
+                             f"expected {(ix.img_idx.shape[0], ix.o_max)} (images x the most any image keeps)")
         bsz, w_out = ix.sel_base.shape
-        sel = ix.sel_base.reshape(-1).index_put((ix.vis_dst,), local_out.reshape(-1)[ix.vis_src], accumulate=True)
-        return StageDecision(ix.slots_in.width, sel.view(bsz, w_out), ix.code_out, ix.slots_out.has_fillers)
+        sel = ix.sel_base.reshape(-1).index_put((ix.vis_dst,), local.reshape(-1)[ix.vis_src], accumulate=True)
+        return StageDecision(ix.slots_in.width, sel.view(bsz, w_out), ix.code_out, ix.slots_out.has_fillers,
+                             choice.merge, choice.replace)
 
     def _query_rows(self, slots: StageSlots, kind: str) -> QueryRows:
         """The prompt's query rows at ``slots`` and what every key needs, on the host, then
@@ -472,120 +455,81 @@ class Prefill:
         flat = [b * width + i for b, row in enumerate(idx) for i in row]
         return flat, row_pos, key_pos, key_end, count
 
-    # ------------------------------------------------------------------ deciding
+    # ------------------------------------------------------------------ deciding (the method's callables)
+
+    def _context(self, stage: Stage, layer: int, module, hs: torch.Tensor, kw: dict, scores=None) -> LayerContext:
+        return LayerContext(self, self._index(stage.index), stage.index - int(self.stages[0].vision), layer, module,
+                            hs, kw, scores)
 
     def _score(self, stage: Stage, module, hs: torch.Tensor, kw: dict) -> torch.Tensor:
-        """(B, N) scores of the current slots (visual ones are read)."""
-        state, tok = self.state, self.tokens
-        scorer = state.recipe.scorer
-        slots = self.slots(stage.index)
-        if callable(scorer):
-            # how many each sample keeps after pruning (merging takes its share after the scores)
-            keep = self.layout.per_sample([n_out + m for _, m, n_out in self.plans[stage.index]])
-            vis_start = torch.tensor(self.layout.vis_start, device=tok.pos.device)
-            return custom_scores(scorer, tok, hs, stage.layer, stage.index - int(bool(state.recipe.pre_llm)),
-                                 self.input_ids[:, : self.n_prompt], vis_start, keep)
-        if scorer == "random":
-            vis_slots = [[s_ for s_, c in enumerate(row) if c >= 0] for row in slots.code]
-            ids = [row[: self.n_prompt] for row in self.layout.ids]
-            return random_scores(state.config.seed, ids, vis_slots, slots.width, tok.pos.device)
-        rows = self._query_rows(slots, scorer)
-        scores, metric, flops = attention_scores(state, tok, rows, module, hs, kw)
-        self.metric = (stage.score_layer, metric)
-        self.score_flops += flops
+        """(B, N) the method's scores of the current slots (only visual ones are read)."""
+        scores = self.state.method.score(self._context(stage, stage.score_layer, module, hs, kw))
+        if scores.shape != hs.shape[:2]:
+            raise ValueError(f"{self.state.method.name}: score returned shape {tuple(scores.shape)}, expected "
+                             f"{tuple(hs.shape[:2])} (one score per slot)")
         return scores
 
     def _decide(self, stage: Stage, module, hs: torch.Tensor, kw: dict) -> StageDecision:
-        """Prune, then merge, within each image: every image keeps its own budget.
-
-        Images are the rows here (G of them across the batch), so the sort and bipartite
-        merging never move a token's share from one image to another. Every shape comes
-        from the host plan; nothing here waits for the device."""
-        state, tok = self.state, self.tokens
+        """The method's choice within each image: every image keeps its own budget. Images are
+        the rows (G of them across the batch), so no step moves a token's share from one image to
+        another; every shape comes from the host plan."""
+        method = self.state.method
         scores = self.pending_scores.pop(stage.index, None)
-        if scores is None:
+        if scores is None and method.score is not None:
             scores = self._score(stage, module, hs, kw)
-        ix = self._index(stage.index)
-        g, m = ix.img_idx.shape
-        k_max = max(ix.k)
-        dev0 = tok.pos.device
-        img = scores.to(dev0).float().reshape(-1)[ix.img_flat].view(g, m)
-        if ix.img_pad is not None:  # images of different sizes: padding never wins
-            img = img.masked_fill(ix.img_pad, float("-inf"))
-        order = img.argsort(dim=1, descending=True, stable=True)[:, :k_max]  # ties: the earlier token
-        if ix.k_pad is not None:
-            order = order.masked_fill(ix.k_pad, m - 1)
-        merge = None
-        if any(ix.r) and state.merge_rule == "recycle":
-            local, merge = self._recycle(stage, module, hs, ix, order, m)
-        else:
-            local = order.sort(1).values  # (G, k_max) ascending, padding last
-            if any(ix.r):
-                local, merge = self._bipartite(stage, module, hs, ix, local, m)
-            else:
-                local = local[:, : ix.o_max]
+        ctx = self._context(stage, stage.layer, module, hs, kw, scores)
+        choice = method.selector(ctx)
         self.metric = None
-        dec = self._select(ix, local)
-        return StageDecision(dec.n_in, dec.sel, dec.code, dec.has_fillers, merge)
-
-    def _bipartite(self, stage: Stage, module, hs: torch.Tensor, ix: StageIndex, local: torch.Tensor, m: int):
-        """Merge the most similar of the kept tokens pairwise (bipartite soft matching on keys)."""
-        g, dev0 = local.shape[0], local.device
-        flat = ix.img_flat.view(g, m).gather(1, local)  # (G, k_max) kept slots in the flat (B*N) layout
-        metric = self._keys(stage, module, hs, flat)
-        pairs = match_pairs(metric, ix.k, ix.r, None if ix.k_pad is None else ix.k_pad.to(metric.device))
-        # the real pairs, in the flat (B*N) slots of this stage's input (A: even kept tokens, B: odd)
-        src = flat[:, 0::2].gather(1, pairs.src_a.to(dev0)).reshape(-1)
-        dst = flat[:, 1::2].gather(1, pairs.dst_b.to(dev0)).reshape(-1)
-        if ix.pair_sel is not None:  # images with fewer merges than others: only the real pairs
-            src, dst = src[ix.pair_sel], dst[ix.pair_sel]
-        return local.gather(1, pairs.keep.to(dev0)[:, : ix.o_max]), (src, dst)
-
-    def _keys(self, stage: Stage, module, hs: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
-        """Head-averaged keys of the slots ``flat`` (any shape, flat (B*N) indices): the ones the
-        scoring computed at this layer, else from the layer's own norm and k projection."""
-        if self.metric is not None and self.metric[0] == stage.layer:
-            keys = self.metric[1]
-            return keys.reshape(-1, keys.shape[-1])[flat.to(keys.device)]
-        parts = self.state.adapter.attn_parts(module, self.state.text_config)
-        with torch.no_grad():
-            x = hs.reshape(-1, hs.shape[-1])[flat.to(hs.device)].to(parts.k_proj.weight.device)
-            k = parts.k_proj(parts.norm(x))
-        self.score_flops += flat.numel() * hs.shape[-1] * parts.num_kv_heads * parts.head_dim
-        return k.view(*flat.shape, parts.num_kv_heads, parts.head_dim).mean(-2)
-
-    def _recycle(self, stage: Stage, module, hs: torch.Tensor, ix: StageIndex, order: torch.Tensor, m: int):
-        """Keep the ``o`` best-scored tokens of each image as they are; fold the ``r`` ranked right
-        after them into their most similar kept token (cosine of head-averaged keys)."""
-        g = order.shape[0]
-        top = order[:, : ix.o_max]
-        if ix.o_pad is not None:
-            top = top.masked_fill(ix.o_pad, m - 1)
-        local = top.sort(1).values  # (G, o_max) ascending
-        flat = ix.img_flat.view(g, m)
-        kept = flat.gather(1, local)  # (G, o_max) flat slots
-        src = flat.gather(1, order.gather(1, ix.rec))  # (G, r_max)
-        keys = self._keys(stage, module, hs, torch.cat([kept, src], 1))  # one projection for both
-        mk, ms = keys[:, : kept.shape[1]], keys[:, kept.shape[1] :]
-        target = recycle_targets(mk, ms, None if ix.o_pad is None else ix.o_pad.to(mk.device))
-        dst = kept.gather(1, target.to(kept.device))
-        src, dst = src.reshape(-1), dst.reshape(-1)
-        if ix.pair_sel is not None:
-            src, dst = src[ix.pair_sel], dst[ix.pair_sel]
-        return local, (src, dst)
+        return self._select(ctx._ix, choice)
 
     def _decide_vision(self, stage: Stage, hs: torch.Tensor) -> StageDecision:
         ix = self._index(stage.index)
-        keep_vis, flops = vispruner_keep(self.state, self.tokens, self.layout, ix.slots_in, ix.slots_out.counts, hs)
+        choice = self.state.method.before_llm(VisionContext(self, ix, hs))
+        return self._select(ix, choice)
+
+    # services the contexts offer (see :mod:`.context`)
+
+    def attention(self, ctx: LayerContext, rows: str) -> torch.Tensor:
+        kind = "text_attention" if rows == "text" else "last_token_attention"
+        q_rows = self._query_rows(ctx.slots, kind)
+        scores, metric, flops = attention_scores(self.state, self.tokens, q_rows, ctx.module, ctx.hidden, ctx.kwargs)
+        self.metric = (ctx.layer, metric)
         self.score_flops += flops
-        m = ix.img_idx.shape[1]
-        g = ix.img_idx.shape[0]
-        dropped = ~keep_vis.to(ix.img_idx.device).reshape(-1)[ix.img_flat].view(g, m)
-        if ix.img_pad is not None:
-            dropped = dropped | ix.img_pad
-        ar = torch.arange(m, device=ix.img_idx.device).expand(g, m)
-        local = ar.masked_fill(dropped, m - 1).sort(1).values[:, : ix.o_max]
-        return self._select(ix, local)
+        return scores
+
+    def row_attention(self, ctx: LayerContext, rows: str):
+        kind = "text_attention" if rows == "text" else "last_token_attention"
+        q_rows = self._query_rows(ctx.slots, kind)
+        probs, counts, metric, flops = attention_scores(self.state, self.tokens, q_rows, ctx.module, ctx.hidden,
+                                                        ctx.kwargs, per_row=True)
+        self.metric = (ctx.layer, metric)
+        self.score_flops += flops
+        return probs, q_rows.flat.view(probs.shape[0], -1), counts
+
+    def keys(self, ctx: LayerContext, flat: torch.Tensor | None) -> torch.Tensor:
+        """Head-averaged keys of the slots ``flat``: the ones the attention computed at this layer,
+        else from the layer's own norm and k projection."""
+        hs = ctx.hidden
+        if self.metric is not None and self.metric[0] == ctx.layer:
+            keys = self.metric[1]
+            if flat is None:
+                return keys
+            return keys.reshape(-1, keys.shape[-1])[flat.to(keys.device)]
+        parts = ctx.parts
+        with torch.no_grad():
+            if flat is None:
+                x = hs.to(parts.k_proj.weight.device)
+                shape = hs.shape[:2]
+            else:
+                x = hs.reshape(-1, hs.shape[-1])[flat.to(hs.device)].to(parts.k_proj.weight.device)
+                shape = flat.shape
+            k = parts.k_proj(parts.norm(x))
+        n = shape.numel() if hasattr(shape, "numel") else int(torch.tensor(shape).prod())
+        self.score_flops += n * hs.shape[-1] * parts.num_kv_heads * parts.head_dim
+        keys = k.view(*shape, parts.num_kv_heads, parts.head_dim).mean(-2)
+        if flat is None:
+            self.metric = (ctx.layer, keys)
+        return keys
 
     # ------------------------------------------------------------------ after the last layer
 

@@ -6,7 +6,7 @@
   (a :class:`.prefill.Prefill`, or an :class:`.decode.Extend` on a reduced cache) and close it.
 - :class:`LanguageModelHook`: the LM's input embeddings, to recognise a prompt being extended.
 - :class:`DecoderLayerHook`: one per decoder layer from the first that scores or reduces.
-- :class:`VisionLayerHook` / :class:`ProjectorHook`: VisPruner's inputs from the tower.
+- :class:`VisionLayerHook` / :class:`ProjectorHook`: a pre-LLM method's inputs from the tower.
 
 Each hook holds the :class:`PumerState` of the model it was installed on; a deep copy of
 the model copies the hooks with a state of its own.
@@ -22,7 +22,7 @@ from .decode import Extend
 from .layout import PromptLayout
 from .prefill import Prefill
 from .state import PumerState
-from .vision import tower_importance
+from .vision import TowerCall, tower_importance
 
 
 def carries_visual_inputs(kwargs: dict) -> bool:
@@ -184,35 +184,42 @@ class InnerPostHook(_Hook):
 
 
 class VisionLayerHook(_Hook):
-    """Pre-hook of the vision-tower layer LLaVA reads features from: VisPruner's importance."""
+    """Pre-hook of the vision-tower layer LLaVA reads features from: importance and keys."""
 
     def __call__(self, module, args, kwargs):
         state = self.state
         if not state.enabled:
             return None
         h = args[0] if args else kwargs["hidden_states"]  # (n_img, N, dv)
-        imp = tower_importance(state.adapter.vision_parts(state.model), h)
+        imp, keys = tower_importance(state.vision_info, h)
         # kept until the tower runs after a prefill: generate(use_cache=False) encodes the image
         # once and re-runs prefill on the same features at every step
         if state.vision_consumed:
             state.vision_calls.clear()
             state.vision_consumed = False
-        state.vision_calls.append([imp, None])
-        state.importance = imp
+        state.vision_calls.append(TowerCall(imp, keys))
         return None
 
 
 class ProjectorHook(_Hook):
-    """Forward hook of the projector: its output next to the importance of the same tower call."""
+    """Forward hook of the projector: its output (and input, when the method rebuilds tokens
+    from tower features) next to the importance of the same tower call."""
+
+    def __init__(self, state: PumerState, keep_input: bool):
+        super().__init__(state)
+        self.keep_input = keep_input
 
     def __call__(self, module, args, output):
         state = self.state
-        if state.enabled and state.vision_calls and state.vision_calls[-1][1] is None:
-            state.vision_calls[-1][1] = output.detach()
+        if state.enabled and not state.projecting and state.vision_calls and state.vision_calls[-1].projected is None:
+            call = state.vision_calls[-1]
+            call.projected = output.detach()
+            if self.keep_input:
+                call.features = (args[0] if args else None).detach()
         return None
 
 
-def install(model, state: PumerState, vision_parts=None, projector=None) -> None:
+def install(model, state: PumerState, projector=None) -> None:
     """Register every hook on ``model``; their handles go into ``state.handles``."""
     adapter, handles = state.adapter, state.handles
     handles.append(model.register_forward_pre_hook(TopHook(state), with_kwargs=True))
@@ -220,12 +227,13 @@ def install(model, state: PumerState, vision_parts=None, projector=None) -> None
     handles.append(inner.register_forward_pre_hook(InnerPreHook(state), with_kwargs=True))
     handles.append(inner.register_forward_hook(InnerPostHook(state), with_kwargs=True))
     handles.append(adapter.language_model(model).register_forward_pre_hook(LanguageModelHook(state), with_kwargs=True))
-    if vision_parts is not None:
-        handles.append(vision_parts.layer.register_forward_pre_hook(VisionLayerHook(state), with_kwargs=True))
-        handles.append(projector.register_forward_hook(ProjectorHook(state)))
+    method = state.method
+    if state.vision_info is not None:
+        handles.append(state.vision_info.layer.register_forward_pre_hook(VisionLayerHook(state), with_kwargs=True))
+        keep_input = "tower_features" in method.needs
+        handles.append(projector.register_forward_hook(ProjectorHook(state, keep_input)))
     layers = adapter.layers(model)
-    recipe = state.recipe
-    firsts = [0] if recipe.pre_llm else []
-    firsts += [min(state.layers[0] + min(recipe.score_offset, 0), state.layers[0])] if state.layers else []
+    firsts = [0] if method.before_llm is not None else []
+    firsts += [min(state.layers[0] + min(method.score_offset, 0), state.layers[0])] if state.layers else []
     for i in range(min(firsts, default=len(layers)), len(layers)):
         handles.append(layers[i].register_forward_pre_hook(DecoderLayerHook(state, i), with_kwargs=True))

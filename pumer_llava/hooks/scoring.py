@@ -1,16 +1,13 @@
-"""Scores of the visual tokens at a reducing stage: how the runtime calls ``reduce.scoring``.
+"""Attention a stage's query rows give the current slots: how the runtime calls ``reduce.scoring``.
 
-- ``text_attention`` (PuMer): the attention the text after each image gives its tokens,
-  from the layer's own norm, q/k projections and RoPE, for those query rows only. An image
-  with no text after it (the prompt ends with it, or asks its question first) is scored by
-  the prompt's text before it instead, with the causal mask lifted for that image's keys:
-  the question's queries against the image's keys, so the question still decides.
-- ``last_token_attention`` (FastV): the same from the last prompt token.
-- ``random``: seeded by each sample's own ids, so a prompt gets the same choice in any batch.
-- a callable: a custom scorer over a :class:`ScoreContext`.
+- text rows: the attention the text after each image gives its tokens, from the layer's own
+  norm, q/k projections and RoPE, for those query rows only. An image with no text after it
+  (the prompt ends with it, or asks its question first) is scored by the prompt's text before
+  it instead, with the causal mask lifted for that image's keys: the question's queries
+  against the image's keys, so the question still decides.
+- the last row: the same from the last prompt token.
 
-Every scorer returns (B, N) scores over the current slots (only visual slots are read):
-higher = keep.
+The result is (B, N) over the current slots (only visual slots are read): higher = keep.
 """
 
 from __future__ import annotations
@@ -19,8 +16,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ..methods import ScoreContext
-from ..reduce.ragged import ragged_nonzero
 from ..reduce.scoring import apply_rope, scores_from_rows
 from .tokens import Tokens
 
@@ -55,7 +50,7 @@ class QueryRows:
     count: torch.Tensor
 
 
-def attention_scores(state, tok: Tokens, rows: QueryRows, module, hs: torch.Tensor, kw: dict):
+def attention_scores(state, tok: Tokens, rows: QueryRows, module, hs: torch.Tensor, kw: dict, per_row: bool = False):
     """(B, N) attention the query rows give every current slot, and the head-averaged keys
     (B, N, hd) the layer's own k projection gives (merging measures similarity on them)."""
     parts = state.adapter.attn_parts(module, state.text_config)
@@ -85,46 +80,10 @@ def attention_scores(state, tok: Tokens, rows: QueryRows, module, hs: torch.Tens
         row_pos = tok.pos.reshape(-1).index_select(0, flat.to(tok.pos.device)).view(bsz, r)
     key_bias = tok.log_size(state.prop_attn)
     scores = scores_from_rows(q, k, parts.scaling, rows.key_pos.to(dev), row_pos.to(dev), rows.key_end.to(dev),
-                              rows.count.to(dev), None if key_bias is None else key_bias.to(dev))
+                              rows.count.to(dev), None if key_bias is None else key_bias.to(dev), per_row=per_row)
     hq, hkv = parts.num_heads * parts.head_dim, parts.num_kv_heads * parts.head_dim
     flops = bsz * (r * d * hq + n * d * hkv + parts.num_heads * r * n * parts.head_dim)
+    if per_row:
+        probs, counts = scores
+        return probs.to(hs.device), counts.to(hs.device), metric, flops
     return scores.to(hs.device), metric, flops
-
-
-def random_scores(seed: int, ids: list[list[int]], vis_slots: list[list[int]], width: int, device) -> torch.Tensor:
-    """(B, width) random scores of the visual slots (0 elsewhere), seeded by each sample's own
-    (unpadded) ids: the same prompt gets the same choice in any batch, so beams and padded
-    batches agree with single samples. ids: the host's rows (-1 at padding); vis_slots: each
-    row's visual slots in order (its j-th visual token gets the generator's j-th draw)."""
-    out = torch.zeros(len(ids), width)
-    for b, row in enumerate(ids):
-        own = tuple(t for t in row if t >= 0)
-        g = torch.Generator().manual_seed(hash((seed, len(own), own)) & (2**62 - 1))
-        slots = vis_slots[b]
-        if slots:
-            out[b, slots] = torch.rand(len(slots), generator=g)
-    return out.to(device)
-
-
-def custom_scores(scorer, tok: Tokens, hs, layer, stage, input_ids, vis_start, keep) -> torch.Tensor:
-    """A user's scorer over the visual tokens (``ragged_nonzero`` order), as (B, N) over slots."""
-    vis_idx, vis_ok = ragged_nonzero(tok.is_vis)
-    positions = tok.pos.gather(1, vis_idx)
-    ctx = ScoreContext(
-        layer=layer,
-        stage=stage,
-        hidden=hs.gather(1, vis_idx.to(hs.device)[..., None].expand(-1, -1, hs.shape[-1])),
-        positions=positions,
-        patch_index=positions - vis_start[:, None],
-        input_ids=input_ids,
-        keep=max(keep),
-        valid=vis_ok,
-        keep_per_sample=keep,
-    )
-    scores = scorer(ctx)
-    if tuple(scores.shape) != tuple(vis_idx.shape):
-        raise ValueError(f"custom scorer returned shape {tuple(scores.shape)}, expected {tuple(vis_idx.shape)}")
-    full = torch.zeros(tok.pos.shape, device=vis_idx.device)
-    rows = torch.arange(vis_idx.shape[0], device=vis_idx.device)[:, None].expand_as(vis_idx)
-    full[rows[vis_ok], vis_idx[vis_ok]] = scores.to(vis_idx.device).float()[vis_ok]
-    return full

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from ..config import PumerConfig
-from ..methods import Recipe
+from ..methods import Method
 from .adapters import Adapter
 
 
@@ -109,7 +109,7 @@ class PumerState:
     """
 
     config: PumerConfig
-    recipe: Recipe
+    method: Method
     adapter: Adapter
     layers: tuple[int, ...]
     model_ref: Any = None  # weakref to the patched model
@@ -125,10 +125,12 @@ class PumerState:
     prompt: Any = None
     logits_to_keep: Any = 0  # the top-level call's, read when scattering hidden states back
     labels: tuple[Any, Any] = (None, None)  # the top-level call's labels / shift_labels (clones)
-    importance: torch.Tensor | None = None  # VisPruner: (n_views, P) importance of the last tower call
-    # VisPruner: per tower call since the last prefill, [importance (V, P), projector output (V, P, d)]
-    vision_calls: list[list[Any]] = field(default_factory=list)
+    options: Any = None  # the method's options (config.options, or the method's defaults)
+    vision_info: Any = None  # the tower's VisionParts, for methods that read the tower
+    # per tower call since the last prefill (``.vision.TowerCall``): importance, keys, projector output
+    vision_calls: list[Any] = field(default_factory=list)
     vision_consumed: bool = False  # a prefill read vision_calls: the next tower call starts a new list
+    projecting: bool = False  # a method is calling the projector itself: not a tower call
 
     def __deepcopy__(self, memo):
         # copy.deepcopy(model) copies this state with the hooks that hold it: point the copy at
@@ -163,26 +165,23 @@ class PumerState:
         return len(self.adapter.layers(self.model_ref()))
 
     @property
+    def importance(self) -> torch.Tensor | None:
+        """(n_views, P) the vision tower's importance of every token of its last call (methods
+        that read the tower), or None."""
+        return self.vision_calls[-1].importance if self.vision_calls else None
+
+    @property
     def merge_share(self) -> float:
-        return self.recipe.merge_share if self.config.merge_share is None else self.config.merge_share
-
-    @property
-    def important_ratio(self) -> float:
-        r = self.config.important_ratio
-        return self.recipe.important_ratio if r is None else r
-
-    @property
-    def merge_rule(self) -> str:
-        return self.config.merge_rule or "bipartite"
+        """Share of each stage's removal done by merging (the options' ``merge_share``, else 0)."""
+        return float(getattr(self.options, "merge_share", 0.0))
 
     @property
     def prop_attn(self) -> bool:
-        return self.recipe.prop_attn if self.config.prop_attn is None else self.config.prop_attn
+        return bool(getattr(self.options, "prop_attn", False))
 
     def to_dict(self) -> dict[str, Any]:
+        """The setup as it runs: the config with the resolved layers and every option."""
         d = self.config.to_dict()
-        d.update(layers=list(self.layers), merge_share=self.merge_share, prop_attn=self.prop_attn,
-                 merge_rule=self.merge_rule)
-        if self.recipe.pre_llm:
-            d.update(pre_llm=self.recipe.pre_llm, important_ratio=self.important_ratio)
+        d.update(self.options.to_dict())
+        d.update(layers=list(self.layers), before_llm=self.method.before_llm is not None)
         return d

@@ -41,3 +41,44 @@ def remove_duplicates(feats: torch.Tensor, target: int) -> torch.Tensor:
         remaining -= r
     ar = torch.arange(n, device=feats.device)
     return torch.where(alive, ar, n).sort(1).values[:, :target]  # ascending, no wait for the device
+
+
+def max_min_diverse(feats: torch.Tensor, n_keep: int, pad: torch.Tensor | None = None,
+                    keep_pad: torch.Tensor | None = None) -> torch.Tensor:
+    """DivPrune's greedy max-min choice (Alvar et al., CVPR 2025, arXiv 2503.02175).
+
+    Distance is ``1 - cosine``. The first token is the most isolated one (the largest distance
+    to its nearest *other* token); each next is the unselected token farthest from the selected
+    set (its smallest distance to them). Ties: the lower index.
+
+    feats: (G, m, c) per-image rows; pad: (G, m) True at padding (never chosen, never anyone's
+    neighbour); n_keep: the most any image keeps; keep_pad: (G, n_keep) True past what an image
+    keeps. Returns (G, n_keep) local indices, ascending, entries past an image's budget ``m - 1``.
+    One step per kept token, every image at once; nothing reads the device.
+    """
+    g, m, _ = feats.shape
+    dev = feats.device
+    inf = float("inf")
+    if n_keep == 0:
+        return torch.empty(g, 0, dtype=torch.long, device=dev)
+    f = feats.float()
+    f = f / f.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    dist = 1.0 - f @ f.transpose(1, 2)  # (G, m, m)
+    valid = torch.ones(g, m, dtype=torch.bool, device=dev) if pad is None else ~pad.to(dev)
+    other = valid[:, :, None] & valid[:, None, :] & ~torch.eye(m, dtype=torch.bool, device=dev)
+    nearest = dist.masked_fill(~other, inf).amin(1)  # (G, m); a lone token: inf
+    score = nearest.masked_fill(~valid, -inf)
+    rows = torch.arange(g, device=dev)
+    picks = []
+    for _ in range(n_keep):
+        pick = score.argmax(1)  # first maximum: the lower index on ties
+        picks.append(pick)
+        if len(picks) == 1:
+            score = dist[rows, pick].masked_fill(~valid, -inf)  # distance to the selected set
+        else:
+            score = torch.minimum(score, dist[rows, pick])
+        score = score.scatter(1, pick[:, None], -inf)  # the selected are never chosen again
+    sel = torch.stack(picks, 1)
+    if keep_pad is not None:
+        sel = sel.masked_fill(keep_pad.to(dev), m - 1)
+    return sel.sort(1).values

@@ -105,7 +105,8 @@ def scores_from_rows(
     key_end: torch.Tensor,
     count: torch.Tensor,
     key_bias: torch.Tensor | None = None,
-) -> torch.Tensor:
+    per_row: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """(B, N) mean attention the query rows that follow each key's image give it, lean.
 
     The same quantity as :func:`query_row_attention` then :func:`mean_over_rows_after`, with
@@ -117,7 +118,8 @@ def scores_from_rows(
     (B, R) when ``key_pos <= row_pos`` (invalid rows at -2 see nothing, invalid keys sit
     past every row). key_end (B, N): a row counts for a key when ``row_pos > key_end``
     (-1: every valid row). count (B, N): heads times the rows that count (at least 1).
-    key_bias: (B, N) additive logit bias (log token sizes).
+    key_bias: (B, N) additive logit bias (log token sizes). per_row: return instead each row's
+    head-averaged probabilities (B, R, N) and whether it counts for each key (B, R, N) bool.
     """
     bsz, h, r, hd = q.shape
     hkv, n = k.shape[1], k.shape[2]
@@ -129,6 +131,8 @@ def scores_from_rows(
     if h > hkv:
         hidden = hidden.repeat(1, h // hkv, 1)  # (B, G*R, N)
     probs = logits.masked_fill(hidden[:, None], torch.finfo(logits.dtype).min).softmax(dim=-1)
-    per_row = probs.view(bsz, h, r, n).sum(1)  # (B, R, N) summed over heads
+    summed = probs.view(bsz, h, r, n).sum(1)  # (B, R, N) summed over heads
     w = row_pos[:, :, None] > key_end[:, None, :]  # (B, R, N)
-    return (per_row * w).sum(1) / count
+    if per_row:
+        return summed / h, w & (row_pos >= 0)[:, :, None]
+    return (summed * w).sum(1) / count

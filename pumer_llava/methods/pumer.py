@@ -1,0 +1,92 @@
+"""PuMer (Cao, Paranjape, Hajishirzi, ACL 2023): text-informed pruning, then merging of similar
+visual tokens, at several layers of the language model.
+
+Score: the attention the text after each image gives its tokens (``ctx.attention("text")``).
+Each stage keeps the best-scored tokens of every image, then spends ``merge_share`` of its
+removal on merging (:data:`.base.MERGE_RULES`): only visual tokens are passed to the matching,
+so image tokens merge with image tokens and text is never touched. Merged tokens carry their
+size; with ``prop_attn`` a token standing for ``s`` gets ``log s`` on its attention logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..reduce.merge import match_pairs, recycle_targets
+from .base import Choice, MergeOptions, Method, keep_top
+
+
+@dataclass(frozen=True)
+class PumerOptions(MergeOptions):
+    merge_share: float = 0.5
+    prop_attn: bool = True
+
+
+def cascade_layers(depth: int) -> tuple[int, ...]:
+    """2, 8, 16 for a 32-layer LLM (the paper reduces at several cross-modal layers): the first
+    stage early enough to save most compute, late enough that the text has read the image."""
+    cand = [max(1, round(depth / 16)), max(1, round(depth / 4)), max(1, round(depth / 2))]
+    return tuple(sorted({min(c, depth - 1) for c in cand if depth > 1})) or (0,)
+
+
+def text_attention(ctx) -> torch.Tensor:
+    return ctx.attention("text")
+
+
+def prune_then_merge(ctx) -> Choice:
+    """Keep each image's best-scored tokens, then merge by the options' rule."""
+    if not ctx.merge_max:
+        return keep_top(ctx)
+    order = ctx.order(ctx.scores)  # (G, keep_max)
+    if ctx.options.merge_rule == "recycle":
+        return recycle(ctx, order)
+    return bipartite(ctx, order)
+
+
+def bipartite(ctx, order: torch.Tensor) -> Choice:
+    """Merge the most similar of the kept tokens pairwise (bipartite soft matching on keys)."""
+    local = order.sort(1).values  # (G, keep_max) ascending, padding last
+    dev0 = local.device
+    flat = ctx.flat_slots.gather(1, local)  # kept slots in the flat (B*N) layout
+    metric = ctx.keys(flat)
+    pad = None if ctx.keep_pad is None else ctx.keep_pad.to(metric.device)
+    pairs = match_pairs(metric, ctx.keep, ctx.merge, pad)
+    # the real pairs, in the flat slots of this stage's input (A: even kept tokens, B: odd)
+    src = flat[:, 0::2].gather(1, pairs.src_a.to(dev0)).reshape(-1)
+    dst = flat[:, 1::2].gather(1, pairs.dst_b.to(dev0)).reshape(-1)
+    if ctx.pair_sel is not None:  # images with fewer merges than others: only the real pairs
+        src, dst = src[ctx.pair_sel], dst[ctx.pair_sel]
+    return Choice(keep=local.gather(1, pairs.keep.to(dev0)[:, : ctx.out_max]), merge=(src, dst))
+
+
+def recycle(ctx, order: torch.Tensor) -> Choice:
+    """Keep the ``out`` best-scored tokens of each image as they are; fold the ``merge`` ranked
+    right after them into their most similar kept token (cosine of head-averaged keys)."""
+    top = order[:, : ctx.out_max]
+    local = ctx.ascending(top, ctx.out_pad)  # (G, out_max)
+    # the merge_max tokens ranked right after each image's kept ones (clamped into what it keeps)
+    rank = ctx.host_tensor("recycle", lambda: [[min(o + j, max(k - 1, 0)) for j in range(ctx.merge_max)]
+                                                for o, k in zip(ctx.out, ctx.keep)])
+    kept = ctx.flat_slots.gather(1, local)  # (G, out_max) flat slots
+    src = ctx.flat_slots.gather(1, order.gather(1, rank.view(ctx.n_images, -1)))  # (G, merge_max)
+    keys = ctx.keys(torch.cat([kept, src], 1))  # one projection for both
+    mk, ms = keys[:, : kept.shape[1]], keys[:, kept.shape[1] :]
+    target = recycle_targets(mk, ms, None if ctx.out_pad is None else ctx.out_pad.to(mk.device))
+    dst = kept.gather(1, target.to(kept.device))
+    src, dst = src.reshape(-1), dst.reshape(-1)
+    if ctx.pair_sel is not None:
+        src, dst = src[ctx.pair_sel], dst[ctx.pair_sel]
+    return Choice(keep=local, merge=(src, dst))
+
+
+METHOD = Method(
+    name="pumer",
+    description="text-informed pruning + modality-aware merging, cascaded (PuMer, training-free)",
+    options=PumerOptions,
+    score=text_attention,
+    select=prune_then_merge,
+    default_layers=cascade_layers,
+    paper="Cao et al., PuMer, ACL 2023",
+)

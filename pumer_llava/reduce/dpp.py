@@ -1,0 +1,90 @@
+"""CDPruner's core (Zhang et al., "Beyond Attention or Similarity: Maximizing Conditional
+Diversity for Token Pruning in MLLMs", arXiv 2506.10967): keep the visual tokens that a
+determinantal point process conditioned on the instruction finds most probable together.
+
+- similarity ``S``: cosine of the tokens' features (an image's tokens among themselves);
+- relevance ``r``: mean cosine of each token to the instruction's rows, min-max normalised
+  per image;
+- kernel ``L = diag(r) S diag(r)``, so ``log det L_Y = sum_Y 2 log r_i + log det S_Y``: a
+  set scores high when its tokens are relevant and unlike one another;
+- greedy MAP inference (Chen, Zhang and Zhou, "Fast Greedy MAP Inference for Determinantal
+  Point Process", NeurIPS 2018): each step adds the token that most increases ``log det L_Y``,
+  with the gains kept up to date by an incremental Cholesky factorisation, O(n T^2).
+
+Rows are images (G of them, padded to ``m`` tokens, ``pad`` (G, m) True at padding), all math in
+float32, every image in one batched loop of a host-known number of steps.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    x = x.float()
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+
+
+def relevance(feats: torch.Tensor, text: torch.Tensor, text_valid: torch.Tensor,
+              pad: torch.Tensor | None = None, negate: bool = False) -> torch.Tensor:
+    """(G, m) relevance of each token to its image's instruction, in [0, 1).
+
+    feats: (G, m, d) the tokens; text: (G, R, d) the instruction's rows; text_valid: (G, R)
+    bool. r_i = mean over valid rows j of cos(feats_i, text_j) (``negate``: of -cos, the
+    authors' sign for CLIP's penultimate features), then (r - min) / (max - min + 1e-6) over
+    the image's real tokens. Padding gets 0.
+    """
+    cos = _unit(feats) @ _unit(text).transpose(1, 2)  # (G, m, R)
+    w = text_valid.to(cos)
+    r = (cos * w[:, None, :]).sum(-1) / w.sum(-1, keepdim=True).clamp_min(1.0)
+    if negate:
+        r = -r
+    real = torch.ones_like(r, dtype=torch.bool) if pad is None else ~pad
+    lo = r.masked_fill(~real, float("inf")).amin(1, keepdim=True)
+    hi = r.masked_fill(~real, float("-inf")).amax(1, keepdim=True)
+    return ((r - lo) / (hi - lo + 1e-6)).masked_fill(~real, 0.0)
+
+
+def dpp_kernel(feats: torch.Tensor, rel: torch.Tensor) -> torch.Tensor:
+    """(G, m, m) the conditional kernel L = diag(r) S diag(r), S the cosine of ``feats`` (G, m, d)."""
+    f = _unit(feats)
+    r = rel.float()
+    return r[:, :, None] * (f @ f.transpose(1, 2)) * r[:, None, :]
+
+
+def greedy_map(kernel: torch.Tensor, steps: int, pad: torch.Tensor | None = None) -> torch.Tensor:
+    """(G, steps) local indices in the order greedy MAP inference picks them.
+
+    kernel: (G, m, m) positive semi-definite. Step t adds the token with the largest gain
+    d2_i = det(L_{Y+i}) / det(L_Y), the squared residual of row i after the Cholesky rows of
+    the picks so far: e = (L[j] - sum_s C_s[j] C_s) / sqrt(d2_j), d2 <- d2 - e^2. A picked or
+    padded token is never picked (it ranks below every available one, whatever the gains);
+    the divisor is clamped so a kernel of rank below ``steps`` (more tokens than feature
+    dimensions) gives distinct picks instead of NaNs. An image with fewer than ``steps``
+    available tokens gets arbitrary entries past them (the caller ignores them).
+    """
+    g, m, _ = kernel.shape
+    L = kernel.float()
+    d2 = L.diagonal(dim1=1, dim2=2).clone()  # (G, m) gains
+    avail = torch.ones(g, m, dtype=torch.bool, device=L.device) if pad is None else ~pad.to(L.device)
+    chol = L.new_zeros(g, steps, m)  # Cholesky rows of the picks
+    picks = torch.zeros(g, steps, dtype=torch.long, device=L.device)
+    low = torch.finfo(L.dtype).min  # below any real gain, above the unavailable
+    for t in range(steps):
+        gain = torch.where(avail, d2.nan_to_num(nan=low, posinf=-low, neginf=low), float("-inf"))
+        j = gain.argmax(1, keepdim=True)  # (G, 1)
+        picks[:, t] = j[:, 0]
+        row = L.gather(1, j[:, :, None].expand(-1, 1, m))[:, 0]  # (G, m) L[j, :]
+        if t:
+            cj = chol[:, :t].gather(2, j[:, None, :].expand(-1, t, 1))  # (G, t, 1) C_s[j]
+            row = row - (cj * chol[:, :t]).sum(1)
+        e = row / d2.gather(1, j).clamp_min(1e-12).sqrt()
+        chol[:, t] = e
+        d2 = d2 - e * e
+        avail = avail.scatter(1, j, False)
+    return picks
+
+
+def greedy_map_flops(n_images: int, m: int, steps: int) -> float:
+    """Multiply-adds of :func:`greedy_map`: each step corrects every row by the picks so far."""
+    return float(n_images) * m * steps * (steps + 1) / 2
