@@ -17,7 +17,14 @@ from pumer_llava.hooks.layout import FILLER, PAD, TEXT, PromptLayout
 from tiny import IMAGE_TOKEN, N_VIS, make_inputs, make_mixed_inputs, tiny_llava
 
 # prefill ops (all dispatched operators) of a reducing prefill over the unpatched one, at most
-PREFILL_OPS = {"pumer": 1.21, "fastv": 1.06, "random": 1.04, "vispruner": 1.08}
+PREFILL_OPS = {"pumer": 1.21, "fastv": 1.06, "random": 1.04, "vispruner": 1.08, "visionzip": 1.10, "divprune": 1.05,
+               "cdpruner": 1.11, "dart": 1.07, "pyramiddrop": 1.14, "sparsevlm": 1.38}
+
+
+def test_every_method_has_its_counts_pinned():
+    from pumer_llava import list_methods
+
+    assert sorted(PREFILL_OPS) == list_methods()
 DECODE_OPS = 1.02  # every method, prop-attn on for PuMer
 
 
