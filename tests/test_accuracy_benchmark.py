@@ -149,3 +149,22 @@ def test_prune_only_variant_keeps_the_top_pumer_scores(small_proxy, records):
     for a, b in zip(top, bottom):
         assert len(a) == 32 and len(set(a) & set(b)) <= 2, "prune-only keeps PuMer's top half (ties aside)"
     assert top != merged, "with merging PuMer keeps a different set"
+
+
+def test_the_methods_table_reads_the_harness_outputs(tmp_path):
+    """eval/methods_table.py over the committed first-look runs: one row per method and control,
+    the accuracy values as the runs wrote them."""
+    import methods_table
+
+    res = Path(__file__).resolve().parent.parent / "eval" / "results"
+    t = methods_table.main(["--default", str(res / "accuracy_quick_methods.json"),
+                            "--layer0", str(res / "accuracy_quick_layer0_methods.json"), "--out", str(tmp_path / "t")])
+    names = {r["method"] for r in t["rows"]}
+    from pumer_llava import list_methods
+
+    assert set(list_methods()) <= names
+    rows = json.loads((res / "accuracy_quick_methods.json").read_text())["rows"]
+    want = next(r["accuracy"] for r in rows if r["name"] == "cdpruner" and r["keep_tokens"] == 7)
+    got = next(r for r in t["rows"] if r["method"] == "cdpruner")["default"][7]
+    assert got == want
+    assert (tmp_path / "t.md").read_text().count("\n| ") == len(t["rows"])  # the header opens the file
