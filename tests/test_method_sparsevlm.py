@@ -166,7 +166,8 @@ def layer_attention(layer, h, pe, n_pad):
 @pytest.mark.parametrize("shares", [None, (0.5, 0.4), "prune"], ids=["paper", "more-clusters", "no-recycling"])
 @pytest.mark.parametrize("kind", BACKBONES)
 def test_each_stage_keeps_the_raters_top_and_the_cluster_centers(kind, shares):
-    """At every reducing layer L: the raters (from the input embeddings) and their attention at
+    """At every reducing layer L: the raters (from the input embeddings of every visual token,
+    chosen once) and their attention at
     layer L-1, recomputed here from L-1's own input and weights; each image keeps the top
     ``out - c`` of that score and the DPC-kNN centers of the next ``m`` (on L-1's output), and a
     center enters layer L as the average of its cluster."""
@@ -191,6 +192,7 @@ def test_each_stage_keeps_the_raters_top_and_the_cluster_centers(kind, shares):
     n_pad = [n0 - p - N_VIS - s for p, s in zip(pre, suf)]
     emb0 = seen[0][0]  # the input embeddings (layer 0 does not reduce)
     current = [[n_pad[b] + pre[b] + j for j in range(N_VIS)] for b in range(2)]
+    every = [list(c) for c in current]  # the raters are chosen once, from every visual token
     mods = model.model.language_model.layers
     merged_some = False
     with torch.no_grad():
@@ -205,7 +207,7 @@ def test_each_stage_keeps_the_raters_top_and_the_cluster_centers(kind, shares):
                 vis_slots = list(range(first, first + n_in))
                 text_slots = list(range(first + n_in, first + n_in + suf[b]))
                 text_pos = [n0 - suf[b] + i for i in range(suf[b])]
-                raters = raters_loop(emb0[b, current[b]], emb0[b, text_pos])
+                raters = raters_loop(emb0[b, every[b]], emb0[b, text_pos])
                 score = probs[b][[text_slots[j] for j in raters]][:, vis_slots].mean(0)
                 order = score.argsort(descending=True).tolist()
                 keep = order[: n_out - c]

@@ -103,6 +103,12 @@ class _StageView:
         key = ("method", name, self.layout.key, tuple(self.counts), tuple(self.keep), tuple(self.out), self.device)
         return cached(key, lambda: to_device(self.device, build()))[0]
 
+    @property
+    def memo(self) -> dict:
+        """A dict that lives for this prefill: what a method computes at one stage and reuses at
+        the next (SparseVLM's raters, chosen once)."""
+        return self._pre.memo
+
     def add_flops(self, flops: float) -> None:
         """Count a method's own work in ``last_stats.flops``."""
         self._pre.score_flops += float(flops)

@@ -233,6 +233,7 @@ class Prefill:
         self.reuse: list[StageDecision] | None = None
         self.fingerprint: torch.Tensor | None = None
         self.embeddings: torch.Tensor | None = None
+        self.memo: dict = {}  # a method's own scratch for this prefill (``LayerContext.memo``)
         self.kw: dict | None = None  # gathered kwargs for the tokens now present
         self.cache_view: tuple | None = None  # (pos, log_size, n_full, fillers) the reduced cache layers store
         self.pending_scores: dict[int, torch.Tensor] = {}

@@ -15,7 +15,9 @@ Here: the scoring reads layer L-1's input (``score_offset=-1``, its norm, q/k an
 L-1's own attention), the reducing layers are L = 3, 7, 16 of 32 (relative for other depths),
 so layer L-1's output is what is pruned. Raters come from the input embeddings
 (``reduce.cluster.select_raters``) over the rows ``ctx.row_attention("text")`` gives each
-image (the prompt's text after it); the score is the mean of the raters' rows. Each stage keeps
+image (the prompt's text after it), chosen once at the first stage from every visual token (as
+the paper does; kept in ``ctx.memo`` for the later stages); the score is the mean of the
+raters' rows. Each stage keeps
 ``ctx.out[g]`` tokens per image in all: ``out - c`` by score plus ``c`` cluster tokens from the
 ``m`` best-scored pruned ones (``reduce.cluster.recycle_plan``, the small fixed point between
 c and m). DPC-kNN (``reduce.cluster.dpc_knn``) runs on the candidates' hidden states at the
@@ -26,9 +28,6 @@ Deviations:
   exactly after the last stage; the runtime splits the removal geometrically over the stages.
   The paper fixes per-stage counts (e.g. 66 / 30 / 17 for "64"), and its "64 / 128 / 192
   tokens" are the AVERAGE over the 32 layers, not the final count.
-- raters are chosen at every stage from the input embeddings of the visual tokens present then
-  (the survivors; a cluster: its center's); the paper chooses them once, from all of them. At
-  the first stage the two are the same.
 - a cluster token is its center, at the center's ORIGINAL position; the paper appends the
   cluster tokens after the kept visual tokens. All kept tokens keep their original position
   ids (RoPE); the paper re-indexes the shortened sequence contiguously.
@@ -84,13 +83,15 @@ def rater_attention(ctx) -> torch.Tensor:
     dev = probs.device
     first = ctx.flat_slots[:, 0].to(dev)  # (G,) each image's first slot
     rows_ok = counts.transpose(1, 2).reshape(bsz * n, r)[first]  # (G, R) the rows that read each image
-    emb = ctx.input_embeddings().to(dev)
-    d = emb.shape[-1]
-    text = emb.reshape(bsz * n, d)[row_slot.to(dev)[first // n]]  # (G, R, d)
-    vis = ctx.per_image(emb)  # (G, m, d)
-    pad = None if ctx.image_pad is None else ctx.image_pad.to(dev)
-    raters = select_raters(vis, text, rows_ok, pad).float()  # (G, R)
-    ctx.add_flops(ctx.n_images * ctx.width * r * d)
+    raters = ctx.memo.get("sparsevlm_raters")
+    if raters is None:  # chosen once, at the first stage, from every visual token (the paper's)
+        emb = ctx.input_embeddings().to(dev)
+        d = emb.shape[-1]
+        text = emb.reshape(bsz * n, d)[row_slot.to(dev)[first // n]]  # (G, R, d)
+        vis = ctx.per_image(emb)  # (G, m, d)
+        pad = None if ctx.image_pad is None else ctx.image_pad.to(dev)
+        raters = ctx.memo["sparsevlm_raters"] = select_raters(vis, text, rows_ok, pad).float()  # (G, R)
+        ctx.add_flops(ctx.n_images * ctx.width * r * d)
     w = raters[ctx.tokens.code.to(dev).clamp_min(0)]  # (B, N, R) the raters of each slot's image
     return torch.einsum("brn,bnr->bn", probs.float(), w) / w.sum(-1).clamp_min(1.0)
 
