@@ -311,6 +311,21 @@ def write_outputs(results: dict, out_dir: str | Path, stem: str = "accuracy") ->
     return paths
 
 
+def parse_variants(items: list[str]) -> dict[str, tuple[str, dict]]:
+    """``NAME=METHOD:KEY=VALUE,KEY=VALUE`` strings as variants, the options converted and
+    validated by the method's own dataclass."""
+    out = {}
+    for item in items:
+        name, sep, rest = item.partition("=")
+        base, _, opts = rest.partition(":")
+        if not sep or not name or not base:
+            raise SystemExit(f"--variant takes NAME=METHOD:KEY=VALUE,..., got {item!r}")
+        text = dict(kv.split("=", 1) for kv in opts.split(",") if kv)
+        opts = get_method(base).options.parse(base, text).to_dict()  # validated, typed
+        out[name] = (base, {k: v for k, v in opts.items() if k in text})
+    return out
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="save_pretrained folder (default: the embedded proxy LLaVA)")
@@ -324,6 +339,10 @@ def parse_args(argv=None):
                    help="reducing layers for every in-LLM method (default: each method's own)")
     p.add_argument("--hybrid-layers", nargs="*", type=int, default=[2],
                    help="decoder layers of the hybrid's PuMer stages (after VisPruner before the LLM)")
+    p.add_argument("--variant", action="append", default=None, metavar="NAME=METHOD:KEY=VALUE,...",
+                   help="a registered method with some options changed, e.g. pumer-t=pumer:merge_rule=recycle,"
+                   "merge_threshold=0.85 (repeatable; replaces the built-in variants)")
+    p.add_argument("--no-hybrids", action="store_true", help="skip the VisPruner + PuMer hybrid rows")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="eval/results")
@@ -347,13 +366,18 @@ def main(argv=None) -> dict:
     processor.tokenizer.padding_side = "left"
     records = load_records(args.data, args.limit)
     methods = args.methods if args.methods is not None else list_methods()
+    variants = VARIANTS if args.variant is None else parse_variants(args.variant)
+    hybrids = {} if args.no_hybrids else HYBRIDS
     t0 = time.perf_counter()
     results = run(model, processor, records, methods, args.fractions, args.controls, args.control_layer,
-                  args.batch_size, hybrid_layers=args.hybrid_layers, method_layers=args.method_layers)
+                  args.batch_size, hybrids=hybrids, hybrid_layers=args.hybrid_layers, method_layers=args.method_layers,
+                  variants=variants)
+    root = Path(__file__).resolve().parent.parent
+    model_path = Path(args.model).resolve()
     results["meta"] = {
-        "hybrids": {name: {**kw, "layers": args.hybrid_layers} for name, kw in HYBRIDS.items()},
-        "variants": {name: {"method": base, **kw} for name, (base, kw) in VARIANTS.items()},
-        "model": args.model,
+        "hybrids": {name: {**kw, "layers": args.hybrid_layers} for name, kw in hybrids.items()},
+        "variants": {name: {"method": base, **kw} for name, (base, kw) in variants.items()},
+        "model": str(model_path.relative_to(root)) if model_path.is_relative_to(root) else args.model,
         "questions": len(records),
         "fractions": args.fractions,
         "methods": methods,

@@ -168,3 +168,13 @@ def test_the_methods_table_reads_the_harness_outputs(tmp_path):
     got = next(r for r in t["rows"] if r["method"] == "cdpruner")["default"][7]
     assert got == want
     assert (tmp_path / "t.md").read_text().count("\n| ") == len(t["rows"])  # the header opens the file
+
+
+def test_variants_from_the_command_line_are_validated_by_the_method():
+    v = accuracy.parse_variants(["pumer-t=pumer:merge_rule=recycle,merge_threshold=0.85", "prune=pumer:merge_share=0"])
+    assert v == {"pumer-t": ("pumer", {"merge_rule": "recycle", "merge_threshold": 0.85}),
+                 "prune": ("pumer", {"merge_share": 0.0})}
+    with pytest.raises(ValueError, match="merge_rule must be one of bipartite, recycle"):
+        accuracy.parse_variants(["x=pumer:merge_rule=average"])
+    with pytest.raises(ValueError, match="method 'fastv' takes no options"):
+        accuracy.parse_variants(["x=fastv:merge_share=0.5"])

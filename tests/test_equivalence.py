@@ -312,3 +312,49 @@ def test_merge_rules_land_on_the_budget_and_generate_alike_cached_or_not(rule):
     assert logs and all(float(ls.exp().max()) > 1.0 for ls in logs)
     with pytest.raises(ValueError, match="merge_rule must be one of bipartite, recycle"):
         apply_pumer(model, merge_rule="average")
+
+
+def test_recycle_with_a_threshold_no_pair_reaches_is_prune_only():
+    """merge_threshold=1: no removed token is similar enough to fold, so each is only dropped,
+    and the model computes exactly what prune-only PuMer computes (the kept sets are the same)."""
+    model = tiny_llava("llama")
+    inp = make_inputs((3, 6), (5, 2))
+    with torch.no_grad():
+        apply_pumer(model, ratio=0.25, merge_share=0.0)
+        ref = model(**inp).logits
+        apply_pumer(model, ratio=0.25, merge_rule="recycle", merge_share=0.5, merge_threshold=1.0)
+        got = model(**inp).logits
+        apply_pumer(model, ratio=0.25, merge_rule="recycle", merge_share=0.5)
+        merged = model(**inp).logits
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    assert (merged - ref).abs().max().item() > 1e-3  # without the threshold the merges change the output
+    with pytest.raises(ValueError, match="merge_window and merge_threshold apply to merge_rule='recycle'"):
+        apply_pumer(model, merge_window=2)
+    with pytest.raises(ValueError, match="merge_window must be at least 1"):
+        apply_pumer(model, merge_rule="recycle", merge_window=0)
+
+
+def test_a_merge_window_folds_only_into_grid_neighbours(monkeypatch):
+    """merge_window=1 on 4x4 patch grids: every pair that merges is at most one patch apart; a
+    removed token with no kept neighbour is only dropped (weight 0)."""
+    from pumer_llava.hooks import prefill
+
+    model = tiny_llava("llama")
+    inp = make_inputs((3, 6), (5, 2))
+    seen = []
+    real = prefill.merge_pairs
+
+    def spy(x, size, src, dst, weight=None):
+        pos = model.pumer.call.tokens.pos.reshape(-1)
+        seen.append((pos[src], pos[dst], weight))
+        return real(x, size, src, dst, weight)
+
+    monkeypatch.setattr(prefill, "merge_pairs", spy)
+    apply_pumer(model, ratio=0.25, merge_rule="recycle", merge_window=1, layers=[1])
+    with torch.no_grad():
+        model(**inp)
+    starts = torch.tensor([3, 6]).repeat_interleave(len(seen[0][0]) // 2)  # one image per sample
+    (ps, pd, w), = seen
+    a, b = ps - starts, pd - starts
+    dist = torch.maximum((a // 4 - b // 4).abs(), (a % 4 - b % 4).abs())
+    assert w is not None and bool((dist[w > 0] <= 1).all()) and int((w > 0).sum()) > 0

@@ -218,3 +218,33 @@ def test_scores_from_rows_equals_masked_attention_then_row_mean():
     w = (row_pos[:, :, None] > key_end[:, None, :]) & (row_pos >= 0)[:, :, None]
     count = h * w.sum(1).clamp_min(1)
     torch.testing.assert_close(scores_from_rows(q, k, hd**-0.5, key_pos, row_pos, key_end, count), want)
+
+
+def test_a_zero_weight_pair_drops_its_source_without_merging():
+    from pumer_llava.reduce.merge import merge_pairs
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 3)
+    size = torch.tensor([[1.0, 2.0, 1.0, 1.0, 3.0], [1.0, 1.0, 1.0, 1.0, 1.0]])
+    src, dst = torch.tensor([0, 2, 6]), torch.tensor([1, 3, 8])
+    out, new = merge_pairs(x, size, src, dst, torch.tensor([1.0, 0.0, 1.0]))
+    flat_x, flat_s = x.reshape(10, 3), size.reshape(10)
+    want1 = (flat_x[1] * 2 + flat_x[0]) / 3
+    torch.testing.assert_close(out.reshape(10, 3)[1], want1)
+    torch.testing.assert_close(out.reshape(10, 3)[3], flat_x[3])  # its pair had weight 0
+    torch.testing.assert_close(out.reshape(10, 3)[8], (flat_x[8] + flat_x[6]) / 2)
+    assert new.reshape(10)[[1, 3, 8]].tolist() == [3.0, 1.0, 2.0]
+
+
+def test_grid_distance_and_allowed_recycle_targets():
+    from pumer_llava.reduce.merge import grid_distance, recycle_targets
+
+    a = torch.tensor([[0, 5]])  # on a 4-wide grid: (0, 0) and (1, 1)
+    b = torch.tensor([[1, 10, 15]])  # (0, 1), (2, 2), (3, 3)
+    d = grid_distance(a, b, torch.tensor([4]))
+    assert d.tolist() == [[[1, 2, 3], [1, 1, 2]]]
+    kept = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]])
+    removed = torch.tensor([[[0.0, 1.0], [0.0, 1.0]]])
+    target, best = recycle_targets(kept, removed, None, d <= 1, with_similarity=True)
+    # the first may only reach kept 0 (cosine 0); the second kept 0 or 1: 1 is identical
+    assert target.tolist() == [[0, 1]] and best[0, 0].item() == 0.0 and abs(best[0, 1].item() - 1.0) < 1e-6

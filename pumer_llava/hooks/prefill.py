@@ -111,16 +111,16 @@ class StageDecision:
     """What a stage did, in the slots it received, so that it can be applied again.
 
     n_in: slots it received; sel (B, N'): which slots stay (left-padded rows); code (B, N'):
-    what each new slot holds (:mod:`.layout`); merge: (src, dst) (P,) flat indices into the
-    (B * n_in) slots received, ``src[p]`` merging into ``dst[p]`` (``reduce.merge.merge_pairs``),
-    or None; replace: (slots, values), flat slots that take new values first, or None.
+    what each new slot holds (:mod:`.layout`); merge: (src, dst) or (src, dst, weight) (P,)
+    flat indices into the (B * n_in) slots received, ``src[p]`` merging into ``dst[p]``
+    (``reduce.merge.merge_pairs``; weight 0: dropped, not merged), or None; replace: (slots, values), flat slots that take new values first, or None.
     """
 
     n_in: int
     sel: torch.Tensor
     code: torch.Tensor
     has_fillers: bool
-    merge: tuple[torch.Tensor, torch.Tensor] | None = None
+    merge: tuple[torch.Tensor, ...] | None = None
     replace: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def extended(self, extra: int) -> StageDecision:
@@ -132,7 +132,7 @@ class StageDecision:
         def widen(f):  # flat indices into rows of n_in slots: into rows of n_in + extra
             return f // self.n_in * (self.n_in + extra) + f % self.n_in
 
-        merge = None if self.merge is None else tuple(widen(f) for f in self.merge)
+        merge = None if self.merge is None else (widen(self.merge[0]), widen(self.merge[1]), *self.merge[2:])
         replace = None if self.replace is None else (widen(self.replace[0]), self.replace[1])
         return StageDecision(self.n_in + extra, torch.cat([self.sel, tail], 1),
                              torch.cat([self.code, self.code.new_full((bsz, extra), TEXT)], 1),
@@ -318,8 +318,9 @@ class Prefill:
             where, values = dec.replace
             hs = hs.reshape(-1, hs.shape[-1]).index_copy(0, where.to(hs.device), values.to(hs)).view(hs.shape)
         if dec.merge is not None:
-            src, dst = (t.to(hs.device) for t in dec.merge)
-            hs, size = merge_pairs(hs, None if tok.size is None else tok.size.to(hs.device), src, dst)
+            src, dst, *weight = (t.to(hs.device) for t in dec.merge)
+            hs, size = merge_pairs(hs, None if tok.size is None else tok.size.to(hs.device), src, dst,
+                                   weight[0] if weight else None)
             tok = tok.with_sizes(size.to(tok.pos.device))
         self.tokens = tok.take(dec.sel, dec.code, dec.has_fillers)
         return take_rows(hs, dec.sel)

@@ -163,14 +163,28 @@ class MergeOptions(MethodOptions):
     merge_rule:  how that share is spent (:data:`MERGE_RULES`).
     prop_attn:   proportional attention: a merged token standing for ``s`` tokens gets ``log s``
                  added to its attention logits.
+    merge_window: recycle only: a removed token folds only into a kept token at most this many
+                 patches away on the image's grid (Chebyshev distance; square grids, e.g.
+                 LLaVA-1.5's 24 x 24), else it is dropped; None: anywhere.
+    merge_threshold: recycle only: a removed token folds only when its cosine similarity to the
+                 target is at least this, else it is dropped; None: always.
     """
 
     merge_share: float = 0.0
     merge_rule: typing.Literal["bipartite", "recycle"] = "bipartite"
     prop_attn: bool = False
+    merge_window: int | None = None
+    merge_threshold: float | None = None
 
     def validate(self) -> None:
         in_range("merge_share", self.merge_share, 0.0, 1.0, " (0 = prune only, 1 = merge only)")
+        if self.merge_window is not None and self.merge_window < 1:
+            raise ValueError(f"merge_window must be at least 1 (patches apart on the grid), got {self.merge_window}")
+        if self.merge_threshold is not None:
+            in_range("merge_threshold", self.merge_threshold, -1.0, 1.0, " (a cosine similarity)")
+        if self.merge_rule != "recycle" and (self.merge_window is not None or self.merge_threshold is not None):
+            raise ValueError("merge_window and merge_threshold apply to merge_rule='recycle' (a removed token folds "
+                             f"into a nearby or similar enough kept one), got merge_rule={self.merge_rule!r}")
 
 
 # ---------------------------------------------------------------------------------- choices
@@ -182,8 +196,9 @@ class Choice:
 
     keep:    (G, out_max) local indices (0 .. count-1) of the tokens each image keeps,
              ascending; entries past ``ctx.out[g]`` are ignored.
-    merge:   optional (src, dst), flat indices into the stage's (B * N) input slots
-             (``ctx.flat_slots``): token ``src[p]`` is averaged into ``dst[p]`` (size-weighted),
+    merge:   optional (src, dst) or (src, dst, weight), flat indices into the stage's (B * N)
+             input slots (``ctx.flat_slots``): token ``src[p]`` is averaged into ``dst[p]``
+             (size-weighted; ``weight[p]`` scales the source, 0: it is dropped, not merged),
              every pair real. A destination must be kept.
     replace: optional (slots, values): flat input slots (P,) of kept tokens and the (P, d)
              values they take instead (VisionZip's contextual tokens, built from the tower's

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..reduce.merge import match_pairs, recycle_targets
+from ..reduce.merge import grid_distance, match_pairs, recycle_targets
 from .base import Choice, MergeOptions, Method, keep_top
 
 
@@ -73,12 +73,43 @@ def recycle(ctx, order: torch.Tensor) -> Choice:
     src = ctx.flat_slots.gather(1, order.gather(1, rank.view(ctx.n_images, -1)))  # (G, merge_max)
     keys = ctx.keys(torch.cat([kept, src], 1))  # one projection for both
     mk, ms = keys[:, : kept.shape[1]], keys[:, kept.shape[1] :]
-    target = recycle_targets(mk, ms, None if ctx.out_pad is None else ctx.out_pad.to(mk.device))
+    opts = ctx.options
+    window, threshold = getattr(opts, "merge_window", None), getattr(opts, "merge_threshold", None)
+    allowed = None
+    if window is not None:
+        allowed = _near(ctx, kept, src, window).to(mk.device)
+    pad = None if ctx.out_pad is None else ctx.out_pad.to(mk.device)
+    target, best = recycle_targets(mk, ms, pad, allowed, with_similarity=True)
     dst = kept.gather(1, target.to(kept.device))
+    weight = None
+    if window is not None or threshold is not None:  # a pair that may not merge: its source is only dropped
+        ok = best > (-float("inf") if threshold is None else threshold - 1e-6)
+        weight = ok.reshape(-1).float()
     src, dst = src.reshape(-1), dst.reshape(-1)
     if ctx.pair_sel is not None:
         src, dst = src[ctx.pair_sel], dst[ctx.pair_sel]
-    return Choice(keep=local, merge=(src, dst))
+        weight = None if weight is None else weight[ctx.pair_sel.to(weight.device)]
+    return Choice(keep=local, merge=(src, dst) if weight is None else (src, dst, weight))
+
+
+def _near(ctx, kept: torch.Tensor, src: torch.Tensor, window: int) -> torch.Tensor:
+    """(G, r, o) bool: which kept tokens are within ``window`` patches of each removed one on
+    the image's grid (images whose token count is no square grid: every kept token)."""
+    import math
+
+    starts, widths = [], []
+    for im in ctx.layout.images:
+        w = math.isqrt(im.count)
+        starts.append(im.start)
+        widths.append(w if w * w == im.count else 0)
+    start = ctx.host_tensor("grid_start", lambda: starts)
+    width = ctx.host_tensor("grid_width", lambda: widths)
+    pos = ctx.tokens.pos.reshape(-1)
+    pa = pos[src.to(pos.device)] - start[:, None].to(pos.device)  # (G, r) patch index in the image
+    pb = pos[kept.to(pos.device)] - start[:, None].to(pos.device)
+    gridded = width > 0
+    dist = grid_distance(pa, pb, width.clamp_min(1).to(pos.device))
+    return (dist <= window) | ~gridded.to(pos.device)[:, None, None]
 
 
 METHOD = Method(

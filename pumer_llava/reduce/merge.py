@@ -128,11 +128,14 @@ def match_pairs(metric: torch.Tensor, counts: list[int], r: list[int], invalid: 
     return Pairs(src_a=src_a, dst_b=dst_b, keep=keep)
 
 
-def merge_pairs(x: torch.Tensor, size: torch.Tensor | None, src: torch.Tensor, dst: torch.Tensor):
+def merge_pairs(x: torch.Tensor, size: torch.Tensor | None, src: torch.Tensor, dst: torch.Tensor,
+                weight: torch.Tensor | None = None):
     """Apply merges given as flat indices into ``x.view(B*N, d)``: token ``src[p]`` into
     ``dst[p]`` (every pair real). A destination becomes the size-weighted mean of itself and
     its sources, and its size their sum; other slots keep their values (up to rounding when
-    sizes are not 1). ``size`` None: every token stands for one. Returns (x, size)."""
+    sizes are not 1). ``size`` None: every token stands for one. ``weight`` (P,): each source
+    counts that many times its size (0: the pair does not merge, the source is only dropped),
+    so a data-dependent choice of which pairs merge needs no host sync. Returns (x, size)."""
     bsz, n, d = x.shape
     acc = torch.promote_types(x.dtype, torch.float32)
     xf = x.reshape(bsz * n, d).to(acc)
@@ -142,19 +145,27 @@ def merge_pairs(x: torch.Tensor, size: torch.Tensor | None, src: torch.Tensor, d
     else:
         sf = size.reshape(-1).to(acc)
         xs = xf * sf[:, None]
-    num = xs.index_add(0, dst, xs.index_select(0, src))
-    den = sf.index_add(0, dst, sf.index_select(0, src))
+    add_x, add_s = xs.index_select(0, src), sf.index_select(0, src)
+    if weight is not None:
+        w = weight.to(acc)
+        add_x, add_s = add_x * w[:, None], add_s * w
+    num = xs.index_add(0, dst, add_x)
+    den = sf.index_add(0, dst, add_s)
     out = num / den[:, None]
     return out.view(bsz, n, d).to(x.dtype), den.view(bsz, n)
 
 
-def recycle_targets(kept: torch.Tensor, removed: torch.Tensor, kept_invalid: torch.Tensor | None = None) -> torch.Tensor:
+def recycle_targets(kept: torch.Tensor, removed: torch.Tensor, kept_invalid: torch.Tensor | None = None,
+                    allowed: torch.Tensor | None = None, with_similarity: bool = False):
     """For each removed token, the kept token it folds into: the most similar by cosine.
 
     kept: (B, o, c) and removed: (B, r, c) metrics (PuMer: head-averaged keys); kept_invalid:
-    (B, o) bool, padding among the kept (never a target). Returns (B, r) indices into kept.
-    Ties go to the earlier kept token. Used by the ``recycle`` merge rule: the tokens the score
-    ranks in the budget stay as they are, each only absorbing what is folded into it.
+    (B, o) bool, padding among the kept (never a target); allowed: (B, r, o) bool, which kept
+    tokens each removed one may fold into (e.g. its spatial neighbours), or None (any).
+    Returns (B, r) indices into kept, and with ``with_similarity`` also (B, r) the cosine to that
+    target (-inf where nothing is allowed). Ties go to the earlier kept token. Used by the
+    ``recycle`` merge rule: the tokens the score ranks in the budget stay as they are, each only
+    absorbing what is folded into it.
     """
     mk = kept.float()
     ms = removed.float()
@@ -163,4 +174,18 @@ def recycle_targets(kept: torch.Tensor, removed: torch.Tensor, kept_invalid: tor
     sim = ms @ mk.transpose(1, 2)  # (B, r, o)
     if kept_invalid is not None:
         sim = sim.masked_fill(kept_invalid[:, None, :], float("-inf"))
+    if allowed is not None:
+        sim = sim.masked_fill(~allowed, float("-inf"))
+    if with_similarity:
+        best, target = sim.max(-1)
+        return target, best
     return sim.argmax(-1)
+
+
+def grid_distance(a: torch.Tensor, b: torch.Tensor, width: torch.Tensor) -> torch.Tensor:
+    """(G, r, o) Chebyshev distance on each image's patch grid between patch indices a (G, r)
+    and b (G, o), row-major grids of ``width`` (G,) columns."""
+    w = width[:, None, None]
+    ra, ca = a[:, :, None] // w, a[:, :, None] % w
+    rb, cb = b[:, None, :] // w, b[:, None, :] % w
+    return torch.maximum((ra - rb).abs(), (ca - cb).abs())
