@@ -18,7 +18,7 @@ import argparse
 import json
 from pathlib import Path
 
-CONTROLS = ("random", "oracle_aware", "oracle_blind")
+CONTROLS = ("random", "oracle_aware", "oracle_blind", "lowest", "feature_norm")
 
 
 def accuracy_by(rows: list[dict]) -> dict[str, dict[int, dict]]:
@@ -76,7 +76,9 @@ def to_markdown(t: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines.append(f"Unreduced proxy accuracy {_pct(t['unreduced'])}%. Accuracy on the proxy LLaVA's test split "
-                 "(64 visual tokens); prefill speed-up and KV cache (reduced / unreduced) on the CPU scaled preset.")
+                 "(64 visual tokens); \"layer 0\": every in-LLM method at layer 0, or at layer 1 where it scores the "
+                 "layer before (fastv, dart, sparsevlm); before-LLM methods are the same in both. Prefill speed-up "
+                 "and KV cache (reduced / unreduced) on the CPU scaled preset.")
     return "\n".join(lines) + "\n"
 
 
