@@ -157,13 +157,13 @@ def test_the_methods_table_reads_the_harness_outputs(tmp_path):
     import methods_table
 
     res = Path(__file__).resolve().parent.parent / "eval" / "results"
-    t = methods_table.main(["--default", str(res / "accuracy_quick_methods.json"),
-                            "--layer0", str(res / "accuracy_quick_layer0_methods.json"), "--out", str(tmp_path / "t")])
+    t = methods_table.main(["--default", str(res / "accuracy_methods_default.json"),
+                            "--layer0", str(res / "accuracy_methods_layer0.json"), "--out", str(tmp_path / "t")])
     names = {r["method"] for r in t["rows"]}
     from pumer_llava import list_methods
 
     assert set(list_methods()) <= names
-    rows = json.loads((res / "accuracy_quick_methods.json").read_text())["rows"]
+    rows = json.loads((res / "accuracy_methods_default.json").read_text())["rows"]
     want = next(r["accuracy"] for r in rows if r["name"] == "cdpruner" and r["keep_tokens"] == 7)
     got = next(r for r in t["rows"] if r["method"] == "cdpruner")["default"][7]
     assert got == want
