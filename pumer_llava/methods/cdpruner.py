@@ -15,7 +15,7 @@ differences:
   image, or all of its sample's text when none follows; the chat template's words included,
   where the authors pass the bare question). Both sides are then in one space, the one the
   language model reads.
-- sign: the authors negate the cosine (their issues #14/#19: with CLIP's penultimate features
+- sign: the authors negate the cosine (their repository's discussions: with CLIP's penultimate features
   the raw cosine is inverted relative to relevance, a CLIP-specific finding). That inversion
   is a property of those CLIP features, not of the LLM's input space, and the paper's formula
   is the plain cosine, so ``negate_relevance`` defaults to False; True gives the authors' sign.
