@@ -377,3 +377,55 @@ def test_show_draws_the_kept_patches(tiny_dir, images, tmp_path):
     assert lit == set(stats.kept_patches[layers[-1]][0]) and len(lit) < side * side
     with pytest.raises(ValueError, match="layer 99 did not reduce"):
         draw_kept(Image.open(images[0]), stats, layer=99)
+
+
+# ----------------------------------------------------------------------------- another adapter row
+
+
+def _next_processor():
+    """The same tokenizer and template with LLaVA-NeXT's anyres image processor (PIL backend)."""
+    from transformers import LlavaNextImageProcessorPil, LlavaNextProcessor
+
+    base = _processor()
+    pinpoints = [[IMAGE_SIZE, IMAGE_SIZE], [IMAGE_SIZE, 2 * IMAGE_SIZE], [2 * IMAGE_SIZE, IMAGE_SIZE],
+                 [2 * IMAGE_SIZE, 2 * IMAGE_SIZE]]
+    images = LlavaNextImageProcessorPil(image_grid_pinpoints=pinpoints, size={"shortest_edge": IMAGE_SIZE},
+                                        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    return LlavaNextProcessor(image_processor=images, tokenizer=base.tokenizer, patch_size=PATCH,
+                              vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                              chat_template=TEMPLATE)
+
+
+@pytest.fixture(scope="module")
+def next_dir(tmp_path_factory):
+    from tiny import tiny_llava_next
+
+    path = tmp_path_factory.mktemp("tiny-next-chat")
+    tiny_llava_next("llama").save_pretrained(path)
+    _next_processor().save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("method", ["pumer", "vispruner", "dart"])
+def test_one_shot_on_llava_next_answers_as_the_api_does(next_dir, images, method):
+    """pumer-chat on an anyres checkpoint (base view + crops + newline tokens): the answer is the
+    one the public API gives the same model, reduced the same way, and the budget is exact."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    q = "what color is the object at row 2 column 3 ?"
+    r = _run(["--model", next_dir, "--image", images[0], "--prompt", q, "--ratio", "0.25", "--method", method,
+              "--max-new-tokens", 4])
+    assert r.returncode == 0, r.stderr
+    model = AutoModelForImageTextToText.from_pretrained(next_dir).eval()
+    assert type(model).__name__ == "LlavaNextForConditionalGeneration"
+    processor = AutoProcessor.from_pretrained(next_dir)
+    apply_pumer(model, ratio=0.25, method=method)
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}]
+    inp = processor(images=[Image.open(images[0]).convert("RGB")],
+                    text=[processor.apply_chat_template(msgs, add_generation_prompt=True)], return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inp, max_new_tokens=4, do_sample=False)
+    total = model.pumer.last_stats.visual_tokens_total[0]
+    want = processor.tokenizer.decode(out[0, inp["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    assert r.stdout.strip() == want
+    assert total > N_VIS and f"visual tokens {round(total * 0.25)}/{total} kept" in r.stderr

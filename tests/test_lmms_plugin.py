@@ -549,3 +549,54 @@ def test_a_failed_choice_is_counted_and_never_chosen(tiny_llava, tmp_path):
     assert [f["sample"] for f in stats["failures"]] == ["toy/test/2", "toy/test/2"]
     lls = [ok[0].text[0], bad[0].text[0], ok[1].text[0]]
     assert np.argmin(lls) != 1
+
+
+@pytest.fixture(scope="module")
+def tiny_llava_next(tmp_path_factory):
+    """A random LLaVA-NeXT (anyres: base view + crops + newline tokens) with the same word-level
+    tokenizer and an anyres PIL image processor, saved offline."""
+    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration,
+                              LlavaNextImageProcessorPil, LlavaNextProcessor)
+
+    tok = _word_tokenizer()
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=32, patch_size=8, projection_dim=32)
+    text = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    pinpoints = [[32, 32], [32, 64], [64, 32], [64, 64]]
+    config = LlavaNextConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
+                             vision_feature_layer=-2, vision_feature_select_strategy="default",
+                             image_grid_pinpoints=pinpoints)
+    torch.manual_seed(0)
+    model = LlavaNextForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    proc = LlavaNextProcessor(
+        image_processor=LlavaNextImageProcessorPil(image_grid_pinpoints=pinpoints, size={"shortest_edge": 32},
+                                                   crop_size={"height": 32, "width": 32}),
+        tokenizer=tok, patch_size=8, vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        chat_template=LIST_TEMPLATE,
+    )
+    path = tmp_path_factory.mktemp("tiny-llava-next")
+    model.save_pretrained(path)
+    proc.save_pretrained(path)
+    return str(path)
+
+
+@needs_lmms_eval
+@pytest.mark.parametrize("method", ["pumer", "visionzip", "cdpruner"])
+def test_llava_next_evaluates_batched_as_one_by_one(tiny_llava_next, tmp_path, method):
+    """The anyres row through the plugin: batched answers equal one-by-one ones and each sample's
+    budget is exact; a method the row lacks inputs for is refused before anything runs."""
+    if method == "visionzip":
+        with pytest.raises(ValueError, match="method 'visionzip' cannot run on LlavaNextForConditionalGeneration"):
+            _lm(tiny_llava_next, tmp_path, ratio=0.25, method=method)
+        return
+    lm4 = _lm(tiny_llava_next, tmp_path, ratio=0.25, method=method, batch_size=4)
+    out4 = lm4.generate_until(_requests())
+    stats4 = json.loads((tmp_path / "stats.json").read_text())
+    lm1 = _lm(tiny_llava_next, tmp_path, ratio=0.25, method=method, batch_size=1)
+    assert lm1.generate_until(_requests()) == out4 and len(out4) == len(QUESTIONS)
+    for s in stats4["samples"].values():
+        assert s["visual_tokens_in"] > 16 and s["visual_tokens_final"] == round(s["visual_tokens_in"] * 0.25)
