@@ -101,6 +101,11 @@ def apply_pumer(
             f"keep_tokens={keep_tokens} is larger than the visual span of one image ({per_image} tokens): "
             f"accepted 1..{per_image}, or use ratio"
         )
+    if m.check_budget is not None:
+        budget = keep_tokens if keep_tokens is not None else (
+            max(1, round(per_image * config.ratio)) if per_image is not None else None)
+        if budget is not None:
+            m.check_budget(opts, budget)
     why = missing_inputs(m, model, adapter)
     if why is not None:
         raise ValueError(f"method {m.name!r} cannot run on {adapter.class_name}: {why}. "

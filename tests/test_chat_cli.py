@@ -429,3 +429,28 @@ def test_one_shot_on_llava_next_answers_as_the_api_does(next_dir, images, method
     want = processor.tokenizer.decode(out[0, inp["input_ids"].shape[1]:], skip_special_tokens=True).strip()
     assert r.stdout.strip() == want
     assert total > N_VIS and f"visual tokens {round(total * 0.25)}/{total} kept" in r.stderr
+
+
+def test_a_reduction_that_refuses_the_inputs_is_one_line_and_the_chat_goes_on(tiny_dir, images):
+    """A method raising NotImplementedError at the forward (VisPruner on interpolated video tokens,
+    say) surfaces as the chat's one-line error; the next answer works."""
+    from pumer_llava import Method, register_method
+    from pumer_llava.cli.chat import CliError
+    from pumer_llava.methods import METHODS
+
+    def refuse(ctx):
+        raise NotImplementedError("refuses: these visual tokens are not what it reads\nmore detail")
+
+    register_method(Method(name="refuses", score=refuse, default_layers=lambda depth: (1,)))
+    try:
+        model, processor = load_model(str(tiny_dir), "cpu", "auto", None)
+        session = ChatSession(model, processor, max_new_tokens=2)
+        session.set_image(str(images[0]))
+        session.set_reduction(method="refuses", ratio=0.25)
+        with pytest.raises(CliError, match=r"^refuses: these visual tokens are not what it reads \(try another"):
+            session.ask("what color is it ?")
+        session.set_reduction(method="pumer")
+        answer, stats = session.ask("what color is it ?")
+        assert stats.visual_kept == 4 and answer
+    finally:
+        METHODS.pop("refuses", None)

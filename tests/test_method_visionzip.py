@@ -155,11 +155,17 @@ def test_contextual_tokens_enter_the_llm(keep, dominant, mixed):
         assert stats.visual_tokens_per_layer == [per_sample] * len(model.model.language_model.layers)
 
 
-def test_dominant_past_the_budget_is_refused_at_the_stage():
+def test_dominant_past_the_budget_is_refused_before_the_model_is_touched():
     model = tiny_llava("llama")
-    apply_pumer(model, method="visionzip", keep_tokens=4, dominant=5)
-    with torch.no_grad(), pytest.raises(ValueError, match="dominant=5 exceeds the per-image budget of 4 tokens"):
+    with pytest.raises(ValueError, match="dominant=5 exceeds the per-image budget of 4 tokens: give dominant <= 4"):
+        apply_pumer(model, method="visionzip", keep_tokens=4, dominant=5)
+    assert not hasattr(model, "pumer")
+    with pytest.raises(ValueError, match="dominant=5 exceeds the per-image budget of 4 tokens"):
+        apply_pumer(model, method="visionzip", ratio=0.25, dominant=5)  # 16 patches: a budget of 4
+    apply_pumer(model, method="visionzip", keep_tokens=4, dominant=4)  # no contextual token: allowed
+    with torch.no_grad():
         model(**make_inputs())
+    assert model.pumer.last_stats.visual_tokens_final == [4]
 
 
 def test_bad_visionzip_options():

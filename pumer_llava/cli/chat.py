@@ -432,6 +432,9 @@ class ChatSession:
         except KeyboardInterrupt:
             self.reset()  # the cache may hold a half-written step
             raise
+        except NotImplementedError as e:  # a reduction that refuses these inputs says why, in one line
+            self.reset()
+            raise CliError(f"{_first_line(e)} (try another --method, or /method NAME)") from None
         peak, peak_kind = _peak_memory(device)
         n_in = inputs["input_ids"].shape[1]
         new = result.sequences[0, n_in:]

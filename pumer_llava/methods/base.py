@@ -321,6 +321,9 @@ class Method:
     score_offset:   ``score`` reads the input of layer ``L + score_offset`` (0 or negative).
     min_layer:      the smallest reducing layer accepted.
     needs:          inputs the model must offer (:data:`NEEDS`): refused by ``apply_pumer`` otherwise.
+    check_budget:   ``(options, budget)`` raises ValueError when the options cannot fit a per-image
+                    budget; ``apply_pumer`` calls it when the budget is known before the forward
+                    (``keep_tokens``, or ``ratio`` on a model with a fixed count per image).
     """
 
     name: str
@@ -334,6 +337,7 @@ class Method:
     min_layer: int = 0
     needs: frozenset[str] = field(default_factory=frozenset)
     paper: str = ""
+    check_budget: Callable[[Any, int], None] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name or self.name != self.name.strip():

@@ -45,6 +45,12 @@ class VisionZipOptions(MethodOptions):
             raise ValueError(f"dominant must be an int >= 1 (dominant tokens per image) or None, got {self.dominant!r}")
 
 
+def check_budget(options: VisionZipOptions, budget: int) -> None:
+    if options.dominant is not None and options.dominant > budget:
+        raise ValueError(f"visionzip: dominant={options.dominant} exceeds the per-image budget of {budget} tokens: "
+                         f"give dominant <= {budget}, or leave it unset (the budget minus round(budget * 10 / 64))")
+
+
 def split(out: int, count: int, dominant: int | None) -> tuple[int, int]:
     """(dominant, contextual) for an image of ``count`` tokens keeping ``out``."""
     if dominant is not None and dominant > out:
@@ -84,5 +90,6 @@ METHOD = Method(
     options=VisionZipOptions,
     before_llm=before_llm,
     needs=frozenset({"vision", "cls", "tower_features"}),
+    check_budget=check_budget,
     paper="Yang et al., VisionZip: Longer is Better but Not Necessary in Vision Language Models, CVPR 2025",
 )
