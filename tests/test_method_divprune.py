@@ -5,7 +5,7 @@ import torch
 
 from pumer_llava import apply_pumer
 from pumer_llava.reduce.diversity import max_min_diverse
-from tiny import IMAGE_TOKEN, make_mixed_inputs, make_onevision_inputs, tiny_llava, tiny_onevision
+from tiny import image_runs as _image_runs, IMAGE_TOKEN, make_mixed_inputs, make_onevision_inputs, tiny_llava, tiny_onevision
 
 
 def reference(x: torch.Tensor, k: int) -> list[int]:
@@ -72,21 +72,6 @@ def test_padding_is_never_chosen_nor_a_neighbour():
 
 
 # ----------------------------------------------------------------------------- end to end
-
-
-def _image_runs(ids):
-    """Positions of each image's tokens, per sample: runs of the image placeholder."""
-    runs = []
-    for row in ids.tolist():
-        sample, prev = [], False
-        for p, t in enumerate(row):
-            if t == IMAGE_TOKEN:
-                if not prev:
-                    sample.append([])
-                sample[-1].append(p)
-            prev = t == IMAGE_TOKEN
-        runs.append(sample)
-    return runs
 
 
 def _llava_mixed():

@@ -7,7 +7,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from pumer_llava import apply_pumer
 from pumer_llava.methods.pyramiddrop import quarter_layers
 from pumer_llava.reduce import plan_stages
-from tiny import N_VIS, make_inputs, make_next_inputs, tiny_llava, tiny_llava_next
+from tiny import capture_layers, N_VIS, make_inputs, make_next_inputs, tiny_llava, tiny_llava_next
 
 BACKBONES = ["llama", "qwen2"]
 
@@ -19,17 +19,6 @@ def test_default_layers_are_the_quarter_boundaries():
     assert quarter_layers(3) == (1, 2)
     assert quarter_layers(2) == (1,)
     assert quarter_layers(1) == (0,)
-
-
-def capture_layers(model):
-    """Each decoder layer's prefill call: (input, kwargs, output), as the layer really got them."""
-    seen, handles = {}, []
-    for i, layer in enumerate(model.model.language_model.layers):
-        def hook(mod, args, kwargs, out, i=i):
-            h = args[0] if args else kwargs["hidden_states"]
-            seen.setdefault(i, (h.detach(), dict(kwargs), (out[0] if isinstance(out, tuple) else out).detach()))
-        handles.append(layer.register_forward_hook(hook, with_kwargs=True))
-    return seen, handles
 
 
 def last_row_attention(layer, h, pe, n_pad):

@@ -10,7 +10,7 @@ from pumer_llava import apply_pumer
 from pumer_llava.methods.sparsevlm import sparse_layers
 from pumer_llava.reduce import plan_stages
 from pumer_llava.reduce.cluster import dpc_knn, recycle_plan, select_raters
-from tiny import N_VIS, alone, make_inputs, make_next_inputs, tiny_llava, tiny_llava_next
+from tiny import capture_layers, N_VIS, alone, make_inputs, make_next_inputs, tiny_llava, tiny_llava_next
 
 BACKBONES = ["llama", "qwen2"]
 
@@ -134,17 +134,6 @@ def test_bad_options():
 
 
 # ----------------------------------------------------------------------------- end to end
-
-
-def capture_layers(model):
-    """Each decoder layer's prefill call: (input, kwargs, output), as the layer really got them."""
-    seen, handles = {}, []
-    for i, layer in enumerate(model.model.language_model.layers):
-        def hook(mod, args, kwargs, out, i=i):
-            h = args[0] if args else kwargs["hidden_states"]
-            seen.setdefault(i, (h.detach(), dict(kwargs), (out[0] if isinstance(out, tuple) else out).detach()))
-        handles.append(layer.register_forward_hook(hook, with_kwargs=True))
-    return seen, handles
 
 
 def layer_attention(layer, h, pe, n_pad):

@@ -6,7 +6,7 @@ import torch
 from pumer_llava import apply_pumer
 from pumer_llava.methods.visionzip import VisionZipOptions
 from pumer_llava.reduce.contextual import contextual_tokens
-from tiny import IMAGE_TOKEN, make_inputs, make_mixed_inputs, tiny_llava, tiny_llava_next, tiny_onevision
+from tiny import image_runs as _image_runs, IMAGE_TOKEN, make_inputs, make_mixed_inputs, tiny_llava, tiny_llava_next, tiny_onevision
 
 
 def reference(imp, keys, feats, n_dom, n_ctx):
@@ -70,21 +70,6 @@ def test_published_split_spacing():
 
 
 # ----------------------------------------------------------------------------- end to end
-
-
-def _image_runs(ids):
-    """Positions of each image's tokens, per sample: runs of the image placeholder."""
-    runs = []
-    for row in ids.tolist():
-        sample, prev = [], False
-        for p, t in enumerate(row):
-            if t == IMAGE_TOKEN:
-                if not prev:
-                    sample.append([])
-                sample[-1].append(p)
-            prev = t == IMAGE_TOKEN
-        runs.append(sample)
-    return runs
 
 
 def _tower_recorder(model):

@@ -347,3 +347,29 @@ def make_video_inputs(frames: int = 3, prefix: int = 3, suffix: int = 5, seed: i
                      torch.randint(5, VOCAB, (suffix,), generator=g)])[None]
     video = torch.randn(1, frames, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values_videos": video}, n_vis
+
+
+def image_runs(ids):
+    """Positions of each image's tokens, per sample: runs of the image placeholder."""
+    runs = []
+    for row in ids.tolist():
+        sample, prev = [], False
+        for p, t in enumerate(row):
+            if t == IMAGE_TOKEN:
+                if not prev:
+                    sample.append([])
+                sample[-1].append(p)
+            prev = t == IMAGE_TOKEN
+        runs.append(sample)
+    return runs
+
+
+def capture_layers(model):
+    """Each decoder layer's prefill call: (input, kwargs, output), as the layer really got them."""
+    seen, handles = {}, []
+    for i, layer in enumerate(model.model.language_model.layers):
+        def hook(mod, args, kwargs, out, i=i):
+            h = args[0] if args else kwargs["hidden_states"]
+            seen.setdefault(i, (h.detach(), dict(kwargs), (out[0] if isinstance(out, tuple) else out).detach()))
+        handles.append(layer.register_forward_hook(hook, with_kwargs=True))
+    return seen, handles
