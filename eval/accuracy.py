@@ -14,14 +14,16 @@ fractions of the 64 visual tokens on the held-out test split of
 - ``random`` is a registered method and appears with them.
 
 Variant rows (``VARIANTS``) run a registered method with one setting changed at
-the method's own layers: ``pumer-prune`` is PuMer without its merging.
+the method's own layers: ``pumer-prune`` is PuMer without its merging,
+``pumer-bipartite`` PuMer with the paper's merge rule.
 
 Controls act at one decoder layer (``--control-layer``, default 2, where
 ``fastv`` and ``random`` act). Accuracy is the greedy first answer word
 (``generate(max_new_tokens=1)``, batched with left padding). Reported per row:
 accuracy overall and per question type, mean visual tokens per decoder layer,
-FLOPs ratio (``pumer_llava.reduce.flops``, scoring included), selection seconds and wall
-time. Writes ``accuracy.json``, ``accuracy.md`` and ``accuracy.png``.
+FLOPs ratio (``pumer_llava.reduce.flops``, scoring included), visual tokens merged per
+image (folded into another, not dropped: ``last_stats.merged_per_layer``), selection
+seconds and wall time. Writes ``accuracy.json``, ``accuracy.md`` and ``accuracy.png``.
 
 Usage::
 
@@ -62,11 +64,11 @@ CONTROLS = ("oracle_aware", "oracle_blind", "lowest", "feature_norm")
 # pruning and merging at a deeper layer, all under one budget.
 HYBRIDS = {"vispruner+pumer": {"method": "vispruner", "merge_share": 0.5}}
 # Registered methods with one setting changed, at the same layers as the method itself:
-# PuMer's text-informed pruning without its merging, to tell which half costs accuracy, and
-# PuMer with its other merge rule (fold removed tokens into kept ones instead of pairing kept ones).
+# PuMer's text-informed pruning without its merging, to tell what the merging adds or costs,
+# and PuMer with the paper's merge rule (pair up the most similar of the kept tokens).
 VARIANTS = {
     "pumer-prune": ("pumer", {"merge_share": 0.0}),
-    "pumer-recycle": ("pumer", {"merge_rule": "recycle"}),
+    "pumer-bipartite": ("pumer", {"merge_rule": "bipartite", "merge_threshold": None}),
 }
 
 
@@ -155,7 +157,7 @@ def make_batches(processor, records, batch_size) -> list[tuple[list[dict], dict]
 def evaluate(model, processor, batches, before_batch=None) -> dict:
     """Greedy first word for every record; accuracy and reduction statistics."""
     correct, types = [], []
-    vis_layers, flops, flops_un, select_s, n_seen = None, 0.0, 0.0, 0.0, 0
+    vis_layers, flops, flops_un, select_s, n_seen, merged = None, 0.0, 0.0, 0.0, 0, 0
     t0 = time.perf_counter()
     for chunk, inputs in batches:
         if before_batch:
@@ -171,6 +173,7 @@ def evaluate(model, processor, batches, before_batch=None) -> dict:
             flops += stats.flops
             flops_un += stats.flops_unreduced
             select_s += stats.select_seconds
+            merged += sum(sum(v) for v in stats.merged_per_layer.values())
         n_seen += len(chunk)
     wall = time.perf_counter() - t0
     by = defaultdict(list)
@@ -186,11 +189,13 @@ def evaluate(model, processor, batches, before_batch=None) -> dict:
         res["visual_tokens_per_layer"] = [round(v / n_seen, 2) for v in vis_layers]
         res["flops_ratio"] = flops / flops_un if flops_un else 1.0
         res["select_seconds"] = round(select_s, 3)
+        res["merged_per_image"] = round(merged / n_seen, 2)  # one image per question
     else:
         depth = model.config.text_config.num_hidden_layers
         res["visual_tokens_per_layer"] = [float(task.NUM_CELLS)] * depth
         res["flops_ratio"] = 1.0
         res["select_seconds"] = 0.0
+        res["merged_per_image"] = 0.0
     return res
 
 
@@ -259,12 +264,13 @@ def run(model, processor, records, methods, fractions, controls, control_layer, 
 def to_markdown(results: dict) -> str:
     rows = results["rows"]
     types = list(rows[0]["per_type"])
-    head = ["method", "kept", "layers", "acc"] + types + ["FLOPs", "visual tokens per layer", "select s", "wall s"]
+    head = ["method", "kept", "layers", "acc"] + types + ["FLOPs", "merged", "visual tokens per layer", "select s",
+                                                           "wall s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in sorted(rows, key=lambda r: (-r["keep_tokens"], r["kind"] != "baseline", r["kind"], r["name"])):
         cells = [r["name"], str(r["keep_tokens"]), ",".join(map(str, r["layers"])) or "-", f"{r['accuracy']:.3f}"]
         cells += [f"{r['per_type'].get(t, float('nan')):.3f}" for t in types]
-        cells += [f"{r['flops_ratio']:.3f}", " ".join(f"{v:g}" for v in r["visual_tokens_per_layer"]),
+        cells += [f"{r['flops_ratio']:.3f}", f"{r.get('merged_per_image', 0.0):g}", " ".join(f"{v:g}" for v in r["visual_tokens_per_layer"]),
                   f"{r['select_seconds']:.2f}", f"{r['wall_seconds']:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     meta = results.get("meta", {})

@@ -117,7 +117,10 @@ def apply_pumer(
     if attn not in _ATTN_OK and attn is not None:
         raise ValueError(f"attention implementation {attn!r} is not supported; supported: {', '.join(_ATTN_OK)}")
     use_prop = bool(getattr(opts, "prop_attn", False))
-    merges = float(getattr(opts, "merge_share", 0.0)) > 0
+    merges = float(getattr(opts, "merge_share", 0.0)) > 0 or float(getattr(opts, "merge_text", 0.0)) > 0
+    if float(getattr(opts, "merge_text", 0.0)) > 0 and not resolved:
+        raise ValueError(f"merge_text merges the prompt's text inside the language model, and method {m.name!r} "
+                         "reduces only before it here: pass layers=[...] (decoder layers that reduce) or merge_text=0")
     if attn and attn.startswith("flash") and use_prop and merges:
         raise ValueError(
             "proportional attention adds log token sizes to the attention logits, which needs an additive "

@@ -132,23 +132,30 @@ def test_method_layers_override_and_layer0_controls(small_proxy, records):
 
 
 def test_prune_only_variant_keeps_the_top_pumer_scores(small_proxy, records):
-    """``pumer-prune`` runs at PuMer's layers without merging: what it keeps at ratio 1/2
-    is disjoint from what keep-the-lowest keeps, and its row says merge share 0."""
+    """``pumer-prune`` runs at PuMer's layers without merging: what it keeps at ratio 1/2 is
+    disjoint from what keep-the-lowest keeps, and its row says merge share 0. PuMer's default
+    merge folds the next-ranked tokens into those same kept ones; the paper's bipartite rule
+    merges among the kept, so it keeps a different set. Rows count the real merges."""
     model, processor = small_proxy
     res = accuracy.run(model, processor, records[:4], ["pumer"], [0.5], [], control_layer=2, batch_size=4,
                        log=lambda *_: None, hybrids={}, method_layers=[2])
     rows = {r["name"]: r for r in res["rows"]}
-    assert rows["pumer-prune"]["layers"] == rows["pumer"]["layers"] == [2]
+    assert rows["pumer-prune"]["layers"] == rows["pumer"]["layers"] == rows["pumer-bipartite"]["layers"] == [2]
     assert rows["pumer-prune"]["merge_share"] == 0.0 and rows["pumer"]["merge_share"] == 0.5
     assert rows["pumer-prune"]["visual_tokens_per_layer"] == rows["pumer"]["visual_tokens_per_layer"]
+    assert rows["pumer-prune"]["merged_per_image"] == 0.0
+    assert rows["pumer-bipartite"]["merged_per_image"] == 16.0  # half of the 32 removed, every pair merges
+    assert 0.0 <= rows["pumer"]["merged_per_image"] <= 16.0
     (chunk, inputs), = accuracy.make_batches(processor, records[:4], batch_size=4)
     base, kw = accuracy.VARIANTS["pumer-prune"]
     top = kept_patches(model, inputs, 2, keep_tokens=32, method=base, **kw)
-    merged = kept_patches(model, inputs, 2, keep_tokens=32, method="pumer")
+    folded = kept_patches(model, inputs, 2, keep_tokens=32, method="pumer")
+    paired = kept_patches(model, inputs, 2, keep_tokens=32, method="pumer", **accuracy.VARIANTS["pumer-bipartite"][1])
     bottom = kept_by_lowest(model, inputs, 2, 32)
     for a, b in zip(top, bottom):
         assert len(a) == 32 and len(set(a) & set(b)) <= 2, "prune-only keeps PuMer's top half (ties aside)"
-    assert top != merged, "with merging PuMer keeps a different set"
+    assert folded == top, "the default merge keeps what pruning keeps"
+    assert paired != top, "bipartite merging among the kept keeps a different set"
 
 
 def test_the_methods_table_reads_the_harness_outputs(tmp_path):

@@ -109,8 +109,13 @@ def test_config_round_trip_and_state_dict():
     assert PumerConfig.from_dict(d) == model.pumer.config
     full = model.pumer.to_dict()
     assert full["layers"] == list(model.pumer.layers) and full["merge_share"] == 0.25 and full["prop_attn"] is True
-    with pytest.raises(ValueError, match="method 'pumer' takes the options merge_share, merge_rule, prop_attn, merge_window, merge_threshold; got unknown 'bogus'"):
+    with pytest.raises(ValueError, match="method 'pumer' takes the options merge_share, merge_rule, prop_attn, merge_window, merge_threshold, merge_text; got unknown 'bogus'"):
         PumerConfig.from_dict({**d, "bogus": 1})
+    # an option whose value may be None keeps it (no threshold), not the default 0.85
+    assert d["merge_threshold"] == 0.85 and d["merge_rule"] == "recycle"
+    off = PumerConfig.make("pumer", merge_threshold=None)
+    assert off.options.merge_threshold is None and PumerConfig.from_dict(off.to_dict()) == off
+    assert PumerConfig.make("pumer", merge_share=None).options.merge_share == 0.5  # None: the default
     assert {"fastv", "pumer", "random", "vispruner"} <= set(list_methods())
 
 

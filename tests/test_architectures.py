@@ -9,6 +9,7 @@ from pumer_llava.hooks.adapters import ADAPTERS, get_adapter
 from pumer_llava.reduce import plan_stages
 from pumer_llava.hooks.layout import PromptLayout
 from tiny import (
+    TEXT_BLIND,
     alone,
     append_tokens,
     assert_cached_equals_recomputed,
@@ -86,7 +87,7 @@ def test_ratio_one_equals_unpatched_and_remove_restores(arch):
 def test_exact_counts_cache_and_padding(arch):
     """Per-sample schedules; cached decoding equals recomputation; a padded batch equals each sample."""
     model, inp, counts = BUILDERS[arch]()
-    apply_pumer(model, ratio=0.25, merge_share=1.0)  # merge-only: decisions independent of the text
+    apply_pumer(model, ratio=0.25, **TEXT_BLIND)
     layers, share = model.pumer.layers, model.pumer.merge_share
     cached, stats = assert_cached_equals_recomputed(model, inp, **GEN)
     with torch.no_grad():
@@ -173,7 +174,7 @@ def test_decode_positions_equal_unpatched(arch):
     runs = []
     for ratio in (None, 0.25):
         if ratio:
-            apply_pumer(model, ratio=ratio, merge_share=1.0)  # merge-only: a new token changes no decision
+            apply_pumer(model, ratio=ratio, **TEXT_BLIND)  # merge-only: a new token changes no decision
         seen, handle = _capture_lm_inputs(model)
         with torch.no_grad():
             model.generate(**inp, **GEN)

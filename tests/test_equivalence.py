@@ -9,7 +9,7 @@ import torch
 from pumer_llava import Method, apply_pumer, disabled, remove_pumer
 from pumer_llava.methods import visual_scorer
 from pumer_llava.reduce import plan_stages
-from tiny import IMAGE_TOKEN, N_VIS, alone, assert_cached_equals_recomputed, make_inputs, make_mixed_inputs, tiny_llava
+from tiny import IMAGE_TOKEN, TEXT_BLIND, N_VIS, alone, alone_mixed, assert_cached_equals_recomputed, make_inputs, make_mixed_inputs, tiny_llava
 
 BACKBONES = ["llama", "qwen2"]  # qwen2: grouped-query attention, q/k/v biases
 ATTN = ["sdpa", "eager"]
@@ -113,7 +113,7 @@ def test_cached_decoding_equals_recomputation(kind, attn):
         replay = Method(name="replay", score=visual_scorer(_fixed_scores([kept[l] for l in sorted(kept)])),
                         default_layers=lambda d: tuple(sorted(kept)))
         # 2) merge-only PuMer: merging reads only visual tokens, which later text cannot change
-        for kwargs in (dict(method=replay, ratio=0.25), dict(method="pumer", ratio=0.25, merge_share=1.0)):
+        for kwargs in (dict(method=replay, ratio=0.25), dict(method="pumer", ratio=0.25, **TEXT_BLIND)):
             apply_pumer(model, **kwargs)
             cached = model.generate(**inp, **GEN, output_scores=True, return_dict_in_generate=True)
             layers = model.pumer.layers
@@ -190,7 +190,7 @@ def test_labels_give_a_loss_and_full_length_logits(kind):
 def test_beam_search_with_cache_equals_without(kind):
     model = tiny_llava(kind)
     inp = make_inputs((3, 6), (5, 2))
-    apply_pumer(model, ratio=0.25, merge_share=1.0)
+    apply_pumer(model, ratio=0.25, **TEXT_BLIND)
     with torch.no_grad():
         a = model.generate(**inp, num_beams=3, do_sample=False, max_new_tokens=5)
         b = model.generate(**inp, num_beams=3, do_sample=False, max_new_tokens=5, use_cache=False)
@@ -202,7 +202,7 @@ def test_continuing_a_conversation_from_the_cache(kind):
     """Turn 2 on turn 1's reduced cache equals recomputing the whole conversation."""
     model = tiny_llava(kind)
     inp = make_inputs((3,), (5,))
-    apply_pumer(model, ratio=0.25, merge_share=1.0)  # decisions independent of the text
+    apply_pumer(model, ratio=0.25, **TEXT_BLIND)
     with torch.no_grad():
         t1 = model.generate(**inp, **GEN, return_dict_in_generate=True)
         follow = torch.tensor([[7, 8, 9, 10]])
@@ -216,7 +216,7 @@ def test_continuing_a_conversation_from_the_cache(kind):
 def test_manual_decoding_loop_uses_the_returned_cache():
     model = tiny_llava("llama")
     inp = make_inputs((3,), (5,))
-    apply_pumer(model, ratio=0.25, merge_share=1.0)
+    apply_pumer(model, ratio=0.25, **TEXT_BLIND)
     with torch.no_grad():
         out = model(**inp)
         nxt = out.logits[:, -1:].argmax(-1)
@@ -235,15 +235,6 @@ def test_disabled_context_runs_unreduced():
         with disabled(model):
             assert torch.equal(model(**inp).logits, ref)
         assert not torch.equal(model(**inp).logits, ref)
-
-
-def _alone_mixed(inp, images, i):
-    keep = inp["attention_mask"][i].bool()
-    start = sum(images[:i])
-    out = {"input_ids": inp["input_ids"][i : i + 1, keep], "attention_mask": inp["attention_mask"][i : i + 1, keep]}
-    if images[i]:
-        out["pixel_values"] = inp["pixel_values"][start : start + images[i]]
-    return out
 
 
 @pytest.mark.parametrize("method", ["pumer", "fastv", "random", "vispruner"])
@@ -269,7 +260,7 @@ def test_mixed_visual_counts_batch_equals_single_samples(kind, method):
         assert seen[layer] == inp["input_ids"].shape[1] - min(removed)
     for i in range(3):
         with torch.no_grad():
-            one = model.generate(**_alone_mixed(inp, images, i), **GEN)[:, -GEN["max_new_tokens"] :]
+            one = model.generate(**alone_mixed(inp, images, i), **GEN)[:, -GEN["max_new_tokens"] :]
         assert torch.equal(batch[i], one[0]), (i, batch[i], one[0])
         if images[i]:
             assert model.pumer.last_stats.visual_tokens_per_layer == [[v[i]] for v in stats.visual_tokens_per_layer]
@@ -279,7 +270,7 @@ def test_mixed_visual_counts_batch_equals_single_samples(kind, method):
 def test_mixed_visual_counts_cached_equals_recomputation(attn):
     model = tiny_llava("qwen2", attn)
     inp, _ = make_mixed_inputs()
-    apply_pumer(model, ratio=0.25, merge_share=1.0)  # merge-only: decisions independent of the text
+    apply_pumer(model, ratio=0.25, **TEXT_BLIND)
     assert_cached_equals_recomputed(model, inp, **GEN)
 
 
@@ -301,7 +292,7 @@ def test_merge_rules_land_on_the_budget_and_generate_alike_cached_or_not(rule):
     from tiny import assert_cached_equals_recomputed, make_mixed_inputs
 
     model = tiny_llava("llama")
-    apply_pumer(model, ratio=0.25, merge_rule=rule, merge_share=0.5)
+    apply_pumer(model, ratio=0.25, merge_rule=rule, merge_share=0.5, merge_threshold=None)
     assert model.pumer.to_dict()["merge_rule"] == rule
     inp, images = make_mixed_inputs()
     _, stats = assert_cached_equals_recomputed(model, inp, max_new_tokens=4, do_sample=False)
@@ -322,16 +313,58 @@ def test_recycle_with_a_threshold_no_pair_reaches_is_prune_only():
     with torch.no_grad():
         apply_pumer(model, ratio=0.25, merge_share=0.0)
         ref = model(**inp).logits
+        assert model.pumer.last_stats.merged_per_layer == {}
         apply_pumer(model, ratio=0.25, merge_rule="recycle", merge_share=0.5, merge_threshold=1.0)
         got = model(**inp).logits
-        apply_pumer(model, ratio=0.25, merge_rule="recycle", merge_share=0.5)
+        assert all(v == [0, 0] for v in model.pumer.last_stats.merged_per_layer.values())
+        apply_pumer(model, ratio=0.25, merge_rule="recycle", merge_share=0.5, merge_threshold=None)
         merged = model(**inp).logits
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
     assert (merged - ref).abs().max().item() > 1e-3  # without the threshold the merges change the output
-    with pytest.raises(ValueError, match="merge_window and merge_threshold apply to merge_rule='recycle'"):
-        apply_pumer(model, merge_window=2)
+    with pytest.raises(ValueError, match="merge_window applies to merge_rule='recycle'"):
+        apply_pumer(model, merge_rule="bipartite", merge_window=2)
     with pytest.raises(ValueError, match="merge_window must be at least 1"):
         apply_pumer(model, merge_rule="recycle", merge_window=0)
+    with pytest.raises(ValueError, match=r"merge_threshold must be in \[-1, 1\] \(a cosine similarity\)"):
+        apply_pumer(model, merge_threshold=1.5)
+
+
+@pytest.mark.parametrize("rule", ["bipartite", "recycle"])
+def test_merges_counted_per_layer_and_the_threshold_decides_which_merge(rule, monkeypatch):
+    """``merged_per_layer`` counts the pairs that really merged: every planned merge without a
+    threshold, none at threshold 1 (sources only dropped, sizes stay 1), and in between exactly
+    the pairs whose cosine reaches it (the default 0.85: some, on this model)."""
+    from pumer_llava.hooks import prefill
+
+    model = tiny_llava("llama")
+    inp = make_inputs((3, 6), (5, 2))
+    layers = [1, 2]
+    plans = plan_stages(N_VIS, 4, len(layers), 0.5)
+    counts = {}
+    for t in (None, 1.0, -1.0):
+        apply_pumer(model, ratio=0.25, merge_rule=rule, merge_threshold=t, layers=layers)
+        with torch.no_grad():
+            out = model(**inp, use_cache=True)
+        counts[t] = model.pumer.last_stats.merged_per_layer
+        if t == 1.0:  # nothing merged: every slot still stands for one token
+            logs = [layer.log_size for layer in out.past_key_values.layers if getattr(layer, "log_size", None) is not None]
+            assert all(float(ls.abs().max()) == 0.0 for ls in logs)
+    assert counts[None] == counts[-1.0] == {l: [p.merge, p.merge] for l, p in zip(layers, plans)}
+    assert counts[1.0] == {l: [0, 0] for l in layers}
+    seen = []
+    real = prefill.merge_pairs
+
+    def spy(x, size, src, dst, weight=None):
+        seen.append(weight)
+        return real(x, size, src, dst, weight)
+
+    monkeypatch.setattr(prefill, "merge_pairs", spy)
+    apply_pumer(model, ratio=0.25, merge_rule=rule, layers=layers)  # the default threshold
+    with torch.no_grad():
+        model(**inp)
+    got = model.pumer.last_stats.merged_per_layer
+    assert [sum(v) for v in got.values()] == [int(w.sum()) for w in seen]
+    assert all(set(w.tolist()) <= {0.0, 1.0} for w in seen)
 
 
 def test_a_merge_window_folds_only_into_grid_neighbours(monkeypatch):
@@ -350,7 +383,7 @@ def test_a_merge_window_folds_only_into_grid_neighbours(monkeypatch):
         return real(x, size, src, dst, weight)
 
     monkeypatch.setattr(prefill, "merge_pairs", spy)
-    apply_pumer(model, ratio=0.25, merge_rule="recycle", merge_window=1, layers=[1])
+    apply_pumer(model, ratio=0.25, merge_rule="recycle", merge_window=1, merge_threshold=None, layers=[1])
     with torch.no_grad():
         model(**inp)
     starts = torch.tensor([3, 6]).repeat_interleave(len(seen[0][0]) // 2)  # one image per sample

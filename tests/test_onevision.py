@@ -3,7 +3,7 @@
 import torch
 
 from pumer_llava import apply_pumer, remove_pumer
-from tiny import VIDEO_TOKEN, assert_cached_equals_recomputed, make_video_inputs, tiny_onevision
+from tiny import TEXT_BLIND, VIDEO_TOKEN, assert_cached_equals_recomputed, make_video_inputs, tiny_onevision
 
 GEN = dict(do_sample=False, max_new_tokens=5)
 
@@ -15,7 +15,7 @@ def test_video_tokens_are_reduced_and_counted():
         ref = model(**inp).logits
         apply_pumer(model, ratio=1.0)
         assert (model(**inp).logits - ref).abs().max().item() <= 1e-5
-        apply_pumer(model, ratio=0.25, merge_share=1.0)  # merge-only: decisions independent of the text
+        apply_pumer(model, ratio=0.25, **TEXT_BLIND)
     _, stats = assert_cached_equals_recomputed(model, inp, **GEN)
     assert stats.visual_tokens_total == [n_vis] and stats.visual_tokens_final == [round(n_vis * 0.25)]
     video_pos = (inp["input_ids"][0] == VIDEO_TOKEN).nonzero()[:, 0].tolist()

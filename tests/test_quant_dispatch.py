@@ -5,7 +5,7 @@ import torch
 from transformers import LlavaForConditionalGeneration
 
 from pumer_llava import apply_pumer, remove_pumer
-from tiny import make_inputs, tiny_llava
+from tiny import TEXT_BLIND, make_inputs, tiny_llava
 
 GEN = dict(do_sample=False, max_new_tokens=5)
 
@@ -23,7 +23,7 @@ def _check_reduces_and_generates(model):
         ref = model.generate(**inp, **GEN)
         apply_pumer(model, ratio=1.0)
         assert torch.equal(model.generate(**inp, **GEN), ref)
-        apply_pumer(model, ratio=0.25, merge_share=1.0)
+        apply_pumer(model, ratio=0.25, **TEXT_BLIND)
         out = model.generate(**inp, **GEN, return_dict_in_generate=True)
         assert model.pumer.last_stats.visual_tokens_final == [4, 4]
         again = model.generate(**inp, **GEN, use_cache=False)

@@ -9,6 +9,9 @@ IMAGE_TOKEN = 3
 VIDEO_TOKEN = 4  # Qwen2-VL's video placeholder; the Qwen inputs draw text ids above it
 PAD = 0
 VOCAB = 64
+# PuMer merging only, by key similarity alone (the paper's bipartite rule, every pair merges):
+# its decisions read no text, so a prompt with other text after the image makes the same ones
+TEXT_BLIND = dict(merge_share=1.0, merge_rule="bipartite", merge_threshold=None)
 IMAGE_SIZE, PATCH = 32, 8
 N_VIS = (IMAGE_SIZE // PATCH) ** 2  # 16 visual tokens per image
 QWEN_PATCH = 4  # Qwen2-VL: a (t, h, w) grid of patches gives t*h*w/4 tokens (2x2 merged)
@@ -267,6 +270,16 @@ def alone(inp, i):
         out[grid_key] = grid[first : first + count]
         out[key] = inp[key][rows[first] : rows[first + count]]
     out.update({k: v[i : i + 1] for k, v in inp.items() if k not in out and k not in absent})
+    return out
+
+
+def alone_mixed(inp, images, i):
+    """Sample i of a :func:`make_mixed_inputs` batch (``images``: images per sample), unpadded."""
+    keep = inp["attention_mask"][i].bool()
+    start = sum(images[:i])
+    out = {"input_ids": inp["input_ids"][i : i + 1, keep], "attention_mask": inp["attention_mask"][i : i + 1, keep]}
+    if images[i]:
+        out["pixel_values"] = inp["pixel_values"][start : start + images[i]]
     return out
 
 

@@ -27,6 +27,20 @@ from .layout import TEXT, StageSlots, cached, to_device
 
 
 @dataclass
+class TextIndex:
+    """Where a stage's merging text runs are (the runtime merges them; methods never see them)."""
+
+    flat: torch.Tensor  # (T, m) flat (B*N) slots of each run's tokens (padded with its last)
+    dst: torch.Tensor  # (U,) flat output slots of text-run tokens
+    src: torch.Tensor  # (U,) flat (T, o_max) entries of the chosen local indices they take
+    pad: torch.Tensor | None  # (T, m) bool: padding entries (None: every run has m tokens)
+    pair_sel: torch.Tensor | None  # (P,) the real merges among the flattened (T, r_max) pairs (None: all)
+    counts: list[int]
+    merge: list[int]
+    o_max: int
+
+
+@dataclass
 class StageIndex:
     """One stage's host plan on the device (one copy): where each image's tokens are, how many
     each keeps, and the template of the slots that stay."""
@@ -46,6 +60,7 @@ class StageIndex:
     k: list[int]
     r: list[int]
     o_max: int
+    text: TextIndex | None = None  # the text runs that merge at this stage (``merge_text``), or None
 
 
 class _StageView:

@@ -13,6 +13,12 @@ tokens than the longest row), then the row's tokens in their original order, eve
 non-visual token (text and input padding) kept, each image with the count it has at
 that stage. Codes per slot: ``>= 0`` the image index (visual), :data:`TEXT`,
 :data:`PAD` (input padding), :data:`FILLER`.
+
+With text merging on, the prompt's text runs between images (:class:`Segment`) also hold a
+count per stage, like images: once a run has merged, which of its tokens stand where is
+data, so its slots carry the run's first position as a stand-in (right for every
+comparison with an image or the prompt's end, which a run never straddles) and
+:attr:`StageSlots.exact` is False.
 """
 
 from __future__ import annotations
@@ -52,6 +58,43 @@ class Image:
     start: int
     end: int
     count: int
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A run of the prompt's text that may merge: consecutive text tokens of one row between
+    images (or an image and the row's ends), without the row's first token (an attention
+    sink) and its last prompt token (it predicts what comes next)."""
+
+    sample: int
+    start: int
+    end: int
+
+    @property
+    def count(self) -> int:
+        return self.end - self.start + 1
+
+
+def text_segments(layout: PromptLayout, n_prompt: int) -> list[Segment]:
+    """The mergeable text runs of every row's prompt that has an image (at least two tokens
+    each), in order. A row without an image is left as the unpatched model runs it."""
+    out = []
+    rows_with_images = {im.sample for im in layout.images if im.start < n_prompt}
+    for b, codes in enumerate(layout.code):
+        if b not in rows_with_images:
+            continue
+        valid = [i for i, c in enumerate(codes[:n_prompt]) if c != PAD]
+        if len(valid) < 3:
+            continue
+        run: list[int] = []
+        for i in range(valid[0] + 1, valid[-1] + 1):  # the last prompt token ends every run
+            if codes[i] == TEXT and i < valid[-1]:
+                run.append(i)
+                continue
+            if len(run) >= 2:
+                out.append(Segment(b, run[0], run[-1]))
+            run = []
+    return out
 
 
 class PromptLayout:
@@ -105,9 +148,10 @@ class PromptLayout:
             out[im.sample] += n
         return out
 
-    def stage(self, counts: list[int]) -> StageSlots:
-        """The slot layout when image g holds ``counts[g]`` tokens."""
-        return cached(("slots", self.key, tuple(counts)), lambda: StageSlots(self, counts))
+    def stage(self, counts: list[int], segments: tuple[Segment, ...] = (), text_counts: tuple[int, ...] = ()) -> StageSlots:
+        """The slot layout when image g holds ``counts[g]`` tokens (and text run s ``text_counts[s]``)."""
+        key = ("slots", self.key, tuple(counts), tuple(segments), tuple(text_counts))
+        return cached(key, lambda: StageSlots(self, counts, segments, text_counts))
 
 
 class StageSlots:
@@ -115,34 +159,59 @@ class StageSlots:
 
     width: slots per row; fillers[b]: filler slots at the start of row b; start[g]: the
     slot of image g's first token; code: (B, width) codes; src[b][s]: for a non-visual
-    slot, the input position of its token (its position is known), else -1.
+    slot, the input position of its token (its position is known), else -1; a slot of a
+    text run that has merged: the run's first position (a stand-in, ``exact`` False).
+    seg[b][s]: the text run a slot belongs to, or -1; seg_start[s]: the slot of run s's
+    first token; text_counts[s]: tokens run s holds.
     """
 
-    def __init__(self, layout: PromptLayout, counts: list[int]):
+    def __init__(self, layout: PromptLayout, counts: list[int], segments=(), text_counts=()):
         self.layout, self.counts = layout, list(counts)
+        self.segments, self.text_counts = tuple(segments), tuple(text_counts) or tuple(s.count for s in segments)
+        self.exact = all(c == s.count for c, s in zip(self.text_counts, self.segments))
+        seg_of = {}
+        for j, sg in enumerate(self.segments):
+            for i in range(sg.start, sg.end + 1):
+                seg_of[(sg.sample, i)] = j
         rows = []
         for b, codes in enumerate(layout.code):
-            row_code, row_src, seen = [], [], set()
+            row_code, row_src, row_seg, seen = [], [], [], set()
             for i, c in enumerate(codes):
-                if c < 0:
+                j = seg_of.get((b, i), -1)
+                if j >= 0:
+                    if i == self.segments[j].start:
+                        n, sg = self.text_counts[j], self.segments[j]
+                        row_code.extend([TEXT] * n)
+                        row_src.extend(range(sg.start, sg.start + n) if n == sg.count else [sg.start] * n)
+                        row_seg.extend([j] * n)
+                elif c < 0:
                     row_code.append(c)
                     row_src.append(i)
+                    row_seg.append(-1)
                 elif c not in seen:
                     seen.add(c)
                     row_code.extend([c] * counts[c])
                     row_src.extend([-1] * counts[c])
-            rows.append((row_code, row_src))
-        self.width = max((len(c) for c, _ in rows), default=0)
-        self.fillers = [self.width - len(c) for c, _ in rows]
-        self.code = [[FILLER] * f + c for f, (c, _) in zip(self.fillers, rows)]
-        self.src = [[-1] * f + s for f, (_, s) in zip(self.fillers, rows)]
+                    row_seg.extend([-1] * counts[c])
+            rows.append((row_code, row_src, row_seg))
+        self.width = max((len(r[0]) for r in rows), default=0)
+        self.fillers = [self.width - len(r[0]) for r in rows]
+        self.code = [[FILLER] * f + r[0] for f, r in zip(self.fillers, rows)]
+        self.src = [[-1] * f + r[1] for f, r in zip(self.fillers, rows)]
+        self.seg = [[-1] * f + r[2] for f, r in zip(self.fillers, rows)]
         self.start = [0] * layout.n_images
+        self.seg_start = [0] * len(self.segments)
         for b, row in enumerate(self.code):
             prev = None
             for s, c in enumerate(row):
                 if c >= 0 and c != prev:
                     self.start[c] = s
                 prev = c if c >= 0 else None
+            prev = -1
+            for s, j in enumerate(self.seg[b]):
+                if j >= 0 and j != prev:
+                    self.seg_start[j] = s
+                prev = j
 
     @property
     def has_fillers(self) -> bool:

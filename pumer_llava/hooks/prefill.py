@@ -35,10 +35,10 @@ from dataclasses import dataclass
 import torch
 
 from ..reduce import plan_stages
-from ..reduce.merge import merge_pairs
+from ..reduce.merge import match_pairs, merge_pairs
 from .cache import reduced_layer
-from .context import LayerContext, StageIndex, VisionContext
-from .layout import FILLER, TEXT, PromptLayout, StageSlots, cached, to_device
+from .context import LayerContext, StageIndex, TextIndex, VisionContext
+from .layout import FILLER, TEXT, PromptLayout, Segment, StageSlots, cached, text_segments, to_device
 from .masks import layer_mask
 from .scoring import QueryRows, attention_scores, take_rows
 from .stats import stats_reduced, stats_unreduced
@@ -113,7 +113,8 @@ class StageDecision:
     n_in: slots it received; sel (B, N'): which slots stay (left-padded rows); code (B, N'):
     what each new slot holds (:mod:`.layout`); merge: (src, dst) or (src, dst, weight) (P,)
     flat indices into the (B * n_in) slots received, ``src[p]`` merging into ``dst[p]``
-    (``reduce.merge.merge_pairs``; weight 0: dropped, not merged), or None; replace: (slots, values), flat slots that take new values first, or None.
+    (``reduce.merge.merge_pairs``; weight 0: dropped, not merged), or None, the text runs'
+    merges last; replace: (slots, values), flat slots that take new values first, or None.
     """
 
     n_in: int
@@ -122,6 +123,7 @@ class StageDecision:
     has_fillers: bool
     merge: tuple[torch.Tensor, ...] | None = None
     replace: tuple[torch.Tensor, torch.Tensor] | None = None
+    text_pairs: int = 0  # the last ``text_pairs`` merges are text runs' (``merge_text``)
 
     def extended(self, extra: int) -> StageDecision:
         """The same decision on ``extra`` more slots at the end (tokens after the prompt: kept)."""
@@ -136,7 +138,7 @@ class StageDecision:
         replace = None if self.replace is None else (widen(self.replace[0]), self.replace[1])
         return StageDecision(self.n_in + extra, torch.cat([self.sel, tail], 1),
                              torch.cat([self.code, self.code.new_full((bsz, extra), TEXT)], 1),
-                             self.has_fillers, merge, replace)
+                             self.has_fillers, merge, replace, self.text_pairs)
 
 
 @dataclass
@@ -161,6 +163,24 @@ def fingerprint(emb: torch.Tensor) -> torch.Tensor:
         g = torch.Generator().manual_seed(0)
         w = _PROJECTIONS[key] = torch.randn(emb.shape[-1], generator=g).to(emb.device)
     return emb.float() @ w
+
+
+def plan_text(state, stages: list[Stage], segments: list[Segment]) -> list[list[int]]:
+    """Per stage, each text run's merges: ``merge_text`` of a run's tokens merged away over
+    the stages inside the language model (none before it), each stage at most half of what
+    the run holds (bipartite matching), the same fraction per stage."""
+    share = state.merge_text
+    llm = [s for s, st in enumerate(stages) if not st.vision]
+    out = [[0] * len(segments) for _ in stages]
+    if not share or not llm:
+        return out
+    for j, sg in enumerate(segments):
+        keep = sg.count - min(round(sg.count * share), sg.count // 2)
+        if keep == sg.count:
+            continue
+        for s, p in zip(llm, plan_stages(sg.count, keep, len(llm), 1.0)):
+            out[s][j] = p.merge
+    return out
 
 
 def plan(state, layout: PromptLayout) -> tuple[list[Stage], list[list]]:
@@ -220,6 +240,14 @@ class Prefill:
         self.counts = [list(layout.counts)]  # per stage: each image's count entering it, then after the last
         for rows in self.plans:
             self.counts.append([n_out for _, _, n_out in rows])
+        # the prompt's text runs that merge (merge_text), and per stage each run's count entering it
+        self.segments = tuple(text_segments(layout, self.n_prompt)) if self.reduces and state.merge_text else ()
+        self.text_plans = plan_text(state, self.stages, list(self.segments))
+        if not any(map(any, self.text_plans)):
+            self.segments, self.text_plans = (), [[] for _ in self.stages]
+        self.text_counts = [tuple(sg.count for sg in self.segments)]
+        for merges in self.text_plans:
+            self.text_counts.append(tuple(c - m for c, m in zip(self.text_counts[-1], merges)))
         self.at: dict[int, list[Stage]] = {}
         self.score_at: dict[int, list[Stage]] = {}
         for st in self.stages:
@@ -244,9 +272,9 @@ class Prefill:
 
     def slots(self, s: int) -> StageSlots:
         """The slot layout entering stage ``s`` (``s == len(stages)``: after the last)."""
-        key = tuple(self.counts[s])
+        key = (tuple(self.counts[s]), self.text_counts[s])
         if key not in self._slots:
-            self._slots[key] = self.layout.stage(self.counts[s])
+            self._slots[key] = self.layout.stage(self.counts[s], self.segments, self.text_counts[s])
         return self._slots[key]
 
     # ------------------------------------------------------------------ the prompt's decision
@@ -344,16 +372,23 @@ class Prefill:
 
     def _index(self, s: int) -> StageIndex:
         """Stage ``s``'s index tensors, from the host layout, in one copy to the device."""
-        key = ("index", self.layout.key, tuple(self.counts[s]), tuple(self.plans[s]), self.device)
+        key = ("index", self.layout.key, tuple(self.counts[s]), tuple(self.plans[s]), self.segments,
+               self.text_counts[s], tuple(self.text_plans[s]), self.device)
 
         def build():
-            host, *flags = self._index_host(s)
-            return (to_device(self.device, *host), *flags)
+            host, flags, text = self._index_host(s)
+            return to_device(self.device, *host), flags, text
 
-        t, ragged_m, ragged_k, ragged_r, ragged_o, k, r, o_max = cached(key, build)
+        t, (ragged_m, ragged_k, ragged_r, ragged_o, k, r, o_max), text = cached(key, build)
+        text_ix = None
+        if text is not None:
+            counts, merges, to_max, ragged_tm, ragged_tr = text
+            flat, dst, src, pad, pair = t[10:15]
+            text_ix = TextIndex(flat, dst, src, pad.bool() if ragged_tm else None, pair if ragged_tr else None,
+                                counts, merges, to_max)
         return StageIndex(self.slots(s), self.slots(s + 1), *t[:6], t[6].bool() if ragged_m else None,
                           t[7].bool() if ragged_k else None, t[8] if ragged_r else None,
-                          t[9].bool() if ragged_o else None, k, r, o_max)
+                          t[9].bool() if ragged_o else None, k, r, o_max, text_ix)
 
     def _index_host(self, s: int):
         slots_in, slots_out = self.slots(s), self.slots(s + 1)
@@ -368,17 +403,32 @@ class Prefill:
         img_pad = [[not x for x in row] for row in img_ok]
         k_pad = [[j >= kg for j in range(k_max)] for kg in k]
         w_out = slots_out.width
-        sel_base, vis_dst, vis_src = [], [], []
+        # text runs: when one merges at this stage, every run's kept tokens are chosen on the device
+        t_merge = list(self.text_plans[s])
+        t_in = list(slots_in.text_counts)
+        t_out = [c - m_ for c, m_ in zip(t_in, t_merge)]
+        text_here = any(t_merge)
+        to_max = max(t_out, default=0)
+        sel_base, vis_dst, vis_src, txt_dst, txt_src = [], [], [], [], []
         for b in range(layout.bsz):
-            where = {i: s_ for s_, i in enumerate(slots_in.src[b]) if i >= 0}  # input position -> slot
-            row, seen = [], {}
+            # input position -> slot, for tokens whose position is known (not those of text runs)
+            where = {i: s_ for s_, (i, j) in enumerate(zip(slots_in.src[b], slots_in.seg[b])) if i >= 0 and j < 0}
+            row, seen, seen_t = [], {}, {}
             for t, (c, i) in enumerate(zip(slots_out.code[b], slots_out.src[b])):
+                seg = slots_out.seg[b][t]
                 if c >= 0:
                     j = seen.get(c, 0)
                     seen[c] = j + 1
                     row.append(slots_in.start[c])
                     vis_dst.append(b * w_out + t)
                     vis_src.append(c * o_max + j)
+                elif seg >= 0:  # the j-th token a text run keeps: chosen now, or as it was
+                    j = seen_t.get(seg, 0)
+                    seen_t[seg] = j + 1
+                    row.append(slots_in.seg_start[seg] + (0 if text_here else j))
+                    if text_here:
+                        txt_dst.append(b * w_out + t)
+                        txt_src.append(seg * to_max + j)
                 else:
                     row.append(where.get(i, 0))  # a filler takes any slot: it is masked everywhere
             sel_base.append(row)
@@ -387,28 +437,67 @@ class Prefill:
         ragged_m, ragged_k, ragged_r = min(slots_in.counts) != max(slots_in.counts), min(k) != k_max, min(r) != r_max
         ragged_o = min(o) != o_max
         o_pad = [[j >= og for j in range(o_max)] for og in o]
-        host = (img_idx, img_flat, sel_base, vis_dst, vis_src, slots_out.code,
+        host = [img_idx, img_flat, sel_base, vis_dst, vis_src, slots_out.code,
                 img_pad if ragged_m else [], k_pad if ragged_k else [], pair_sel if ragged_r else [],
-                o_pad if ragged_o else [])
-        return host, ragged_m, ragged_k, ragged_r, ragged_o, k, r, o_max
+                o_pad if ragged_o else []]
+        text = None
+        if text_here:
+            tm_max, tr_max = max(t_in), max(t_merge)
+            t_flat = [[self.segments[j].sample * w_in + slots_in.seg_start[j] + min(x, c - 1) for x in range(tm_max)]
+                      for j, c in enumerate(t_in)]
+            ragged_tm, ragged_tr = min(t_in) != tm_max, min(t_merge) != tr_max
+            t_pad = [[x >= c for x in range(tm_max)] for c in t_in]
+            t_pair = [j * tr_max + x for j, rj in enumerate(t_merge) for x in range(rj)]
+            host += [t_flat, txt_dst, txt_src, t_pad if ragged_tm else [], t_pair if ragged_tr else []]
+            text = (t_in, t_merge, to_max, ragged_tm, ragged_tr)
+        return host, (ragged_m, ragged_k, ragged_r, ragged_o, k, r, o_max), text
 
-    def _select(self, ix: StageIndex, choice) -> StageDecision:
-        """The decision from each image's chosen local indices (G, o_max), ascending."""
+    def _select(self, ix: StageIndex, choice, text=None) -> StageDecision:
+        """The decision from each image's chosen local indices (G, o_max), ascending, and the
+        text runs' ``(keep, src, dst)`` (:meth:`_text_choice`) when they merge at this stage."""
         local = choice.keep.to(ix.sel_base.device)
         if tuple(local.shape) != (ix.img_idx.shape[0], ix.o_max):
             raise ValueError(f"{self.state.method.name}: the choice keeps {tuple(local.shape)} local indices, "
                              f"expected {(ix.img_idx.shape[0], ix.o_max)} (images x the most any image keeps)")
         bsz, w_out = ix.sel_base.shape
         sel = ix.sel_base.reshape(-1).index_put((ix.vis_dst,), local.reshape(-1)[ix.vis_src], accumulate=True)
+        merge, text_pairs = choice.merge, 0
+        if text is not None:
+            keep, src, dst = text
+            sel = sel.index_put((ix.text.dst,), keep.reshape(-1).to(sel.device)[ix.text.src], accumulate=True)
+            text_pairs = int(src.shape[0])
+            if merge is None:
+                merge = (src, dst)
+            else:
+                vs, vd, *w = merge
+                dev = vs.device
+                merge = (torch.cat([vs, src.to(dev)]), torch.cat([vd, dst.to(dev)]))
+                if w:
+                    merge += (torch.cat([w[0], w[0].new_ones(src.shape[0])]),)
         return StageDecision(ix.slots_in.width, sel.view(bsz, w_out), ix.code_out, ix.slots_out.has_fillers,
-                             choice.merge, choice.replace)
+                             merge, choice.replace, text_pairs)
+
+    def _text_choice(self, ctx: LayerContext, tx: TextIndex):
+        """PuMer's text merging: in each text run, bipartite matching on the layer's keys (A: its
+        even tokens, B: its odd ones), every pair merges; text never meets an image or another
+        run. Returns (T, o_max) local indices each run keeps and the (src, dst) flat merges."""
+        metric = self.keys(ctx, tx.flat)  # (T, m, hd)
+        pairs = match_pairs(metric, tx.counts, tx.merge, None if tx.pad is None else tx.pad.to(metric.device))
+        flat = tx.flat.to(pairs.src_a.device)
+        src = flat[:, 0::2].gather(1, pairs.src_a).reshape(-1)
+        dst = flat[:, 1::2].gather(1, pairs.dst_b).reshape(-1)
+        if tx.pair_sel is not None:  # runs with fewer merges than others: only the real pairs
+            sel = tx.pair_sel.to(src.device)
+            src, dst = src[sel], dst[sel]
+        return pairs.keep[:, : tx.o_max], src, dst
 
     def _query_rows(self, slots: StageSlots, kind: str) -> QueryRows:
         """The prompt's query rows at ``slots`` and what every key needs, on the host, then
         on the device in one copy (see :class:`.scoring.QueryRows`)."""
-        key = ("rows", self.layout.key, tuple(slots.counts), self.n_prompt, kind,
+        key = ("rows", self.layout.key, tuple(slots.counts), slots.segments, slots.text_counts, self.n_prompt, kind,
                self.state.text_config.num_attention_heads, self.device)
-        return QueryRows(*cached(key, lambda: to_device(self.device, *self._query_rows_host(slots, kind))))
+        t = cached(key, lambda: to_device(self.device, *self._query_rows_host(slots, kind)))
+        return QueryRows(*t[:5], dynamic=t[5].bool() if t[5].numel() else None)
 
     def _query_rows_host(self, slots: StageSlots, kind: str):
         layout, n_prompt, images = self.layout, self.n_prompt, self.layout.images
@@ -455,7 +544,9 @@ class Prefill:
             count.append(kc)
         width = slots.width
         flat = [b * width + i for b, row in enumerate(idx) for i in row]
-        return flat, row_pos, key_pos, key_end, count
+        # text runs that merged: their slots hold a stand-in position; the device has the real one
+        dynamic = [] if slots.exact else [[int(j >= 0) for j in row] for row in slots.seg]
+        return flat, row_pos, key_pos, key_end, count, dynamic
 
     # ------------------------------------------------------------------ deciding (the method's callables)
 
@@ -481,8 +572,10 @@ class Prefill:
             scores = self._score(stage, module, hs, kw)
         ctx = self._context(stage, stage.layer, module, hs, kw, scores)
         choice = method.selector(ctx)
+        tx = ctx._ix.text
+        text = None if tx is None else self._text_choice(ctx, tx)
         self.metric = None
-        return self._select(ctx._ix, choice)
+        return self._select(ctx._ix, choice, text)
 
     def _decide_vision(self, stage: Stage, hs: torch.Tensor) -> StageDecision:
         ix = self._index(stage.index)

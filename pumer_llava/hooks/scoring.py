@@ -40,7 +40,8 @@ class QueryRows:
     follows its image: then the whole prompt reads it; padding and fillers past every row);
     key_end (B, N): rows after this position score the key (-1: every row); count (B, N):
     heads times those rows. row_pos None: the rows are read from the device (a row that is a
-    visual token, whose position is data).
+    visual token, whose position is data). dynamic (B, N) bool: slots of text runs that
+    merged, whose positions (as keys and as rows) are read from the device; None: none.
     """
 
     flat: torch.Tensor
@@ -48,6 +49,7 @@ class QueryRows:
     key_pos: torch.Tensor
     key_end: torch.Tensor
     count: torch.Tensor
+    dynamic: torch.Tensor | None = None
 
 
 def attention_scores(state, tok: Tokens, rows: QueryRows, module, hs: torch.Tensor, kw: dict, per_row: bool = False):
@@ -75,11 +77,17 @@ def attention_scores(state, tok: Tokens, rows: QueryRows, module, hs: torch.Tens
     q = apply_rope(q, cos.reshape(bsz * n, hd).index_select(0, flat).view(bsz, r, hd),
                    sin.reshape(bsz * n, hd).index_select(0, flat).view(bsz, r, hd))
     k = apply_rope(k.transpose(1, 2), cos, sin)
-    row_pos = rows.row_pos
+    row_pos, key_pos = rows.row_pos, rows.key_pos
     if row_pos is None:
         row_pos = tok.pos.reshape(-1).index_select(0, flat.to(tok.pos.device)).view(bsz, r)
+    if rows.dynamic is not None:  # merged text runs: positions are data
+        pos = tok.pos.to(key_pos.device)
+        key_pos = torch.where(rows.dynamic, pos, key_pos)
+        at = flat.to(pos.device)
+        row_pos = torch.where(rows.dynamic.reshape(-1)[at].view(bsz, r), pos.reshape(-1)[at].view(bsz, r),
+                              row_pos.to(pos.device))
     key_bias = tok.log_size(state.prop_attn)
-    scores = scores_from_rows(q, k, parts.scaling, rows.key_pos.to(dev), row_pos.to(dev), rows.key_end.to(dev),
+    scores = scores_from_rows(q, k, parts.scaling, key_pos.to(dev), row_pos.to(dev), rows.key_end.to(dev),
                               rows.count.to(dev), None if key_bias is None else key_bias.to(dev), per_row=per_row)
     hq, hkv = parts.num_heads * parts.head_dim, parts.num_kv_heads * parts.head_dim
     flops = bsz * (r * d * hq + n * d * hkv + parts.num_heads * r * n * parts.head_dim)

@@ -28,6 +28,8 @@ class ReductionStats:
                               scoring work included in ``flops``.
     select_seconds:           wall time spent scoring, selecting and merging.
     reducing_layers:          the decoder layers that reduced.
+    merged_per_layer:         reducing layer -> per sample, visual tokens folded into another one
+                              there (the rest of what the layer removed was dropped).
 
     Lazy: a prefill hands over its device tensors and a builder, and the lists are made on
     first access (reading them waits for the device), so a forward pays no host sync for
@@ -35,15 +37,17 @@ class ReductionStats:
     """
 
     FIELDS = ("visual_tokens_total", "visual_tokens_per_layer", "tokens_per_layer", "kept_positions",
-              "kept_patches", "flops", "flops_unreduced", "select_seconds", "reducing_layers")
+              "kept_patches", "flops", "flops_unreduced", "select_seconds", "reducing_layers", "merged_per_layer")
+    OPTIONAL = {"reducing_layers": list, "merged_per_layer": dict}
 
     def __init__(self, *, builder=None, **values):
         if builder is None:
-            missing = [f for f in self.FIELDS if f not in values and f != "reducing_layers"]
+            missing = [f for f in self.FIELDS if f not in values and f not in self.OPTIONAL]
             if missing or set(values) - set(self.FIELDS):
                 raise TypeError(f"ReductionStats takes {', '.join(self.FIELDS)}; missing {missing}, "
                                 f"unknown {sorted(set(values) - set(self.FIELDS))}")
-            values.setdefault("reducing_layers", [])
+            for f, empty in self.OPTIONAL.items():
+                values.setdefault(f, empty())
             self.__dict__.update(values)
         else:
             self.__dict__["_builder"] = builder
@@ -178,6 +182,11 @@ class PumerState:
     @property
     def prop_attn(self) -> bool:
         return bool(getattr(self.options, "prop_attn", False))
+
+    @property
+    def merge_text(self) -> float:
+        """Share of the prompt's mergeable text merged away over the cascade (``merge_text``, else 0)."""
+        return float(getattr(self.options, "merge_text", 0.0))
 
     def to_dict(self) -> dict[str, Any]:
         """The setup as it runs: the config with the resolved layers and every option."""

@@ -53,15 +53,17 @@ class MethodOptions:
 
     @classmethod
     def build(cls, method: str, given: dict[str, Any]) -> MethodOptions:
-        """The options from keyword arguments (None: the default), validated."""
+        """The options from keyword arguments, validated. None is the value of an option whose
+        type allows it (``merge_threshold=None``: no threshold), else it means the default."""
         names = cls.names()
         unknown = sorted(k for k, v in given.items() if k not in names and v is not None)
         if unknown:
             takes = f"takes the options {', '.join(names)}" if names else "takes no options"
             raise ValueError(f"method {method!r} {takes}; got unknown {', '.join(repr(u) for u in unknown)}")
-        opts = cls(**{k: v for k, v in given.items() if v is not None and k in names})
+        hints = _hints(cls)
+        opts = cls(**{k: v for k, v in given.items() if k in names and (v is not None or _unwrap_optional(hints[k])[1])})
         for f in dataclasses.fields(cls):
-            check_type(f.name, getattr(opts, f.name), _hints(cls)[f.name])
+            check_type(f.name, getattr(opts, f.name), hints[f.name])
         opts.validate()
         return opts
 
@@ -166,25 +168,31 @@ class MergeOptions(MethodOptions):
     merge_window: recycle only: a removed token folds only into a kept token at most this many
                  patches away on the image's grid (Chebyshev distance; square grids, e.g.
                  LLaVA-1.5's 24 x 24), else it is dropped; None: anywhere.
-    merge_threshold: recycle only: a removed token folds only when its cosine similarity to the
-                 target is at least this, else it is dropped; None: always.
+    merge_threshold: a pair merges only when the cosine similarity of its keys is at least
+                 this, else its source is dropped (pruned); None: every pair merges.
+    merge_text:  share of the prompt's text merged away over the cascade, in [0, 0.5]: at each
+                 reducing layer, bipartite matching within each run of text between images
+                 (never the first token, never the last prompt token, never across an image),
+                 every pair merges; 0: text is never touched.
     """
 
     merge_share: float = 0.0
-    merge_rule: typing.Literal["bipartite", "recycle"] = "bipartite"
+    merge_rule: typing.Literal["bipartite", "recycle"] = "recycle"
     prop_attn: bool = False
     merge_window: int | None = None
-    merge_threshold: float | None = None
+    merge_threshold: float | None = 0.85
+    merge_text: float = 0.0
 
     def validate(self) -> None:
         in_range("merge_share", self.merge_share, 0.0, 1.0, " (0 = prune only, 1 = merge only)")
+        in_range("merge_text", self.merge_text, 0.0, 0.5, " (share of the prompt's text merged away)")
         if self.merge_window is not None and self.merge_window < 1:
             raise ValueError(f"merge_window must be at least 1 (patches apart on the grid), got {self.merge_window}")
         if self.merge_threshold is not None:
             in_range("merge_threshold", self.merge_threshold, -1.0, 1.0, " (a cosine similarity)")
-        if self.merge_rule != "recycle" and (self.merge_window is not None or self.merge_threshold is not None):
-            raise ValueError("merge_window and merge_threshold apply to merge_rule='recycle' (a removed token folds "
-                             f"into a nearby or similar enough kept one), got merge_rule={self.merge_rule!r}")
+        if self.merge_rule != "recycle" and self.merge_window is not None:
+            raise ValueError("merge_window applies to merge_rule='recycle' (a removed token folds into a nearby "
+                             f"kept one), got merge_rule={self.merge_rule!r}")
 
 
 # ---------------------------------------------------------------------------------- choices

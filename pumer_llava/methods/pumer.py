@@ -6,6 +6,12 @@ Each stage keeps the best-scored tokens of every image, then spends ``merge_shar
 removal on merging (:data:`.base.MERGE_RULES`): only visual tokens are passed to the matching,
 so image tokens merge with image tokens and text is never touched. Merged tokens carry their
 size; with ``prop_attn`` a token standing for ``s`` gets ``log s`` on its attention logits.
+
+Default merge: ``recycle`` with ``merge_threshold=0.85``. Every token the text score ranks in
+the budget stays where it is; the tokens ranked right after them fold into their most similar
+kept token when the keys' cosine is at least 0.85, else they are dropped. The paper's rule
+(``merge_rule="bipartite"``: pair up the most similar of the *kept* tokens) averages look-alike
+objects in different places into one token and loses where each was (docs/accuracy.md).
 """
 
 from __future__ import annotations
@@ -56,9 +62,21 @@ def bipartite(ctx, order: torch.Tensor) -> Choice:
     # the real pairs, in the flat slots of this stage's input (A: even kept tokens, B: odd)
     src = flat[:, 0::2].gather(1, pairs.src_a.to(dev0)).reshape(-1)
     dst = flat[:, 1::2].gather(1, pairs.dst_b.to(dev0)).reshape(-1)
+    weight = _weight(ctx.options, pairs.sim)
     if ctx.pair_sel is not None:  # images with fewer merges than others: only the real pairs
         src, dst = src[ctx.pair_sel], dst[ctx.pair_sel]
-    return Choice(keep=local.gather(1, pairs.keep.to(dev0)[:, : ctx.out_max]), merge=(src, dst))
+        weight = None if weight is None else weight[ctx.pair_sel.to(weight.device)]
+    keep = local.gather(1, pairs.keep.to(dev0)[:, : ctx.out_max])
+    return Choice(keep=keep, merge=(src, dst) if weight is None else (src, dst, weight))
+
+
+def _weight(opts, sim: torch.Tensor) -> torch.Tensor | None:
+    """(P,) 1 for a pair similar enough to merge, 0 for one whose source is only dropped
+    (``merge_threshold``; sim -inf: no allowed target), or None when every pair merges."""
+    threshold = getattr(opts, "merge_threshold", None)
+    if threshold is None:
+        return None
+    return (sim >= threshold - 1e-6).reshape(-1).float()
 
 
 def recycle(ctx, order: torch.Tensor) -> Choice:
@@ -74,7 +92,7 @@ def recycle(ctx, order: torch.Tensor) -> Choice:
     keys = ctx.keys(torch.cat([kept, src], 1))  # one projection for both
     mk, ms = keys[:, : kept.shape[1]], keys[:, kept.shape[1] :]
     opts = ctx.options
-    window, threshold = getattr(opts, "merge_window", None), getattr(opts, "merge_threshold", None)
+    window, threshold = opts.merge_window, opts.merge_threshold
     allowed = None
     if window is not None:
         allowed = _near(ctx, kept, src, window).to(mk.device)
@@ -82,9 +100,10 @@ def recycle(ctx, order: torch.Tensor) -> Choice:
     target, best = recycle_targets(mk, ms, pad, allowed, with_similarity=True)
     dst = kept.gather(1, target.to(kept.device))
     weight = None
-    if window is not None or threshold is not None:  # a pair that may not merge: its source is only dropped
-        ok = best > (-float("inf") if threshold is None else threshold - 1e-6)
-        weight = ok.reshape(-1).float()
+    if threshold is not None:
+        weight = _weight(opts, best)
+    elif window is not None:  # no kept token in the window: the source is only dropped
+        weight = (best > -float("inf")).reshape(-1).float()
     src, dst = src.reshape(-1), dst.reshape(-1)
     if ctx.pair_sel is not None:
         src, dst = src[ctx.pair_sel], dst[ctx.pair_sel]

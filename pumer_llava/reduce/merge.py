@@ -75,11 +75,13 @@ class Pairs:
     src_a: (B, r_max) the merging tokens as indices into set A (token ``2 * i``); dst_b:
     (B, r_max) their partners as indices into set B (token ``2 * j + 1``); real for j < r[b].
     keep: (B, o_max) local indices of the survivors, ascending (valid for j < n_valid - r).
+    sim: (B, r_max) the cosine similarity of each pair.
     """
 
     src_a: torch.Tensor
     dst_b: torch.Tensor
     keep: torch.Tensor
+    sim: torch.Tensor
 
     @property
     def src(self) -> torch.Tensor:
@@ -125,7 +127,7 @@ def match_pairs(metric: torch.Tensor, counts: list[int], r: list[int], invalid: 
     if invalid is not None:
         drop = drop | invalid
     keep = torch.arange(n, device=dev).expand(bsz, n).masked_fill(drop, n - 1).sort(1).values[:, :o_max]
-    return Pairs(src_a=src_a, dst_b=dst_b, keep=keep)
+    return Pairs(src_a=src_a, dst_b=dst_b, keep=keep, sim=node_max.gather(1, src_a))
 
 
 def merge_pairs(x: torch.Tensor, size: torch.Tensor | None, src: torch.Tensor, dst: torch.Tensor,
