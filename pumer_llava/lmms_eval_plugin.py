@@ -49,11 +49,20 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .config import PumerConfig
+from .config import (  # noqa: F401  the reduction's text form is the config's (re-exported for callers)
+    DEFAULT_RATIO,
+    UNREDUCED_METHODS,
+    PumerConfig,
+    is_none as _none,
+    parse_float,
+    parse_int,
+    parse_layers,
+    parse_opt_float,
+    parse_opt_int,
+    parse_reduction,
+)
 
 DEFAULT_IMAGE_TOKEN = "<image>"
-UNREDUCED_METHODS = ("none", "off", "unreduced")
-DEFAULT_RATIO = 0.25  # apply_pumer's default
 
 # llava_hf's fallback for tokenizers without a chat template (LLaVA-1.5 / Vicuna format).
 VICUNA_CHAT_TEMPLATE = (
@@ -66,10 +75,6 @@ VICUNA_CHAT_TEMPLATE = (
 
 
 # ----------------------------------------------------------------------------- arguments
-
-
-def _none(value: Any) -> bool:
-    return value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null"))
 
 
 def parse_bool(name: str, value: Any) -> bool:
@@ -86,114 +91,6 @@ def parse_bool(name: str, value: Any) -> bool:
 
 def parse_opt_bool(name: str, value: Any) -> bool | None:
     return None if _none(value) else parse_bool(name, value)
-
-
-def parse_int(name: str, value: Any, minimum: int | None = None) -> int:
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if isinstance(value, str):
-        try:
-            value = int(value.strip())
-        except ValueError:
-            raise ValueError(f"{name} must be an integer, got {value!r}") from None
-    if not isinstance(value, int):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
-def parse_opt_int(name: str, value: Any, minimum: int | None = None) -> int | None:
-    return None if _none(value) else parse_int(name, value, minimum)
-
-
-def parse_float(name: str, value: Any) -> float:
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    if isinstance(value, str):
-        try:
-            value = float(value.strip())
-        except ValueError:
-            raise ValueError(f"{name} must be a number, got {value!r}") from None
-    if not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    return float(value)
-
-
-def parse_opt_float(name: str, value: Any) -> float | None:
-    return None if _none(value) else parse_float(name, value)
-
-
-def parse_layers(value: Any) -> tuple[int, ...] | None:
-    """``None``, an int, a list/tuple of ints, or a string ``"[2,8,16]"`` / ``"2;8;16"`` / ``"2 8 16"``.
-
-    A bare comma cannot be used inside ``--model_args`` (it separates arguments), so
-    ``;``, ``:``, ``/``, ``|`` and spaces separate layers too; brackets keep commas.
-    """
-    if _none(value):
-        return None
-    if isinstance(value, (list, tuple)):
-        items = list(value)
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        items = [value]
-    elif isinstance(value, str):
-        s = value.strip().strip("[]()")
-        for sep in ";:/|":
-            s = s.replace(sep, ",")
-        items = [x for x in s.replace(" ", ",").split(",") if x]
-        if not items:
-            raise ValueError(f"layers must name at least one decoder layer, got {value!r}")
-    else:
-        raise ValueError(f"layers must be decoder layer indices like [2,8,16] or 2;8;16, got {value!r}")
-    try:
-        return tuple(parse_int("layers", x, minimum=0) for x in items)
-    except ValueError:
-        raise ValueError(f"layers must be 0-based decoder layer indices like [2,8,16] or 2;8;16, got {value!r}") from None
-
-
-def parse_reduction(
-    ratio: Any = None,
-    method: Any = "pumer",
-    keep_tokens: Any = None,
-    layers: Any = None,
-    **options: Any,
-) -> PumerConfig | None:
-    """The reduction asked for on the command line, validated; ``None`` means unreduced.
-
-    ``method=none`` (or ``off``) or ``ratio=1.0`` gives the unreduced model. Give
-    ``ratio`` or ``keep_tokens``, not both; neither means ``ratio=0.25``. ``options`` are
-    the method's own (strings converted by its options dataclass; an unknown one is an
-    error listing them). Raises ValueError before anything is loaded.
-    """
-    if _none(method):
-        method = "none"
-    if not isinstance(method, str):
-        raise ValueError(f"method must be a name, got {method!r}")
-    method = method.strip().lower()
-    keep = parse_opt_int("keep_tokens", keep_tokens, minimum=1)
-    r = parse_opt_float("ratio", ratio)
-    if r is None and keep is None:
-        r = DEFAULT_RATIO
-    cfg_layers = parse_layers(layers)
-    given = {k: v for k, v in options.items() if not _none(v)}
-    if method in UNREDUCED_METHODS:
-        if keep is not None:
-            raise ValueError(f"method={method} evaluates the unreduced model: keep_tokens={keep} makes no sense with it")
-        if given:
-            raise ValueError(f"method={method} evaluates the unreduced model: it takes no options, got {sorted(given)}")
-        return None
-    from .methods import get_method, list_methods
-
-    if method not in list_methods():
-        raise ValueError(
-            f"unknown method {method!r}; known: {', '.join(list_methods())}, or none for the unreduced model"
-        )
-    m = get_method(method)
-    opts = m.options.parse(method, {k: v if isinstance(v, str) else v for k, v in given.items()})
-    config = PumerConfig(method=method, ratio=r, keep_tokens=keep, layers=cfg_layers, options=opts)
-    return None if config.removes_nothing else config
 
 
 from .loading import DTYPE_NAMES as DTYPES  # noqa: E402  the tools' one dtype vocabulary

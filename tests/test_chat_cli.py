@@ -241,6 +241,35 @@ def test_other_fatal_errors_are_one_line(tiny_dir, images, tmp_path, in_process,
     assert main(["--model", str(tmp_path / "empty"), "--image", str(images[0]), "--prompt", "hi", "--method", "nope"]) == 1
     err = capsys.readouterr().err
     assert "unknown method 'nope'" in err and "loading" not in err
+    for extra, message in ((["--layers", "2,x"], "layers must be 0-based decoder layer indices"),
+                           (["--layers", "3,1"], "layers must be strictly increasing"),
+                           (["--option", "merge_text=0.9"], r"merge_text must be in [0, 0.5]")):
+        assert main(["--model", str(tmp_path / "empty"), "--image", str(images[0]), "--prompt", "hi", *extra]) == 1
+        err = capsys.readouterr().err
+        assert message in err and "loading" not in err, err
+
+
+def test_layers_and_options_reach_the_model_as_the_api_takes_them(tiny_dir, images, in_process, capsys):
+    """--layers and --option are parsed as the plugin parses --model_args: the session's model
+    is set up exactly as apply_pumer with the same arguments sets it up."""
+    from pumer_llava.cli import chat
+
+    seen = []
+    real = chat.ChatSession.set_reduction
+
+    def spy(self, **kw):
+        real(self, **kw)
+        seen.append(self.model.pumer.to_dict())
+
+    chat.ChatSession.set_reduction = spy
+    try:
+        code = main(["--model", str(tiny_dir), "--image", str(images[0]), "--prompt", "hi", "--max-new-tokens", "2",
+                     "--layers", "1,3", "--option", "merge_threshold=none", "--option", "merge_text=0.25"])
+    finally:
+        chat.ChatSession.set_reduction = real
+    assert code == 0, capsys.readouterr().err
+    (got,) = seen
+    assert got["layers"] == [1, 3] and got["merge_threshold"] is None and got["merge_text"] == 0.25
 
 
 @pytest.mark.parametrize("method", [None, "random"])  # random keeps the same tokens whatever the text

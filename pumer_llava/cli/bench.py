@@ -62,6 +62,7 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .. import __version__, apply_pumer, remove_pumer
+from ..config import parse_options
 from ..hooks import get_adapter
 from ..presets import PRESETS, build_preset, get_preset
 from ..counting import kv_cache_bytes
@@ -1004,17 +1005,6 @@ def _floats(s: str) -> tuple[float, ...]:
 
 def _ints(s: str) -> tuple[int, ...]:
     return tuple(int(x) for x in s.split(",") if x.strip())
-
-
-def parse_options(items: list[str]) -> dict[str, str]:
-    """``KEY=VALUE`` strings as a dict (the values stay strings: each method converts its own)."""
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"--option takes KEY=VALUE, got {item!r}")
-        out[key.strip()] = value.strip()
-    return out
 
 
 def _strs(s: str) -> tuple[str, ...]:

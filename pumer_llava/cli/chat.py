@@ -316,30 +316,35 @@ class ChatSession:
         self.image, self.image_path = open_image(path)
         self.reset()
 
-    def set_reduction(self, *, ratio=None, keep_tokens=None, method=None, options=None) -> None:
+    def set_reduction(self, *, ratio=None, keep_tokens=None, method=None, layers=None, options=None) -> None:
         """Re-apply the reduction through apply_pumer; ValueError (nothing changed) if it refuses.
 
-        options: the method's own options as strings (``--option KEY=VALUE``); kept while the
-        method stays, dropped when it changes."""
+        The arguments are text or values, parsed as every tool parses them
+        (:func:`pumer_llava.config.parse_reduction`). options: the method's own options as
+        strings (``--option KEY=VALUE``); options and layers are kept while the method stays,
+        dropped when it changes."""
         from .. import apply_pumer
-        from ..methods import get_method
+        from ..config import parse_layers, parse_reduction
 
         old = self.reduction or {}
-        if method is not None and method != old.get("method"):
-            kept_opts = {}
-        else:
-            kept_opts = dict(old.get("options", {}))
+        same = method is None or method == old.get("method")
+        kept_opts = dict(old.get("options", {})) if same else {}
+        kept_layers = old.get("layers") if same else None
         method = method or old.get("method", "pumer")
         if options:
             kept_opts.update(options)
+        if layers is not None:
+            kept_layers = parse_layers(layers)
         if ratio is None and keep_tokens is None and self.reduction:
             ratio, keep_tokens = self.reduction["ratio"], self.reduction["keep_tokens"]
-        m = get_method(method)
-        opts = m.options.parse(m.name, kept_opts)
-        apply_pumer(self.model, ratio=ratio, method=method, keep_tokens=keep_tokens, **opts.to_dict())
+        cfg = parse_reduction(ratio=ratio, method=method, keep_tokens=keep_tokens, layers=kept_layers, **kept_opts)
+        if cfg is None:  # ratio 1: the method applied, removing nothing
+            apply_pumer(self.model, ratio=1.0, method=method)
+        else:
+            apply_pumer(self.model, **cfg.to_dict())
         cfg = self.model.pumer.config
         self.reduction = {"method": cfg.method, "ratio": cfg.ratio, "keep_tokens": cfg.keep_tokens,
-                          "options": kept_opts}
+                          "layers": kept_layers, "options": kept_opts}
         self.reset()
 
     def describe_reduction(self) -> str:
@@ -720,6 +725,7 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--ratio", type=float, help="fraction of the visual tokens kept, in (0, 1] (default 0.25)")
     budget.add_argument("--keep-tokens", type=int, help="number of visual tokens kept, instead of --ratio")
     p.add_argument("--method", default="pumer", help=f"reduction method: {', '.join(list_methods())} (default pumer)")
+    p.add_argument("--layers", help="decoder layers that reduce, e.g. 2,8,16 (default: the method's for the model)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="one of the method's own options (e.g. merge_share=0.25 for pumer, dominant=54 for visionzip); "
                    "repeatable")
@@ -765,17 +771,12 @@ def _run(args, out: TextIO, err: TextIO) -> int:
         torch.set_num_threads(args.threads)
     if not interactive:
         open_image(image)  # fail before the (slow) model load
-    if not args.no_pumer:  # the reduction's arguments too: checked without a model
-        from ..config import PumerConfig
-        from ..methods import get_method
-        from .bench import parse_options
+    from ..config import parse_options, parse_reduction
 
+    if not args.no_pumer:  # the reduction's arguments too: checked without a model
         try:
-            method = get_method(args.method or "pumer")
-            options = parse_options(args.option)
-            method.options.parse(method.name, options)
-            ratio = args.ratio if (args.ratio is not None or args.keep_tokens is not None) else 0.25
-            PumerConfig(method=method.name, ratio=ratio, keep_tokens=args.keep_tokens)
+            parse_reduction(ratio=args.ratio, method=args.method or "pumer", keep_tokens=args.keep_tokens,
+                            layers=args.layers, **parse_options(args.option))
         except ValueError as e:
             raise CliError(str(e)) from None
     _quiet_transformers()
@@ -788,7 +789,7 @@ def _run(args, out: TextIO, err: TextIO) -> int:
     if not args.no_pumer:
         try:
             session.set_reduction(ratio=args.ratio, keep_tokens=args.keep_tokens, method=args.method,
-                                  options=parse_options(args.option))
+                                  layers=args.layers, options=parse_options(args.option))
         except ValueError as e:
             raise CliError(str(e)) from None
     err.write(f"loaded in {time.perf_counter() - t0:.1f} s\n")
