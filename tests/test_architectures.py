@@ -221,8 +221,8 @@ def test_query_row_score_equals_eager_attention_weights(arch):
     got = []
     orig = prefill.attention_scores
 
-    def spy(state, tok, *rest):
-        out = orig(state, tok, *rest)
+    def spy(state, tok, *rest, **kw):
+        out = orig(state, tok, *rest, **kw)
         got.append([out[0][b][tok.is_vis[b]] for b in range(out[0].shape[0])])
         return out
 

@@ -17,8 +17,8 @@ from pumer_llava.hooks.layout import FILLER, PAD, TEXT, PromptLayout
 from tiny import IMAGE_TOKEN, N_VIS, make_inputs, make_mixed_inputs, tiny_llava
 
 # prefill ops (all dispatched operators) of a reducing prefill over the unpatched one, at most
-PREFILL_OPS = {"pumer": 1.21, "fastv": 1.06, "random": 1.04, "vispruner": 1.08, "visionzip": 1.10, "divprune": 1.05,
-               "cdpruner": 1.11, "dart": 1.07, "pyramiddrop": 1.14, "sparsevlm": 1.38}
+PREFILL_OPS = {"pumer": 1.15, "fastv": 1.04, "random": 1.03, "vispruner": 1.07, "visionzip": 1.10, "divprune": 1.05,
+               "cdpruner": 1.11, "dart": 1.07, "pyramiddrop": 1.10, "sparsevlm": 1.31}
 
 
 def test_every_method_has_its_counts_pinned():
@@ -69,8 +69,9 @@ def test_prefill_and_decode_counts(deep, baseline, method):
     assert cold.sync_ops.get("tolist") == 1 and "nonzero" not in cold.sync_ops
     assert pre.ops <= PREFILL_OPS[method] * pre0.ops, (method, pre.ops / pre0.ops)
     assert pre.kernels <= PREFILL_OPS[method] * pre0.kernels, (method, pre.kernels / pre0.kernels)
-    # building plans costs Python, a copy per stage (and the views of its parts), no sync
-    assert cold.kernels <= pre.kernels + 6 * stages, (cold.kernels, pre.kernels)
+    # building plans costs Python, a copy per stage (and the views of its parts), the query rows'
+    # masks computed once from their positions, no sync
+    assert cold.kernels <= pre.kernels + 10 * stages, (cold.kernels, pre.kernels)
     # a decode step: a few ops per stage (positions and sizes appended), none per layer
     assert dec.syncs == dec0.syncs
     assert dec.ops <= DECODE_OPS * dec0.ops, (method, dec.ops / dec0.ops)

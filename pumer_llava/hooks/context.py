@@ -48,7 +48,7 @@ class StageIndex:
     slots_in: StageSlots
     slots_out: StageSlots
     img_idx: torch.Tensor  # (G, m) slots of each image's tokens (padded with its first)
-    img_flat: torch.Tensor  # (G*m,) the same in the flattened (B*N) layout
+    img_flat: torch.Tensor  # (G, m) the same in the flattened (B*N) layout
     sel_base: torch.Tensor  # (B, W') input slot of each kept non-visual token; an image's first slot
     vis_dst: torch.Tensor  # (V,) flat output slots of visual tokens
     vis_src: torch.Tensor  # (V,) flat (G, o_max) entries of the chosen local indices they take
@@ -74,7 +74,6 @@ class _StageView:
         self.layout = pre.layout
         self.slots = ix.slots_in
         self.options = pre.state.options
-        self.input_ids = pre.input_ids[:, : pre.n_prompt]
         self.device = pre.device
         self.counts: list[int] = list(ix.slots_in.counts)  # tokens each image holds entering the stage
         self.keep: list[int] = list(ix.k)  # ... after pruning (before merging)
@@ -86,14 +85,19 @@ class _StageView:
         g, m = ix.img_idx.shape
         self.n_images, self.width = g, m
         self.image_slots = ix.img_idx  # (G, m) slots within the row
-        self.flat_slots = ix.img_flat.view(g, m)  # (G, m) slots in the flattened (B*N) layout
+        self.flat_slots = ix.img_flat  # (G, m) slots in the flattened (B*N) layout
         self.image_pad = ix.img_pad  # (G, m) bool or None
         self.keep_pad, self.out_pad, self.pair_sel = ix.k_pad, ix.o_pad, ix.pair_sel
 
     def per_image(self, x: torch.Tensor) -> torch.Tensor:
         """(G, m, ...) the rows of ``x`` (B, N, ...) at each image's tokens (padding: its first)."""
         flat = x.reshape(-1, *x.shape[2:])
-        return flat[self._ix.img_flat.to(x.device)].view(self.n_images, self.width, *x.shape[2:])
+        return flat[self._ix.img_flat.to(x.device)]
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        """(B, n_prompt) the prompt's input ids."""
+        return self._pre.input_ids[:, : self._pre.n_prompt]
 
     def order(self, scores: torch.Tensor) -> torch.Tensor:
         """(G, keep_max) each image's local indices by descending ``scores`` (B, N) (ties: the

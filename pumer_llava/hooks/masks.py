@@ -56,9 +56,11 @@ def layer_mask(
         bias = log_size.to(dtype) if log_size is not None else torch.zeros(k_pos.shape, dtype=dtype, device=k_pos.device)
         if fillers:
             bias = bias.masked_fill(k_pos < 0, neg)
+        b, k = k_pos.shape
+        bias = bias.view(b, 1, 1, k)
         if q_rows is None and q_pos.shape[1] == 1:  # one new token: it sees every key the cache holds
-            return bias[:, None, None, :]
-        return bias[:, None, None, :].masked_fill((k_pos[:, None, :] > q_pos[:, :, None])[:, None], neg)
+            return bias
+        return bias.masked_fill(k_pos.view(b, 1, 1, k) > q_pos.view(b, 1, -1, 1), neg)
     cols = k_pos.clamp_min(0).to(model_mask.device)
     if model_mask.ndim == 2:  # flash attention: a key mask
         m = model_mask.gather(1, cols)

@@ -40,6 +40,7 @@ from .cache import reduced_layer
 from .context import LayerContext, StageIndex, TextIndex, VisionContext
 from .layout import FILLER, TEXT, PromptLayout, Segment, StageSlots, cached, text_segments, to_device
 from .masks import layer_mask
+from ..reduce.scoring import rope_sin, row_masks
 from .scoring import QueryRows, attention_scores, take_rows
 from .stats import stats_reduced, stats_unreduced
 from .tokens import Tokens
@@ -263,6 +264,8 @@ class Prefill:
         self.embeddings: torch.Tensor | None = None
         self.memo: dict = {}  # a method's own scratch for this prefill (``LayerContext.memo``)
         self.kw: dict | None = None  # gathered kwargs for the tokens now present
+        self._rope = None  # (the model's cos, stacked cos / sin / rolled sin), see _rope_full
+        self.rope = None  # (3, B, N, hd) cos, sin, rolled sin of the tokens now present
         self.cache_view: tuple | None = None  # (pos, log_size, n_full, fillers) the reduced cache layers store
         self.pending_scores: dict[int, torch.Tensor] = {}
         self.metric: tuple[int, torch.Tensor] | None = None  # (layer, keys) the scoring computed
@@ -353,12 +356,39 @@ class Prefill:
         self.tokens = tok.take(dec.sel, dec.code, dec.has_fillers)
         return take_rows(hs, dec.sel)
 
+    def _rope_full(self, pe) -> torch.Tensor | None:
+        """(3, b0, N, hd): the model's cos and sin for the whole input, and the scoring's
+        ``rope_sin`` of it, stacked once per prefill; None for cos/sin of another shape."""
+        cos, sin = pe
+        if cos.ndim != 3 or sin.shape != cos.shape:
+            return None
+        if self._rope is None or self._rope[0] is not cos:
+            self._rope = (cos, torch.stack((cos, sin, rope_sin(sin))))
+        return self._rope[1]
+
+    def rope_now(self, kw: dict) -> torch.Tensor | None:
+        """(3, b0, N, hd) cos, sin and rolled sin of the current slots for the scoring, or None
+        (it computes them from ``kw``)."""
+        if self.kw is not None:
+            return self.rope
+        pe = kw.get("position_embeddings")
+        return None if pe is None else self._rope_full(pe)
+
     def _gather(self, kwargs: dict, dtype) -> dict:
         """The decoder loop's full-length kwargs, for the tokens now present."""
         tok, state, out = self.tokens, self.state, {}
         pe = kwargs.get("position_embeddings")
+        self.rope = None
         if pe is not None:
-            out["position_embeddings"] = tuple(take_rows(t, tok.pos) for t in pe)
+            full = self._rope_full(pe)
+            if full is not None:  # cos, sin and the scoring's rolled sin of the tokens now present, one gather
+                idx = tok.pos.to(full.device)
+                three = full.expand(3, idx.shape[0], *full.shape[2:]).gather(
+                    2, idx[None, :, :, None].expand(3, -1, -1, full.shape[-1]))
+                out["position_embeddings"] = (three[0], three[1])
+                self.rope = three
+            else:
+                out["position_embeddings"] = tuple(take_rows(t, tok.pos) for t in pe)
         pid = kwargs.get("position_ids")
         if pid is not None:
             out["position_ids"] = take_positions(pid, tok.pos)
@@ -399,7 +429,7 @@ class Prefill:
         k_max, o_max, r_max = max(k), max(o), max(r)
         img_idx, img_ok = slots_in.image_slots()
         w_in = slots_in.width
-        img_flat = [layout.images[g].sample * w_in + i for g, row in enumerate(img_idx) for i in row]
+        img_flat = [[layout.images[g].sample * w_in + i for i in row] for g, row in enumerate(img_idx)]
         img_pad = [[not x for x in row] for row in img_ok]
         k_pad = [[j >= kg for j in range(k_max)] for kg in k]
         w_out = slots_out.width
@@ -496,8 +526,18 @@ class Prefill:
         on the device in one copy (see :class:`.scoring.QueryRows`)."""
         key = ("rows", self.layout.key, tuple(slots.counts), slots.segments, slots.text_counts, self.n_prompt, kind,
                self.state.text_config.num_attention_heads, self.device)
-        t = cached(key, lambda: to_device(self.device, *self._query_rows_host(slots, kind)))
-        return QueryRows(*t[:5], dynamic=t[5].bool() if t[5].numel() else None)
+        tc = self.state.text_config
+        heads = tc.num_attention_heads
+        kv_heads = getattr(tc, "num_key_value_heads", None) or heads
+
+        def build():
+            t = to_device(self.device, *self._query_rows_host(slots, kind))
+            dynamic = t[5].bool() if t[5].numel() else None
+            # positions known before the forward: the masks are part of the plan, computed once
+            masks = None if dynamic is not None else row_masks(t[2], t[1], t[3], t[4], heads, kv_heads)
+            return QueryRows(*t[:5], dynamic=dynamic, masks=masks, slot=t[6])
+
+        return cached(key + (kv_heads,), build)
 
     def _query_rows_host(self, slots: StageSlots, kind: str):
         layout, n_prompt, images = self.layout, self.n_prompt, self.layout.images
@@ -546,7 +586,7 @@ class Prefill:
         flat = [b * width + i for b, row in enumerate(idx) for i in row]
         # text runs that merged: their slots hold a stand-in position; the device has the real one
         dynamic = [] if slots.exact else [[int(j >= 0) for j in row] for row in slots.seg]
-        return flat, row_pos, key_pos, key_end, count, dynamic
+        return flat, row_pos, key_pos, key_end, count, dynamic, [i for row in idx for i in row]
 
     # ------------------------------------------------------------------ deciding (the method's callables)
 
@@ -587,7 +627,8 @@ class Prefill:
     def attention(self, ctx: LayerContext, rows: str) -> torch.Tensor:
         kind = "text_attention" if rows == "text" else "last_token_attention"
         q_rows = self._query_rows(ctx.slots, kind)
-        scores, metric, flops = attention_scores(self.state, self.tokens, q_rows, ctx.module, ctx.hidden, ctx.kwargs)
+        scores, metric, flops = attention_scores(self.state, self.tokens, q_rows, ctx.module, ctx.hidden, ctx.kwargs,
+                                                 rope=self.rope_now(ctx.kwargs))
         self.metric = (ctx.layer, metric)
         self.score_flops += flops
         return scores
@@ -596,7 +637,7 @@ class Prefill:
         kind = "text_attention" if rows == "text" else "last_token_attention"
         q_rows = self._query_rows(ctx.slots, kind)
         probs, counts, metric, flops = attention_scores(self.state, self.tokens, q_rows, ctx.module, ctx.hidden,
-                                                        ctx.kwargs, per_row=True)
+                                                        ctx.kwargs, per_row=True, rope=self.rope_now(ctx.kwargs))
         self.metric = (ctx.layer, metric)
         self.score_flops += flops
         return probs, q_rows.flat.view(probs.shape[0], -1), counts
@@ -668,7 +709,8 @@ class Prefill:
             if all(c < 0 and c != FILLER for row in self.layout.code for c in row[n0 - k :]):
                 return None  # the caller only reads them
         cpos = self.tokens.cache_pos.to(h.device)
-        cpos = torch.where(cpos < 0, torch.full_like(cpos, n0), cpos)  # fillers land in a trash column
+        if self.tokens.has_fillers:
+            cpos = torch.where(cpos < 0, torch.full_like(cpos, n0), cpos)  # fillers land in a trash column
         full = h.new_zeros(bsz, n0 + 1, h.shape[-1])
         full.scatter_(1, cpos[..., None].expand(-1, -1, h.shape[-1]), h)
         output.last_hidden_state = full[:, :n0]

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..reduce.scoring import apply_rope, scores_from_rows
+from ..reduce.scoring import apply_rope_rolled, rope_sin, scores_from_rows
 from .tokens import Tokens
 
 
@@ -50,11 +50,16 @@ class QueryRows:
     key_end: torch.Tensor
     count: torch.Tensor
     dynamic: torch.Tensor | None = None
+    masks: tuple[torch.Tensor, ...] | None = None  # ``reduce.scoring.row_masks``, when positions are known
+    slot: torch.Tensor | None = None  # (B*R,) the rows' slots within their row
 
 
-def attention_scores(state, tok: Tokens, rows: QueryRows, module, hs: torch.Tensor, kw: dict, per_row: bool = False):
+def attention_scores(state, tok: Tokens, rows: QueryRows, module, hs: torch.Tensor, kw: dict, per_row: bool = False,
+                     rope: torch.Tensor | None = None):
     """(B, N) attention the query rows give every current slot, and the head-averaged keys
-    (B, N, hd) the layer's own k projection gives (merging measures similarity on them)."""
+    (B, N, hd) the layer's own k projection gives (merging measures similarity on them).
+    rope: (3, b0, N, hd) cos, sin and ``rope_sin(sin)`` of the current slots when the caller has
+    them stacked, else they come from ``kw``'s position embeddings."""
     parts = state.adapter.attn_parts(module, state.text_config)
     w = parts.q_proj.weight
     if w.device.type == "meta":
@@ -71,12 +76,19 @@ def attention_scores(state, tok: Tokens, rows: QueryRows, module, hs: torch.Tens
     q = parts.q_proj(xq).view(bsz, r, parts.num_heads, parts.head_dim).transpose(1, 2)  # (B, H, R, hd)
     k = parts.k_proj(x).view(bsz, n, parts.num_kv_heads, parts.head_dim)
     metric = k.mean(2)  # (B, N, hd) pre-RoPE keys, head mean
-    cos, sin = kw["position_embeddings"]
-    cos, sin = cos.to(dev).expand(bsz, -1, -1), sin.to(dev).expand(bsz, -1, -1)
-    hd = cos.shape[-1]
-    q = apply_rope(q, cos.reshape(bsz * n, hd).index_select(0, flat).view(bsz, r, hd),
-                   sin.reshape(bsz * n, hd).index_select(0, flat).view(bsz, r, hd))
-    k = apply_rope(k.transpose(1, 2), cos, sin)
+    if rope is None:
+        cos, sin = kw["position_embeddings"]
+        rope = torch.stack((cos, sin, rope_sin(sin)))
+    rope = rope.to(dev)  # (3, b0, N, hd): cos, sin, rolled sin; b0 = 1 or B
+    hd = rope.shape[-1]
+    if rope.shape[1] == 1 and rows.slot is not None:  # one row of positions for the batch: no copy to B
+        q_cs = rope.view(3, n, hd).index_select(1, rows.slot.to(dev))
+    else:
+        q_cs = rope.expand(3, bsz, n, hd).reshape(3, bsz * n, hd).index_select(1, flat)
+    q_cs = q_cs.view(3, bsz, 1, r, hd)  # the rows' cos, sin, rolled sin
+    q = apply_rope_rolled(q, q_cs[0], q_cs[2])
+    rk = rope.unsqueeze(2)  # (3, b0, 1, N, hd): broadcast over the kv heads
+    k = apply_rope_rolled(k.transpose(1, 2), rk[0], rk[2])
     row_pos, key_pos = rows.row_pos, rows.key_pos
     if row_pos is None:
         row_pos = tok.pos.reshape(-1).index_select(0, flat.to(tok.pos.device)).view(bsz, r)
@@ -88,7 +100,8 @@ def attention_scores(state, tok: Tokens, rows: QueryRows, module, hs: torch.Tens
                               row_pos.to(pos.device))
     key_bias = tok.log_size(state.prop_attn)
     scores = scores_from_rows(q, k, parts.scaling, key_pos.to(dev), row_pos.to(dev), rows.key_end.to(dev),
-                              rows.count.to(dev), None if key_bias is None else key_bias.to(dev), per_row=per_row)
+                              rows.count.to(dev), None if key_bias is None else key_bias.to(dev), per_row=per_row,
+                              masks=None if rows.masks is None else tuple(m.to(dev) for m in rows.masks))
     hq, hkv = parts.num_heads * parts.head_dim, parts.num_kv_heads * parts.head_dim
     flops = bsz * (r * d * hq + n * d * hkv + parts.num_heads * r * n * parts.head_dim)
     if per_row:

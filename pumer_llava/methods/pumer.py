@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..reduce.merge import grid_distance, match_pairs, recycle_targets
+from ..reduce.merge import grid_distance, match_pairs, recycle_targets, unit
 from .base import Choice, MergeOptions, Method, keep_top
 
 
@@ -71,12 +71,12 @@ def bipartite(ctx, order: torch.Tensor) -> Choice:
 
 
 def _weight(opts, sim: torch.Tensor) -> torch.Tensor | None:
-    """(P,) 1 for a pair similar enough to merge, 0 for one whose source is only dropped
+    """(P,) True for a pair similar enough to merge, False for one whose source is only dropped
     (``merge_threshold``; sim -inf: no allowed target), or None when every pair merges."""
     threshold = getattr(opts, "merge_threshold", None)
     if threshold is None:
         return None
-    return (sim >= threshold - 1e-6).reshape(-1).float()
+    return (sim >= threshold - 1e-6).reshape(-1)  # bool: merge_pairs multiplies by it
 
 
 def recycle(ctx, order: torch.Tensor) -> Choice:
@@ -85,25 +85,30 @@ def recycle(ctx, order: torch.Tensor) -> Choice:
     top = order[:, : ctx.out_max]
     local = ctx.ascending(top, ctx.out_pad)  # (G, out_max)
     # the merge_max tokens ranked right after each image's kept ones (clamped into what it keeps)
-    rank = ctx.host_tensor("recycle", lambda: [[min(o + j, max(k - 1, 0)) for j in range(ctx.merge_max)]
-                                                for o, k in zip(ctx.out, ctx.keep)])
-    kept = ctx.flat_slots.gather(1, local)  # (G, out_max) flat slots
-    src = ctx.flat_slots.gather(1, order.gather(1, rank.view(ctx.n_images, -1)))  # (G, merge_max)
-    keys = ctx.keys(torch.cat([kept, src], 1))  # one projection for both
-    mk, ms = keys[:, : kept.shape[1]], keys[:, kept.shape[1] :]
+    o, r = local.shape[1], ctx.merge_max
+    if all(out == o and k >= o + r for out, k in zip(ctx.out, ctx.keep)):
+        ranked = order[:, o : o + r]  # every image alike: a slice
+    else:
+        rank = ctx.host_tensor("recycle", lambda: [[min(out + j, max(k - 1, 0)) for j in range(r)]
+                                                    for out, k in zip(ctx.out, ctx.keep)])
+        ranked = order.gather(1, rank.view(ctx.n_images, -1))
+    slots = ctx.flat_slots.gather(1, torch.cat([local, ranked], 1))
+    kept, src = slots[:, :o], slots[:, o:]  # (G, out_max), (G, merge_max) flat slots
+    keys = unit(ctx.keys(slots))  # one projection, one normalisation for both
+    mk, ms = keys[:, :o], keys[:, o:]
     opts = ctx.options
     window, threshold = opts.merge_window, opts.merge_threshold
     allowed = None
     if window is not None:
         allowed = _near(ctx, kept, src, window).to(mk.device)
     pad = None if ctx.out_pad is None else ctx.out_pad.to(mk.device)
-    target, best = recycle_targets(mk, ms, pad, allowed, with_similarity=True)
+    target, best = recycle_targets(mk, ms, pad, allowed, with_similarity=True, normalized=True)
     dst = kept.gather(1, target.to(kept.device))
     weight = None
     if threshold is not None:
         weight = _weight(opts, best)
     elif window is not None:  # no kept token in the window: the source is only dropped
-        weight = (best > -float("inf")).reshape(-1).float()
+        weight = (best > -float("inf")).reshape(-1)
     src, dst = src.reshape(-1), dst.reshape(-1)
     if ctx.pair_sel is not None:
         src, dst = src[ctx.pair_sel], dst[ctx.pair_sel]

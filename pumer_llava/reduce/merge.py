@@ -135,11 +135,11 @@ def merge_pairs(x: torch.Tensor, size: torch.Tensor | None, src: torch.Tensor, d
     """Apply merges given as flat indices into ``x.view(B*N, d)``: token ``src[p]`` into
     ``dst[p]`` (every pair real). A destination becomes the size-weighted mean of itself and
     its sources, and its size their sum; other slots keep their values (up to rounding when
-    sizes are not 1). ``size`` None: every token stands for one. ``weight`` (P,): each source
-    counts that many times its size (0: the pair does not merge, the source is only dropped),
+    sizes are not 1). ``size`` None: every token stands for one. ``weight`` (P,) float or bool:
+    each source counts that many times its size (0: the pair does not merge, the source is only dropped),
     so a data-dependent choice of which pairs merge needs no host sync. Returns (x, size)."""
     bsz, n, d = x.shape
-    acc = torch.promote_types(x.dtype, torch.float32)
+    acc = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
     xf = x.reshape(bsz * n, d).to(acc)
     if size is None:
         sf = torch.ones(bsz * n, dtype=acc, device=x.device)
@@ -147,33 +147,39 @@ def merge_pairs(x: torch.Tensor, size: torch.Tensor | None, src: torch.Tensor, d
     else:
         sf = size.reshape(-1).to(acc)
         xs = xf * sf[:, None]
-    add_x, add_s = xs.index_select(0, src), sf.index_select(0, src)
+    add_s = sf.index_select(0, src)
     if weight is not None:
-        w = weight.to(acc)
-        add_x, add_s = add_x * w[:, None], add_s * w
+        add_s = add_s * weight  # a bool weight is promoted inside the product
+    add_x = xf.index_select(0, src)
+    if size is not None or weight is not None:
+        add_x = add_x * add_s[:, None]  # a source counts size x weight times
     num = xs.index_add(0, dst, add_x)
     den = sf.index_add(0, dst, add_s)
     out = num / den[:, None]
     return out.view(bsz, n, d).to(x.dtype), den.view(bsz, n)
 
 
+def unit(x: torch.Tensor) -> torch.Tensor:
+    """Rows scaled to unit length, in float32 (cosine similarity is then a dot product)."""
+    x = x.float()
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+
+
 def recycle_targets(kept: torch.Tensor, removed: torch.Tensor, kept_invalid: torch.Tensor | None = None,
-                    allowed: torch.Tensor | None = None, with_similarity: bool = False):
+                    allowed: torch.Tensor | None = None, with_similarity: bool = False, normalized: bool = False):
     """For each removed token, the kept token it folds into: the most similar by cosine.
 
-    kept: (B, o, c) and removed: (B, r, c) metrics (PuMer: head-averaged keys); kept_invalid:
-    (B, o) bool, padding among the kept (never a target); allowed: (B, r, o) bool, which kept
-    tokens each removed one may fold into (e.g. its spatial neighbours), or None (any).
+    kept: (B, o, c) and removed: (B, r, c) metrics (PuMer: head-averaged keys; ``normalized``:
+    already :func:`unit` rows); kept_invalid: (B, o) bool, padding among the kept (never a
+    target); allowed: (B, r, o) bool, which kept tokens each removed one may fold into (e.g.
+    its spatial neighbours), or None (any).
     Returns (B, r) indices into kept, and with ``with_similarity`` also (B, r) the cosine to that
     target (-inf where nothing is allowed). Ties go to the earlier kept token. Used by the
     ``recycle`` merge rule: the tokens the score ranks in the budget stay as they are, each only
     absorbing what is folded into it.
     """
-    mk = kept.float()
-    ms = removed.float()
-    mk = mk / mk.norm(dim=-1, keepdim=True).clamp_min(1e-6)
-    ms = ms / ms.norm(dim=-1, keepdim=True).clamp_min(1e-6)
-    sim = ms @ mk.transpose(1, 2)  # (B, r, o)
+    mk, ms = (kept, removed) if normalized else (unit(kept), unit(removed))
+    sim = torch.bmm(ms, mk.transpose(1, 2))  # (B, r, o)
     if kept_invalid is not None:
         sim = sim.masked_fill(kept_invalid[:, None, :], float("-inf"))
     if allowed is not None:

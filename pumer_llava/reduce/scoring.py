@@ -21,6 +21,26 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+_SIGNS: dict = {}
+
+
+def rope_sin(sin: torch.Tensor) -> torch.Tensor:
+    """``sin`` with its first half negated: then ``rotate_half(x) * sin`` is
+    ``x.roll(hd // 2, -1) * rope_sin(sin)`` (one roll instead of a split, a negation and a cat;
+    the same numbers, since negating is exact)."""
+    hd = sin.shape[-1]
+    key = (hd, sin.device, sin.dtype)
+    sign = _SIGNS.get(key)
+    if sign is None:
+        sign = _SIGNS[key] = torch.cat([-torch.ones(hd // 2), torch.ones(hd - hd // 2)]).to(sin.device, sin.dtype)
+    return sin * sign
+
+
+def apply_rope_rolled(x: torch.Tensor, cos: torch.Tensor, rsin: torch.Tensor) -> torch.Tensor:
+    """:func:`apply_rope` with ``rsin = rope_sin(sin)``; cos, rsin broadcast against x (B, H, T, hd)."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * rsin
+
+
 def query_row_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -96,6 +116,29 @@ def mean_over_rows_after(
     return (per_row * w).sum(1) / w.sum(1).clamp_min(1.0)
 
 
+def row_masks(key_pos: torch.Tensor, row_pos: torch.Tensor, key_end: torch.Tensor, count: torch.Tensor,
+              heads: int, kv_heads: int):
+    """What :func:`scores_from_rows` needs from positions alone, computed once for a plan whose
+    positions are known before the forward.
+
+    Returns ``bias`` (B * Hkv, G*R, N) float32: 0 where a row sees a key, the most negative
+    float where it does not (rows of the ``G = heads / kv_heads`` query heads that share a kv
+    head are stacked, as the scores read them); ``weight`` (B, H*R, N): what each head's row
+    contributes to a key's score (``1 / count`` where the row counts for the key, else 0);
+    ``counted`` (B, R, N) bool: whether a row counts for a key.
+    """
+    bsz, r = row_pos.shape
+    n = key_pos.shape[1]
+    groups = heads // kv_heads
+    hidden = key_pos[:, None, :] > row_pos[:, :, None]  # (B, R, N)
+    bias = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+    bias = bias.masked_fill(hidden, torch.finfo(torch.float32).min)
+    bias = bias[:, None].expand(bsz, kv_heads * groups, r, n).reshape(bsz * kv_heads, groups * r, n)
+    counted = row_pos[:, :, None] > key_end[:, None, :]  # (B, R, N)
+    weight = (counted / count[:, None, :].to(torch.float32))[:, None].expand(bsz, heads, r, n).reshape(bsz, heads * r, n)
+    return bias, weight, counted
+
+
 def scores_from_rows(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -106,6 +149,7 @@ def scores_from_rows(
     count: torch.Tensor,
     key_bias: torch.Tensor | None = None,
     per_row: bool = False,
+    masks: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """(B, N) mean attention the query rows that follow each key's image give it, lean.
 
@@ -120,19 +164,20 @@ def scores_from_rows(
     (-1: every valid row). count (B, N): heads times the rows that count (at least 1).
     key_bias: (B, N) additive logit bias (log token sizes). per_row: return instead each row's
     head-averaged probabilities (B, R, N) and whether it counts for each key (B, R, N) bool.
+    masks: :func:`row_masks` of these positions, when already computed.
     """
     bsz, h, r, hd = q.shape
     hkv, n = k.shape[1], k.shape[2]
-    qg = q.reshape(bsz, hkv, (h // hkv) * r, hd)  # heads sharing a kv head read it together
-    logits = torch.matmul(qg.float() * scaling, k.float().transpose(-1, -2))  # (B, Hkv, G*R, N)
-    if key_bias is not None:
-        logits = logits + key_bias.float()[:, None, None, :]
-    hidden = key_pos[:, None, :] > row_pos[:, :, None]  # (B, R, N)
-    if h > hkv:
-        hidden = hidden.repeat(1, h // hkv, 1)  # (B, G*R, N)
-    probs = logits.masked_fill(hidden[:, None], torch.finfo(logits.dtype).min).softmax(dim=-1)
-    summed = probs.view(bsz, h, r, n).sum(1)  # (B, R, N) summed over heads
-    w = row_pos[:, :, None] > key_end[:, None, :]  # (B, R, N)
+    if masks is None:
+        masks = row_masks(key_pos, row_pos, key_end, count, h, hkv)
+    bias, weight, counted = masks
+    if key_bias is not None:  # (B, N): every row of every head gets it
+        bias = (bias.view(bsz, hkv, -1, n) + key_bias.float()[:, None, None, :]).view(bsz * hkv, -1, n)
+    qg = q.reshape(bsz * hkv, (h // hkv) * r, hd)  # heads sharing a kv head read it together
+    kt = k.reshape(bsz * hkv, n, hd).transpose(1, 2)
+    if qg.dtype != torch.float32:
+        qg, kt = qg.float(), kt.float()
+    probs = torch.baddbmm(bias, qg, kt, alpha=scaling).softmax(dim=-1)  # (B*Hkv, G*R, N): mask + q k^T
     if per_row:
-        return summed / h, w & (row_pos >= 0)[:, :, None]
-    return (summed * w).sum(1) / count
+        return probs.view(bsz, h, r, n).sum(1) / h, counted & (row_pos >= 0)[:, :, None]
+    return (probs.view(bsz, h * r, n) * weight).sum(1)
