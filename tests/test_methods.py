@@ -163,16 +163,16 @@ def test_options_reach_the_state_and_the_config():
     assert model.pumer.to_dict()["seed"] == 3
 
 
-def test_the_readme_example_registers_and_runs():
-    """The README's own-method example, executed as written on a tiny model."""
+def test_the_documented_example_registers_and_runs():
+    """docs/api.md's own-method example, executed as written on a tiny model."""
     from pathlib import Path
 
-    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    block = text.split("registering your own takes one call:", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    text = (Path(__file__).resolve().parent.parent / "docs" / "api.md").read_text()
+    block = text.split("Registering your own takes one call:", 1)[1].split("```python", 1)[1].split("```", 1)[0]
     assert len(block.strip().splitlines()) <= 22
     model = tiny_llava("llama")
     try:
-        exec(compile(block, "README.md", "exec"), {"model": model})
+        exec(compile(block, "docs/api.md", "exec"), {"model": model})
         inp = make_inputs((3, 6), (5, 2))
         with torch.no_grad():
             model(**inp)
