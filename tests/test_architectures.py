@@ -236,3 +236,21 @@ def test_query_row_score_equals_eager_attention_weights(arch):
     assert len(got) == 1 and len(got[0]) == len(want)
     for g, w in zip(got[0], want):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", list(BUILDERS))
+def test_text_merging_on_every_adapter_row(arch):
+    """merge_text on every architecture: the text gets shorter by the planned count, visual
+    budgets stay exact, and cached decoding equals recomputation (M-RoPE rows included)."""
+    model, inp, counts = BUILDERS[arch]()
+    apply_pumer(model, ratio=0.25)
+    with torch.no_grad():
+        model(**inp)
+    plain = model.pumer.last_stats
+    apply_pumer(model, ratio=0.25, merge_text=0.5)
+    cached, stats = assert_cached_equals_recomputed(model, inp, **GEN)
+    assert stats.visual_tokens_per_layer == plain.visual_tokens_per_layer
+    last = [t - v for t, v in zip(stats.tokens_per_layer[-1], stats.visual_tokens_per_layer[-1])]
+    before = [t - v for t, v in zip(plain.tokens_per_layer[-1], plain.visual_tokens_per_layer[-1])]
+    assert all(a < b for a, b in zip(last, before)), (last, before)  # every row has text to merge
+    assert stats.flops < plain.flops
