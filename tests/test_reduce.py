@@ -248,3 +248,30 @@ def test_grid_distance_and_allowed_recycle_targets():
     target, best = recycle_targets(kept, removed, None, d <= 1, with_similarity=True)
     # the first may only reach kept 0 (cosine 0); the second kept 0 or 1: 1 is identical
     assert target.tolist() == [[0, 1]] and best[0, 0].item() == 0.0 and abs(best[0, 1].item() - 1.0) < 1e-6
+
+
+def test_pairs_within_rows_are_flat_slots_of_real_pairs_with_their_cosine():
+    """Rows of different lengths and merge counts: every pair lies in one row (A: an even token
+    of it, B: an odd one), only the real pairs come back, ``sim`` is their cosine, ``keep`` the
+    row's other tokens; the flat slots are the row's own."""
+    from pumer_llava.reduce.merge import pair_within_rows
+
+    g = torch.Generator().manual_seed(0)
+    counts, r = [6, 5, 4], [2, 1, 0]
+    metric = torch.randn(3, 6, 8, generator=g)
+    flat = torch.tensor([[10, 11, 12, 13, 14, 15], [20, 21, 22, 23, 24, 24], [30, 31, 32, 33, 33, 33]])
+    invalid = torch.tensor([[j >= c for j in range(6)] for c in counts])
+    pair_sel = torch.tensor([row * 2 + j for row, n in enumerate(r) for j in range(n)])
+    out = pair_within_rows(metric, flat, counts, r, invalid, pair_sel, o_max=4)
+    assert out.src.shape == out.dst.shape == out.sim.shape == (sum(r),)
+    unit = metric / metric.norm(dim=-1, keepdim=True)
+    for s, d, c in zip(out.src.tolist(), out.dst.tolist(), out.sim.tolist()):
+        row = s // 10 - 1
+        assert d // 10 - 1 == row  # never across rows
+        i, j = flat[row].tolist().index(s), flat[row].tolist().index(d)
+        assert i % 2 == 0 and j % 2 == 1 and i < counts[row] and j < counts[row]
+        assert c == pytest.approx(float(unit[row, i] @ unit[row, j]), abs=1e-5)
+    for row in range(3):  # the survivors: every valid token that is not a source, ascending
+        gone = {flat[row].tolist().index(s) for s in out.src.tolist() if s // 10 - 1 == row}
+        want = [j for j in range(counts[row]) if j not in gone]
+        assert out.keep[row, : len(want)].tolist() == want

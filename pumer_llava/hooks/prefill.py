@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from ..reduce import plan_stages
-from ..reduce.merge import match_pairs, merge_pairs
+from ..reduce.merge import merge_pairs, pair_within_rows
 from .cache import reduced_layer
 from .context import LayerContext, StageIndex, TextIndex, VisionContext
 from .layout import FILLER, TEXT, PromptLayout, Segment, StageSlots, cached, text_segments, to_device
@@ -512,14 +512,9 @@ class Prefill:
         even tokens, B: its odd ones), every pair merges; text never meets an image or another
         run. Returns (T, o_max) local indices each run keeps and the (src, dst) flat merges."""
         metric = self.keys(ctx, tx.flat)  # (T, m, hd)
-        pairs = match_pairs(metric, tx.counts, tx.merge, None if tx.pad is None else tx.pad.to(metric.device))
-        flat = tx.flat.to(pairs.src_a.device)
-        src = flat[:, 0::2].gather(1, pairs.src_a).reshape(-1)
-        dst = flat[:, 1::2].gather(1, pairs.dst_b).reshape(-1)
-        if tx.pair_sel is not None:  # runs with fewer merges than others: only the real pairs
-            sel = tx.pair_sel.to(src.device)
-            src, dst = src[sel], dst[sel]
-        return pairs.keep[:, : tx.o_max], src, dst
+        pad = None if tx.pad is None else tx.pad.to(metric.device)
+        pairs = pair_within_rows(metric, tx.flat, tx.counts, tx.merge, pad, tx.pair_sel, tx.o_max)
+        return pairs.keep, pairs.src, pairs.dst
 
     def _query_rows(self, slots: StageSlots, kind: str) -> QueryRows:
         """The prompt's query rows at ``slots`` and what every key needs, on the host, then

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..reduce.merge import grid_distance, match_pairs, recycle_targets, unit
+from ..reduce.merge import grid_distance, pair_within_rows, recycle_targets, unit
 from .base import Choice, MergeOptions, Method, keep_top
 
 
@@ -54,20 +54,13 @@ def prune_then_merge(ctx) -> Choice:
 def bipartite(ctx, order: torch.Tensor) -> Choice:
     """Merge the most similar of the kept tokens pairwise (bipartite soft matching on keys)."""
     local = order.sort(1).values  # (G, keep_max) ascending, padding last
-    dev0 = local.device
     flat = ctx.flat_slots.gather(1, local)  # kept slots in the flat (B*N) layout
     metric = ctx.keys(flat)
     pad = None if ctx.keep_pad is None else ctx.keep_pad.to(metric.device)
-    pairs = match_pairs(metric, ctx.keep, ctx.merge, pad)
-    # the real pairs, in the flat slots of this stage's input (A: even kept tokens, B: odd)
-    src = flat[:, 0::2].gather(1, pairs.src_a.to(dev0)).reshape(-1)
-    dst = flat[:, 1::2].gather(1, pairs.dst_b.to(dev0)).reshape(-1)
+    pairs = pair_within_rows(metric, flat, ctx.keep, ctx.merge, pad, ctx.pair_sel, ctx.out_max)
     weight = _weight(ctx.options, pairs.sim)
-    if ctx.pair_sel is not None:  # images with fewer merges than others: only the real pairs
-        src, dst = src[ctx.pair_sel], dst[ctx.pair_sel]
-        weight = None if weight is None else weight[ctx.pair_sel.to(weight.device)]
-    keep = local.gather(1, pairs.keep.to(dev0)[:, : ctx.out_max])
-    return Choice(keep=keep, merge=(src, dst) if weight is None else (src, dst, weight))
+    keep = local.gather(1, pairs.keep.to(local.device))
+    return Choice(keep=keep, merge=(pairs.src, pairs.dst) if weight is None else (pairs.src, pairs.dst, weight))
 
 
 def _weight(opts, sim: torch.Tensor) -> torch.Tensor | None:

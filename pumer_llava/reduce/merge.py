@@ -130,6 +130,38 @@ def match_pairs(metric: torch.Tensor, counts: list[int], r: list[int], invalid: 
     return Pairs(src_a=src_a, dst_b=dst_b, keep=keep, sim=node_max.gather(1, src_a))
 
 
+@dataclass
+class FlatPairs:
+    """:func:`match_pairs` of rows of slots, in the flat (B*N) slots they stand for.
+
+    src, dst: (P,) flat slots, ``src[p]`` merging into ``dst[p]`` (the real pairs only);
+    sim: (P,) their cosine similarity; keep: (rows, o_max) survivors as indices into each
+    row (ascending)."""
+
+    src: torch.Tensor
+    dst: torch.Tensor
+    sim: torch.Tensor
+    keep: torch.Tensor
+
+
+def pair_within_rows(metric: torch.Tensor, flat: torch.Tensor, counts: list[int], r: list[int],
+               invalid: torch.Tensor | None, pair_sel: torch.Tensor | None, o_max: int) -> FlatPairs:
+    """Bipartite matching within each row of slots (an image's kept tokens, a run of text):
+    ``metric`` (rows, n, c) the tokens' keys, ``flat`` (rows, n) their flat slots, ``counts``
+    / ``r`` each row's valid tokens and merges, ``invalid`` (rows, n) padding, ``pair_sel``
+    (P,) the real pairs among the (rows, r_max) ones (None: all), ``o_max`` the most any row
+    keeps. Tokens alternate A, B, A, B... (see :func:`match_pairs`)."""
+    pairs = match_pairs(metric, counts, r, invalid)
+    dev = flat.device
+    src = flat[:, 0::2].gather(1, pairs.src_a.to(dev)).reshape(-1)
+    dst = flat[:, 1::2].gather(1, pairs.dst_b.to(dev)).reshape(-1)
+    sim = pairs.sim.reshape(-1)
+    if pair_sel is not None:  # rows with fewer merges than others: only the real pairs
+        sel = pair_sel.to(dev)
+        src, dst, sim = src[sel], dst[sel], sim[sel.to(sim.device)]
+    return FlatPairs(src, dst, sim, pairs.keep[:, :o_max])
+
+
 def merge_pairs(x: torch.Tensor, size: torch.Tensor | None, src: torch.Tensor, dst: torch.Tensor,
                 weight: torch.Tensor | None = None):
     """Apply merges given as flat indices into ``x.view(B*N, d)``: token ``src[p]`` into
