@@ -109,7 +109,7 @@ def test_config_round_trip_and_state_dict():
     assert PumerConfig.from_dict(d) == model.pumer.config
     full = model.pumer.to_dict()
     assert full["layers"] == list(model.pumer.layers) and full["merge_share"] == 0.25 and full["prop_attn"] is True
-    with pytest.raises(ValueError, match="method 'pumer' takes the options merge_share, merge_rule, prop_attn, merge_window, merge_threshold, merge_text; got unknown 'bogus'"):
+    with pytest.raises(ValueError, match="method 'pumer' takes the options merge_share, merge_rule, prop_attn, merge_window, merge_threshold, merge_metric, merge_text; got unknown 'bogus'"):
         PumerConfig.from_dict({**d, "bogus": 1})
     # an option whose value may be None keeps it (no threshold), not the default 0.85
     assert d["merge_threshold"] == 0.85 and d["merge_rule"] == "recycle"

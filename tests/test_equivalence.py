@@ -391,3 +391,37 @@ def test_a_merge_window_folds_only_into_grid_neighbours(monkeypatch):
     a, b = ps - starts, pd - starts
     dist = torch.maximum((a // 4 - b // 4).abs(), (a % 4 - b % 4).abs())
     assert w is not None and bool((dist[w > 0] <= 1).all()) and int((w > 0).sum()) > 0
+
+
+def test_rotated_keys_are_the_layers_keys_after_rope_with_or_without_the_attention():
+    """``ctx.keys(flat, rotated=True)``: every kv head's key after RoPE, the same whether the
+    attention at this layer computed them or the layer's own projection and cos / sin do;
+    ``merge_metric="rotated_keys"`` merges on them and generates alike cached or not."""
+    from pumer_llava import Method
+    from pumer_llava.methods import keep_top
+
+    seen = []
+
+    def select(ctx):
+        flat = ctx.flat_slots
+        before = ctx.keys(flat, rotated=True)  # nothing computed at this layer yet
+        ctx.attention("text")
+        after = ctx.keys(flat, rotated=True)
+        seen.append((before, after, ctx.keys(flat)))
+        return keep_top(ctx)
+
+    model = tiny_llava("qwen2")
+    inp = make_inputs((3, 6), (5, 2))
+    apply_pumer(model, ratio=0.25, method=Method(name="probe", score=lambda ctx: ctx.hidden.float().norm(dim=-1),
+                                                 select=select, default_layers=lambda d: (2,)))
+    with torch.no_grad():
+        model(**inp)
+    (before, after, mean), = seen
+    parts = model.config.text_config
+    assert before.shape == (*mean.shape[:2], parts.num_key_value_heads * (parts.hidden_size // parts.num_attention_heads))
+    torch.testing.assert_close(before, after, atol=1e-5, rtol=1e-5)
+    apply_pumer(model, ratio=0.25, merge_metric="rotated_keys", merge_threshold=None)
+    _, stats = assert_cached_equals_recomputed(model, inp, max_new_tokens=4, do_sample=False)
+    assert all(sum(v) > 0 for v in stats.merged_per_layer.values())
+    with pytest.raises(ValueError, match="merge_metric must be one of keys, rotated_keys"):
+        apply_pumer(model, merge_metric="positions")

@@ -79,7 +79,7 @@ def test_default_is_pumer_at_a_quarter():
         (dict(merge_share=2), "merge_share"),
         (dict(prop_attn="maybe"), "prop_attn"),
         (dict(method="random", seed="x"), "seed must be an int"),
-        (dict(seed=3), r"unknown model_args \['seed'\]; .*; method 'pumer' takes merge_share, merge_rule, prop_attn, merge_window, merge_threshold, merge_text"),
+        (dict(seed=3), r"unknown model_args \['seed'\]; .*; method 'pumer' takes merge_share, merge_rule, prop_attn, merge_window, merge_threshold, merge_metric, merge_text"),
         (dict(method="fastv", merge_share=0.5), "method 'fastv' takes no options"),
         (dict(method="none", merge_share=0.5), "unknown model_args"),
         (dict(dtype="int8"), "dtype"),

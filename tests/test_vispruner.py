@@ -120,7 +120,7 @@ def test_bad_vispruner_arguments():
     model = tiny_llava("llama")
     with pytest.raises(ValueError, match=r"important_ratio must be in \[0, 1\]"):
         apply_pumer(model, method="vispruner", important_ratio=1.5)
-    with pytest.raises(ValueError, match="method 'pumer' takes the options merge_share, merge_rule, prop_attn, merge_window, merge_threshold, merge_text; got unknown 'important_ratio'"):
+    with pytest.raises(ValueError, match="method 'pumer' takes the options merge_share, merge_rule, prop_attn, merge_window, merge_threshold, merge_metric, merge_text; got unknown 'important_ratio'"):
         apply_pumer(model, method="pumer", important_ratio=0.5)
     model.config.vision_feature_layer = [-2, -1]
     with pytest.raises(ValueError, match="single vision_feature_layer"):

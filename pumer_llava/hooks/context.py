@@ -176,10 +176,11 @@ class LayerContext(_StageView):
             raise ValueError(f"attention rows must be 'text' or 'last', got {rows!r}")
         return self._pre.row_attention(self, rows)
 
-    def keys(self, flat: torch.Tensor | None = None) -> torch.Tensor:
+    def keys(self, flat: torch.Tensor | None = None, rotated: bool = False) -> torch.Tensor:
         """Head-averaged keys (pre-RoPE) of the slots ``flat`` (flat (B*N) indices, any shape;
-        None: every slot, (B, N, hd))."""
-        return self._pre.keys(self, flat)
+        None: every slot, (B, N, hd)); ``rotated``: every kv head's key after RoPE,
+        concatenated (..., Hkv * hd), so that similarity also says how far apart two tokens are."""
+        return self._pre.keys(self, flat, rotated)
 
     def input_embeddings(self) -> torch.Tensor:
         """(B, N) rows of the language model's input embeddings of the current slots (the

@@ -40,7 +40,7 @@ from .cache import reduced_layer
 from .context import LayerContext, StageIndex, TextIndex, VisionContext
 from .layout import FILLER, TEXT, PromptLayout, Segment, StageSlots, cached, text_segments, to_device
 from .masks import layer_mask
-from ..reduce.scoring import rope_sin, row_masks
+from ..reduce.scoring import apply_rope_rolled, rope_sin, row_masks
 from .scoring import QueryRows, attention_scores, take_rows
 from .stats import stats_reduced, stats_unreduced
 from .tokens import Tokens
@@ -637,12 +637,15 @@ class Prefill:
         self.score_flops += flops
         return probs, q_rows.flat.view(probs.shape[0], -1), counts
 
-    def keys(self, ctx: LayerContext, flat: torch.Tensor | None) -> torch.Tensor:
-        """Head-averaged keys of the slots ``flat``: the ones the attention computed at this layer,
-        else from the layer's own norm and k projection."""
+    def keys(self, ctx: LayerContext, flat: torch.Tensor | None, rotated: bool = False) -> torch.Tensor:
+        """Keys of the slots ``flat`` (None: every slot): head-averaged before RoPE, or with
+        ``rotated`` every kv head after RoPE, concatenated (their dot product depends on how far
+        apart two tokens are). The ones the attention computed at this layer, else from the
+        layer's own norm, k projection and the slots' cos / sin."""
         hs = ctx.hidden
         if self.metric is not None and self.metric[0] == ctx.layer:
-            keys = self.metric[1]
+            mean, rot = self.metric[1]
+            keys = rot.transpose(1, 2).flatten(2) if rotated else mean  # (B, N, Hkv*hd) or (B, N, hd)
             if flat is None:
                 return keys
             return keys.reshape(-1, keys.shape[-1])[flat.to(keys.device)]
@@ -654,13 +657,17 @@ class Prefill:
             else:
                 x = hs.reshape(-1, hs.shape[-1])[flat.to(hs.device)].to(parts.k_proj.weight.device)
                 shape = flat.shape
-            k = parts.k_proj(parts.norm(x))
+            k = parts.k_proj(parts.norm(x)).view(*shape, parts.num_kv_heads, parts.head_dim)
         n = shape.numel() if hasattr(shape, "numel") else int(torch.tensor(shape).prod())
         self.score_flops += n * hs.shape[-1] * parts.num_kv_heads * parts.head_dim
-        keys = k.view(*shape, parts.num_kv_heads, parts.head_dim).mean(-2)
-        if flat is None:
-            self.metric = (ctx.layer, keys)
-        return keys
+        if rotated:
+            cos, sin = ctx.position_embeddings
+            bsz, width = hs.shape[:2]
+            at = (torch.arange(bsz * width, device=k.device).view(bsz, width) if flat is None else flat).to(k.device)
+            cos = cos.expand(bsz, -1, -1).reshape(bsz * width, -1)[at.reshape(-1)].view(*shape, 1, -1)
+            sin = sin.expand(bsz, -1, -1).reshape(bsz * width, -1)[at.reshape(-1)].view(*shape, 1, -1)
+            return apply_rope_rolled(k, cos.to(k), rope_sin(sin.to(k))).flatten(-2)
+        return k.mean(-2)
 
     # ------------------------------------------------------------------ after the last layer
 

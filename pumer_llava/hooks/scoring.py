@@ -59,7 +59,8 @@ def attention_scores(state, tok: Tokens, rows: QueryRows, module, hs: torch.Tens
     """(B, N) attention the query rows give every current slot, and the head-averaged keys
     (B, N, hd) the layer's own k projection gives (merging measures similarity on them).
     rope: (3, b0, N, hd) cos, sin and ``rope_sin(sin)`` of the current slots when the caller has
-    them stacked, else they come from ``kw``'s position embeddings."""
+    them stacked, else they come from ``kw``'s position embeddings. The keys come back as
+    (head-mean before RoPE (B, N, hd), every kv head after RoPE (B, Hkv, N, hd))."""
     parts = state.adapter.attn_parts(module, state.text_config)
     w = parts.q_proj.weight
     if w.device.type == "meta":
@@ -104,7 +105,8 @@ def attention_scores(state, tok: Tokens, rows: QueryRows, module, hs: torch.Tens
                               masks=None if rows.masks is None else tuple(m.to(dev) for m in rows.masks))
     hq, hkv = parts.num_heads * parts.head_dim, parts.num_kv_heads * parts.head_dim
     flops = bsz * (r * d * hq + n * d * hkv + parts.num_heads * r * n * parts.head_dim)
+    keys = (metric, k)  # head-mean pre-RoPE keys (B, N, hd), and every head's after RoPE (B, Hkv, N, hd)
     if per_row:
         probs, counts = scores
-        return probs.to(hs.device), counts.to(hs.device), metric, flops
-    return scores.to(hs.device), metric, flops
+        return probs.to(hs.device), counts.to(hs.device), keys, flops
+    return scores.to(hs.device), keys, flops

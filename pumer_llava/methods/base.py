@@ -170,6 +170,9 @@ class MergeOptions(MethodOptions):
                  LLaVA-1.5's 24 x 24), else it is dropped; None: anywhere.
     merge_threshold: a pair merges only when the cosine similarity of its keys is at least
                  this, else its source is dropped (pruned); None: every pair merges.
+    merge_metric: what merge similarity is measured on: "keys" (the layer's keys before RoPE,
+                 averaged over heads: what a token says), or "rotated_keys" (every head's key after
+                 RoPE: the same, discounted by how far apart two tokens are in the sequence).
     merge_text:  share of the prompt's text merged away over the cascade, in [0, 0.5]: at each
                  reducing layer, bipartite matching within each run of text between images
                  (never the first token, never the last prompt token, never across an image),
@@ -181,6 +184,7 @@ class MergeOptions(MethodOptions):
     prop_attn: bool = False
     merge_window: int | None = None
     merge_threshold: float | None = 0.85
+    merge_metric: typing.Literal["keys", "rotated_keys"] = "keys"
     merge_text: float = 0.0
 
     def validate(self) -> None:

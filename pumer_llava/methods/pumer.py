@@ -55,7 +55,7 @@ def bipartite(ctx, order: torch.Tensor) -> Choice:
     """Merge the most similar of the kept tokens pairwise (bipartite soft matching on keys)."""
     local = order.sort(1).values  # (G, keep_max) ascending, padding last
     flat = ctx.flat_slots.gather(1, local)  # kept slots in the flat (B*N) layout
-    metric = ctx.keys(flat)
+    metric = ctx.keys(flat, rotated=ctx.options.merge_metric == "rotated_keys")
     pad = None if ctx.keep_pad is None else ctx.keep_pad.to(metric.device)
     pairs = pair_within_rows(metric, flat, ctx.keep, ctx.merge, pad, ctx.pair_sel, ctx.out_max)
     weight = _weight(ctx.options, pairs.sim)
@@ -87,7 +87,7 @@ def recycle(ctx, order: torch.Tensor) -> Choice:
         ranked = order.gather(1, rank.view(ctx.n_images, -1))
     slots = ctx.flat_slots.gather(1, torch.cat([local, ranked], 1))
     kept, src = slots[:, :o], slots[:, o:]  # (G, out_max), (G, merge_max) flat slots
-    keys = unit(ctx.keys(slots))  # one projection, one normalisation for both
+    keys = unit(ctx.keys(slots, rotated=ctx.options.merge_metric == "rotated_keys"))  # one normalisation for both
     mk, ms = keys[:, :o], keys[:, o:]
     opts = ctx.options
     window, threshold = opts.merge_window, opts.merge_threshold
