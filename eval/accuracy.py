@@ -76,9 +76,24 @@ def prompt(question: str) -> str:
     return f"USER: <image>\n{question} ASSISTANT:"
 
 
-def load_records(data: str | None, limit: int | None, seed: int = task.TEST_SEED) -> list[dict]:
+def load_records(data: str | None, limit: int | None, seed: int = task.TEST_SEED,
+                 conversations: bool = False) -> list[dict]:
     """Test questions with their PIL images: from a written JSONL, or generated in memory
-    (identical to what ``proxy_task.write_split`` writes)."""
+    (identical to what ``proxy_task.write_split`` writes). With ``conversations``, the
+    conversation split instead: each scene's four questions asked one after the other, a
+    record's ``history`` holding the earlier turns with their right answers, ``turn`` its
+    1-based turn."""
+    if conversations:
+        if data:
+            raise SystemExit("--conversations generates its split; it does not read --data")
+        records = []
+        n_images = task.CONVERSATION_IMAGES if limit is None else -(-limit // 4)
+        for scene, questions in task.make_conversation_split(num_images=n_images, seed=seed):
+            img = task.render(scene)
+            for j, q in enumerate(questions):
+                history = [(p.question, p.answer) for p in questions[:j]]
+                records.append({**q.__dict__, "pil": img, "history": history, "turn": j + 1})
+        return records[:limit] if limit else records
     if data:
         records = task.read_split(data)
         images = {}
@@ -145,10 +160,10 @@ def make_batches(processor, records, batch_size) -> list[tuple[list[dict], dict]
     batches = []
     for i in range(0, len(records), batch_size):
         chunk = records[i : i + batch_size]
-        inputs = processor(
-            images=[r["pil"] for r in chunk], text=[prompt(r["question"]) for r in chunk], return_tensors="pt",
-            padding=True,
-        )
+        texts = [processor.apply_chat_template(task.conversation_messages(r["history"], r["question"]),
+                                               add_generation_prompt=True) if r.get("history") else prompt(r["question"])
+                 for r in chunk]
+        inputs = processor(images=[r["pil"] for r in chunk], text=texts, return_tensors="pt", padding=True)
         batches.append((chunk, inputs))
     return batches
 
@@ -156,7 +171,7 @@ def make_batches(processor, records, batch_size) -> list[tuple[list[dict], dict]
 @torch.no_grad()
 def evaluate(model, processor, batches, before_batch=None) -> dict:
     """Greedy first word for every record; accuracy and reduction statistics."""
-    correct, types = [], []
+    correct, types, turns = [], [], []
     vis_layers, flops, flops_un, select_s, n_seen, merged = None, 0.0, 0.0, 0.0, 0, 0
     t0 = time.perf_counter()
     for chunk, inputs in batches:
@@ -166,6 +181,7 @@ def evaluate(model, processor, batches, before_batch=None) -> dict:
         words = processor.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
         correct += [w.strip() == r["answer"] for w, r in zip(words, chunk)]
         types += [r["type"] for r in chunk]
+        turns += [r.get("turn", 1) for r in chunk]
         stats = getattr(getattr(model, "pumer", None), "last_stats", None)
         if stats is not None:
             per_layer = [sum(v) for v in stats.visual_tokens_per_layer]  # summed over the batch
@@ -185,6 +201,11 @@ def evaluate(model, processor, batches, before_batch=None) -> dict:
         "per_type": {t: sum(v) / len(v) for t, v in sorted(by.items())},
         "wall_seconds": round(wall, 2),
     }
+    if len(set(turns)) > 1:
+        by_turn = defaultdict(list)
+        for t, c in zip(turns, correct):
+            by_turn[t].append(c)
+        res["per_turn"] = {f"turn{t}": sum(v) / len(v) for t, v in sorted(by_turn.items())}
     if vis_layers is not None:
         res["visual_tokens_per_layer"] = [round(v / n_seen, 2) for v in vis_layers]
         res["flops_ratio"] = flops / flops_un if flops_un else 1.0
@@ -212,7 +233,7 @@ def run(model, processor, records, methods, fractions, controls, control_layer, 
     def add(name, kind, fraction, keep, res, layers, merge_share=0.0):
         rows.append({"name": name, "kind": kind, "fraction": fraction, "keep_tokens": keep, "layers": layers,
                      "merge_share": merge_share, **res})
-        per = " ".join(f"{t}={a:.3f}" for t, a in res["per_type"].items())
+        per = " ".join(f"{t}={a:.3f}" for t, a in {**res["per_type"], **res.get("per_turn", {})}.items())
         log(f"{name:>13} keep {keep:>2}: acc {res['accuracy']:.3f} flops {res['flops_ratio']:.3f} "
             f"wall {res['wall_seconds']:.1f}s | {per}")
 
@@ -263,18 +284,20 @@ def run(model, processor, records, methods, fractions, controls, control_layer, 
 
 def to_markdown(results: dict) -> str:
     rows = results["rows"]
-    types = list(rows[0]["per_type"])
+    types = list(rows[0]["per_type"]) + list(rows[0].get("per_turn", {}))
     head = ["method", "kept", "layers", "acc"] + types + ["FLOPs", "merged", "visual tokens per layer", "select s",
                                                            "wall s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in sorted(rows, key=lambda r: (-r["keep_tokens"], r["kind"] != "baseline", r["kind"], r["name"])):
         cells = [r["name"], str(r["keep_tokens"]), ",".join(map(str, r["layers"])) or "-", f"{r['accuracy']:.3f}"]
-        cells += [f"{r['per_type'].get(t, float('nan')):.3f}" for t in types]
+        cells += [f"{r['per_type'].get(t, r.get('per_turn', {}).get(t, float('nan'))):.3f}" for t in types]
         cells += [f"{r['flops_ratio']:.3f}", f"{r.get('merged_per_image', 0.0):g}", " ".join(f"{v:g}" for v in r["visual_tokens_per_layer"]),
                   f"{r['select_seconds']:.2f}", f"{r['wall_seconds']:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     meta = results.get("meta", {})
-    note = (f"\n{meta.get('questions', '?')} test questions; model `{meta.get('model', '?')}`; "
+    kind = "conversation questions (turn k asked after turns 1..k-1 and their right answers)" if meta.get(
+        "conversations") else "test questions"
+    note = (f"\n{meta.get('questions', '?')} {kind}; model `{meta.get('model', '?')}`; "
             f"controls at layer {meta.get('control_layer', '?')}; accuracy = greedy first answer word.\n")
     return "\n".join(lines) + "\n" + note
 
@@ -337,6 +360,8 @@ def parse_args(argv=None):
     p.add_argument("--model", default=None, help="save_pretrained folder (default: the embedded proxy LLaVA)")
     p.add_argument("--data", default=None, help="questions.jsonl written by proxy_task (default: generate the test split)")
     p.add_argument("--limit", type=int, default=None, help="first N questions only")
+    p.add_argument("--conversations", action="store_true",
+                   help="the conversation split: four turns per image, each asked after the earlier ones")
     p.add_argument("--methods", nargs="*", default=None, help="default: every registered method")
     p.add_argument("--fractions", nargs="*", type=float, default=list(DEFAULT_FRACTIONS))
     p.add_argument("--controls", nargs="*", default=list(CONTROLS))
@@ -370,7 +395,7 @@ def main(argv=None) -> dict:
         args.model = str(EMBEDDED_MODEL_DIR)
     model.eval()
     processor.tokenizer.padding_side = "left"
-    records = load_records(args.data, args.limit)
+    records = load_records(args.data, args.limit, conversations=args.conversations)
     methods = args.methods if args.methods is not None else list_methods()
     variants = VARIANTS if args.variant is None else parse_variants(args.variant)
     hybrids = {} if args.no_hybrids else HYBRIDS
@@ -385,6 +410,7 @@ def main(argv=None) -> dict:
         "variants": {name: {"method": base, **kw} for name, (base, kw) in variants.items()},
         "model": str(model_path.relative_to(root)) if model_path.is_relative_to(root) else args.model,
         "questions": len(records),
+        "conversations": args.conversations,
         "fractions": args.fractions,
         "methods": methods,
         "controls": args.controls,

@@ -1,5 +1,5 @@
 """The proxy model's core skill in isolation: a Llama decoder learns "the word c5 finds
-the visual token of cell c5" (issues 3/9, kept as a diagnostic).
+the visual token of cell c5" (kept as a diagnostic).
 
 Each sequence is 64 "visual" tokens, each the sum of the embeddings of its cell name
 and a random colour word, then query cell names; the loss is the colour of the queried

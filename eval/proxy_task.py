@@ -1,4 +1,4 @@
-"""Generated visual-question task for the proxy LLaVA (issues 3 and 9).
+"""Generated visual-question task for the proxy LLaVA.
 
 Every image is a 128x128 scene on an 8x8 grid of 16-px cells, so a CLIP tower
 with patch 16 sees one cell per visual token (64 tokens, row-major index
@@ -79,6 +79,9 @@ MAX_COUNT = len(NUMBER_WORDS) - 1
 # Default test split: fixed seed, >= 2,000 questions (one per type per image).
 TEST_SEED = 0
 TEST_IMAGES = 400
+# Conversation split: its own scenes (split name ``conv``), four turns each, 1,200 questions.
+CONVERSATION_SPLIT = "conv"
+CONVERSATION_IMAGES = 300
 
 
 @dataclass(frozen=True)
@@ -439,14 +442,31 @@ def iter_train_examples(seed: int, start: int = 0, qtypes=QUESTION_TYPES):
         i += 1
 
 
-def make_curriculum_example(seed: int, index: int, min_objects: int, max_objects: int, qtypes=QUESTION_TYPES):
-    """A training scene with a chosen object-count range and one question of every
-    type it can host (types a sparse scene cannot host are skipped)."""
-    key = f"{scene_key('train', seed, index)}~{min_objects}-{max_objects}"
-    scene = make_scene(key, min_objects, max_objects)
-    rng = random.Random("q-" + key)
-    questions = [make_question(scene, t, rng, f"{key}-q{j}") for j, t in enumerate(qtypes)]
-    return scene, [q for q in questions if q is not None]
+def make_conversation(split: str, seed: int, index: int, turns: int = 4, qtypes=QUESTION_TYPES):
+    """Scene ``index`` of a split with a conversation of ``turns`` questions of different types
+    (``make_example``'s questions in a random order), asked one after the other about it."""
+    scene, questions = make_example(split, seed, index, qtypes)
+    rng = random.Random(f"conversation-{scene.key}")
+    rng.shuffle(questions)
+    return scene, questions[:turns]
+
+
+def make_conversation_split(split: str = CONVERSATION_SPLIT, num_images: int = CONVERSATION_IMAGES,
+                            seed: int = TEST_SEED, turns: int = 4, qtypes=QUESTION_TYPES):
+    """``num_images`` scenes, each with one conversation of ``turns`` questions."""
+    return [make_conversation(split, seed, i, turns, qtypes) for i in range(num_images)]
+
+
+def conversation_messages(history: list[tuple[str, str]], question: str) -> list[dict]:
+    """Chat messages (transformers' format) of a conversation about one image: the earlier
+    ``(question, answer)`` turns, then ``question``; the image comes with the first turn."""
+    messages = []
+    for i, (q, a) in enumerate([*history, (question, None)]):
+        content = ([{"type": "image"}] if i == 0 else []) + [{"type": "text", "text": q}]
+        messages.append({"role": "user", "content": content})
+        if a is not None:
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": a}]})
+    return messages
 
 
 def sample_questions(scene: Scene, k: int, rng: random.Random, qtypes=QUESTION_TYPES) -> list[Question]:

@@ -1,4 +1,4 @@
-"""Train the proxy LLaVA on the generated visual-question task (issues 3 and 9).
+"""Train the proxy LLaVA on the generated visual-question task.
 
 Builds a real ``LlavaForConditionalGeneration`` (CLIP vision tower with [CLS],
 2-layer projector, Llama decoder; one key/value head per query head by default, as in
@@ -7,10 +7,22 @@ word-level tokenizer and a ``LlavaProcessor``, trains it from scratch on CPU,
 and saves a ``save_pretrained`` folder that loads offline with
 ``LlavaForConditionalGeneration.from_pretrained`` / ``AutoProcessor.from_pretrained``.
 
-Usage::
+Usage (55 minutes on two CPU cores each)::
 
     python eval/train_proxy.py --seed 0 --out pumer_llava/assets/proxy-llava
-    python eval/train_proxy.py --seed 1 --out eval/results/seed1 --max-minutes 28
+    python eval/train_proxy.py --seed 1 --out /tmp/proxy-seed1
+
+What the model learns, besides the questions one at a time:
+
+- Conversations: a step's questions about an image are cut into conversations of 1 to
+  ``--turns`` turns in the chat template's format (``USER: <image>\n{q1} ASSISTANT: {a1}</s>
+  USER: {q2} ASSISTANT: ...``), each later turn seeing the earlier ones, so any turn can be
+  answered from the image.
+- Reading the image late: the supervised hops that read the visual tokens (the cell-name
+  lookup, the content search, the colour-and-shape conjunction) sit at decoder layer
+  ``--read-layer`` (2) and the one after it, the text-to-text hops at layer 0 (``route_heads``).
+  Every method that reduces from layer 2 on, as published, then removes tokens the answer
+  still needs.
 
 What makes it train in minutes on two cores:
 
@@ -85,12 +97,18 @@ NEIGHBOUR_SEGMENTS = tuple(task.DIRECTIONS)  # "left of", "right of", "above", "
 NAMED_NEIGHBOUR_SEGMENTS = tuple(f"named {d}" for d in NEIGHBOUR_SEGMENTS)
 SEGMENTS = ("order", "colors", "shapes") + NEIGHBOUR_SEGMENTS + NAMED_NEIGHBOUR_SEGMENTS + ("counts",)
 CAPTION_POOL = SEGMENTS[3:]  # ``--caption-extra`` draws from these each step
-# Question types whose needed cells supervise one attention head (see attention_supervision).
-SUPERVISED_TYPES = ("color_at", "shape_at", "relation", "exists", "rare")
 # Attention hops supervised in the questions (``Packer.question_routes``) and the decoder
 # (layer, head) that learns each.
 ROUTES = ("content", "prev", "direction", "conj")
-ROUTE_HEADS = {"content": (0, 1), "prev": (0, 2), "direction": (0, 3), "conj": (1, 0)}
+
+
+def route_heads(read_layer: int) -> dict[str, tuple[int, int]]:
+    """The decoder (layer, head) that learns each route when the language model first reads
+    the image at decoder layer ``read_layer``: the text-to-text hops (``prev``, ``direction``)
+    at layer 0, the content search at ``read_layer`` and the conjunction one layer later."""
+    return {"content": (read_layer, 1), "prev": (0, 2), "direction": (0, 3), "conj": (read_layer + 1, 0)}
+
+
 SINK = 0  # position of <s>, where a search puts the attention it has nowhere else to put
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", IMAGE_TOKEN]
 PROMPT_WORDS = ["user:", "assistant:"]
@@ -199,7 +217,7 @@ def build_model(tokenizer, args):
         num_key_value_heads=args.text_kv_heads,
         max_position_embeddings=512,
         rms_norm_eps=1e-5,
-        tie_word_embeddings=args.tie,
+        tie_word_embeddings=False,
         initializer_range=args.text_init_range,
         rope_parameters={"rope_type": "default", "rope_theta": args.rope_theta},
         bos_token_id=tokenizer.bos_token_id,
@@ -214,7 +232,7 @@ def build_model(tokenizer, args):
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
         image_seq_length=task.NUM_CELLS,
-        tie_word_embeddings=args.tie,
+        tie_word_embeddings=False,
     )
     config.pad_token_id = tokenizer.pad_token_id
     torch.manual_seed(args.seed)
@@ -234,37 +252,10 @@ def build_model(tokenizer, args):
     # but never which cell was asked about (every run sat at chance).
     with torch.no_grad():
         model.get_input_embeddings().weight.normal_(0.0, args.embed_init_std)
-    if args.mimetic_layers:
-        mimetic_init(model, args.mimetic_layers, args.seed)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model
-
-
-def mimetic_init(model, n_layers: int, seed: int) -> None:
-    """Mimetic initialisation (Trockman & Kolter, 2023) of the first decoder layers' q/k.
-
-    Each head's query and key projections start equal (a random orthonormal map of the
-    hidden state), so W_q^T W_k is a positive projection and tokens attend to tokens that
-    look like them. With the grounding loss making the visual token of cell c5 resemble
-    the word ``c5``, the question can find its cell from the first step; from a random
-    init that lookup took longer than the whole training budget to appear.
-    """
-    g = torch.Generator().manual_seed(seed)
-    for layer in model.model.language_model.layers[:n_layers]:
-        attn = layer.self_attn
-        d = attn.q_proj.in_features
-        hd = attn.head_dim
-        n_kv = attn.k_proj.out_features // hd
-        rep = attn.q_proj.out_features // attn.k_proj.out_features
-        with torch.no_grad():
-            for kv in range(n_kv):
-                basis, _ = torch.linalg.qr(torch.randn(d, hd, generator=g))  # (d, hd) orthonormal columns
-                attn.k_proj.weight[kv * hd : (kv + 1) * hd] = basis.T
-                for r in range(rep):
-                    h = kv * rep + r  # transformers' repeat_kv: query head h reads kv head h // rep
-                    attn.q_proj.weight[h * hd : (h + 1) * hd] = basis.T
 
 
 def _vision_embeddings(model):
@@ -303,8 +294,10 @@ def pixels(images: list[Image.Image]) -> torch.Tensor:
 class Packer:
     """Turns (scene, questions) examples into prefix-shared rows (see module doc)."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, read_layer: int = 0):
         self.tok = tokenizer
+        self.route_heads = route_heads(read_layer)
+        self.relay_layer = relay_layers(read_layer)[0]
         self.pad = tokenizer.pad_token_id
         self.eos = tokenizer.eos_token_id
         full = tokenizer(prompt_text("what color is the object at row 1 column 1 ?").replace(
@@ -326,6 +319,11 @@ class Packer:
         if question not in self._cache:
             self._cache[question] = self.tok(f"{question} ASSISTANT:", add_special_tokens=False)["input_ids"]
         return self._cache[question]
+
+    def turn(self, question: str, first: bool) -> list[int]:
+        """Ids of one turn's question up to ``ASSISTANT:``; a later turn starts with ``USER:``
+        (the chat template joins turns with a space, after the last answer's ``</s>``)."""
+        return self.suffix(question) if first else self.suffix(f"USER: {question}")
 
     def answer_id(self, answer: str) -> int:
         (i,) = self.tok(answer, add_special_tokens=False)["input_ids"]
@@ -412,7 +410,7 @@ class Packer:
     def question_routes(self, scene, question: str):
         """The attention hops that answer ``question`` about ``scene``, as supervision targets:
         ``(route, query word index, prefix key positions, question word indices)``; the
-        route's decoder layer and head are in ``ROUTE_HEADS``. A cell ``c`` is the prefix
+        route's decoder layer and head are in ``route_heads``. A cell ``c`` is the prefix
         position ``image_start + c``; ``SINK`` is ``<s>``.
 
         - ``content`` (layer 0): every colour or shape word -> the cells holding it, ``<s>``
@@ -489,50 +487,57 @@ class Packer:
             keys = list(prefix_keys) + [start + j for j in word_keys]
             routes.append((ROUTES.index(name), b, start + i, keys))
             cells = [k - self.image_start for k in prefix_keys if k != SINK]
-            layer = ROUTE_HEADS[name][0] + 1
+            layer = self.route_heads[name][0] + 1
             if name == "conj" and len(cells) == 1:
                 relay.append((b, start + i, cells[0], layer))
             elif name == "content":
                 relay_count.append((b, start + i, min(len(cells), MAX_FACT_COUNT), layer))
         for i, t in enumerate(ids):
             if t in self._cell_of:
-                relay.append((b, start + i, self._cell_of[t], RELAY_LAYER))
+                relay.append((b, start + i, self._cell_of[t], self.relay_layer))
 
     def pack(self, examples, captions: int | list = 0):
-        """Rows for a batch of ``(scene, [Question])``.
+        """Rows for a batch of ``(scene, conversations)``: each conversation a list of
+        ``Question`` asked one after the other (a bare ``Question`` is a one-turn
+        conversation), in the chat template's format, every later turn seeing the earlier
+        questions and their answers.
 
         Returns pixel_values (B,3,H,W), input_ids (B,T), position_ids (B,T),
         mask (B,1,T,T) bool, and per question: (row, position predicting the
-        answer, answer id, position predicting </s>), plus the types.
+        answer, answer id, position predicting </s>), plus the types and the turns (1-based).
         """
         P = len(self.prefix)
-        rows, pos_rows, seg_rows, targets, types, needed = [], [], [], [], [], []
+        rows, pos_rows, seg_rows, targets, types, turns = [], [], [], [], [], []
         routes = []  # (route, row, query position, key positions), see ``question_routes``
         relay = []  # (row, position, cell, layer): what a lookup brought there (``relay_loss``)
         relay_count = []  # (row, position, count, layer): what a content search brought there
         cap = []  # (row, position, next id, kind of the next id)
         for b, (scene, questions) in enumerate(examples):
+            convs = [[c] if isinstance(c, task.Question) else list(c) for c in questions]
             ids, pos, seg = list(self.prefix), list(range(P)), [0] * P
             for j, k in enumerate(range(int(captions)) if isinstance(captions, int) else captions):
                 s, kinds = self.caption_segment(scene, k)
                 start = len(ids)
                 ids += s
                 pos += list(range(P, P + len(s)))
-                seg += [len(questions) + 1 + j] * len(s)
+                seg += [len(convs) + 1 + j] * len(s)
                 cap += [(b, start + i - 1, s[i], kinds[i]) for i in range(1, len(s)) if kinds[i] > 0]
                 self._add_hops(routes, relay, relay_count, b, start, s, self.caption_routes(scene, s, kinds))
-            for k, q in enumerate(questions):
-                s = self.suffix(q.question) + [self.answer_id(q.answer), self.eos]
-                start = len(ids)
-                ids += s
-                pos += list(range(P, P + len(s)))
-                seg += [k + 1] * len(s)
-                # logits at "ASSISTANT:" predict the answer, at the answer predict </s>
-                targets.append((b, start + len(s) - 3, self.answer_id(q.answer), start + len(s) - 2))
-                types.append(q.type)
-                self._add_hops(routes, relay, relay_count, b, start, s, self.question_routes(scene, q.question))
-                # cells an attention-supervised head should look at (count: let it find its own way)
-                needed.append(list(q.needed_cells) if q.type in SUPERVISED_TYPES else [])
+            for k, conv in enumerate(convs):
+                conv_start = len(ids)
+                for j, q in enumerate(conv):
+                    lead = 0 if j == 0 else 1  # "USER:" before a later turn's question
+                    s = self.turn(q.question, first=j == 0) + [self.answer_id(q.answer), self.eos]
+                    start = len(ids)
+                    ids += s
+                    pos += list(range(P + start - conv_start, P + len(ids) - conv_start))
+                    seg += [k + 1] * len(s)
+                    # logits at "ASSISTANT:" predict the answer, at the answer predict </s>
+                    targets.append((b, start + len(s) - 3, self.answer_id(q.answer), start + len(s) - 2))
+                    types.append(q.type)
+                    turns.append(j + 1)
+                    self._add_hops(routes, relay, relay_count, b, start + lead, s[lead:],
+                                   self.question_routes(scene, q.question))
             rows.append(ids)
             pos_rows.append(pos)
             seg_rows.append(seg)
@@ -551,10 +556,6 @@ class Packer:
         mask = causal & ((k_seg == 0) | (k_seg == q_seg)) & (k_seg >= 0)  # (B, T, T)
         mask |= torch.eye(T, dtype=torch.bool)  # padding rows attend to themselves (no NaN)
         pv = pixels([task.render(scene) for scene, _ in examples])
-        width = max([1] + [len(n) for n in needed])
-        needed_t = torch.full((len(needed), width), -1, dtype=torch.long)
-        for i, n in enumerate(needed):
-            needed_t[i, : len(n)] = torch.tensor(n, dtype=torch.long)
         rwidth = max([1] + [len(k) for *_, k in routes])
         route_keys = torch.full((len(routes), rwidth), -1, dtype=torch.long)
         for i, (*_, keys) in enumerate(routes):
@@ -565,13 +566,14 @@ class Packer:
             "routes": torch.tensor([r[:3] for r in routes], dtype=torch.long).view(-1, 3),
             "route_keys": route_keys,
             "captions": torch.tensor(cap, dtype=torch.long).view(-1, 4),
-            "needed": needed_t,
             "pixel_values": pv,
             "input_ids": input_ids,
             "position_ids": position_ids,
             "mask": mask[:, None],
             "targets": torch.tensor(targets, dtype=torch.long).view(-1, 4),
             "types": types,
+            "turns": turns,
+            "route_heads": self.route_heads,
         }
 
 
@@ -664,8 +666,10 @@ def fact_classes(facts: torch.Tensor) -> torch.Tensor:
     return cls
 
 
-RELAY_LAYER = 1  # the decoder layer whose input holds what layer 0's lookup brought to a cell name
-RELAY_LAYERS = (1, 2)  # inputs the relay probes read: after layer 0 (lookup, content), layer 1 (conj)
+def relay_layers(read_layer: int) -> tuple[int, int]:
+    """Inputs the relay probes read: after the lookup and content layer ``read_layer``, and
+    after the conjunction layer; the first is where a cell name holds its cell's facts."""
+    return (read_layer + 1, read_layer + 2)
 
 # Tower heads whose attention is supervised to gather the cell facts (``tower_supervision``):
 # (layer, head) per neighbour direction (``FACT_DIRECTIONS`` order), then the colour and the
@@ -734,7 +738,7 @@ class AuxHeads(torch.nn.Module):
     so each token carries its cell's colour, shape, row and column linearly.
     """
 
-    def __init__(self, vision_hidden: int, text_hidden: int):
+    def __init__(self, vision_hidden: int, text_hidden: int, read_layer: int = 0):
         super().__init__()
         nc, ns = len(task.COLORS), len(task.SHAPES)
         self.pairs = torch.nn.Linear(vision_hidden, nc * ns)
@@ -746,7 +750,7 @@ class AuxHeads(torch.nn.Module):
         self.counts = torch.nn.Linear(text_hidden, 2 * MAX_FACT_COUNT)
         # relay probes (``relay_loss``), per decoder layer whose input they read
         self.relay = torch.nn.ModuleDict()
-        for layer in RELAY_LAYERS:
+        for layer in relay_layers(read_layer):
             self.relay[f"neighbours{layer}"] = torch.nn.Linear(text_hidden, len(FACT_DIRECTIONS) * nc)
             self.relay[f"counts{layer}"] = torch.nn.Linear(text_hidden, 2 * MAX_FACT_COUNT)
             self.relay[f"count{layer}"] = torch.nn.Linear(text_hidden, MAX_FACT_COUNT + 1)  # 0..5
@@ -805,8 +809,7 @@ def packed_forward(model, batch, capture_layers=()):
     image_embeds = inner.multi_modal_projector(feats)  # (B + extra, 64, D)
     mix = float(batch.get("oracle_visual", 0.0))
     if mix > 0 and "ground" in batch:
-        # Teacher forcing of the visual tokens (``--oracle-until``; ``--oracle-visual-tokens``
-        # keeps it on throughout, as a diagnostic): the language model gets, instead of (or
+        # Teacher forcing of the visual tokens (``--oracle-until``): the language model gets, instead of (or
         # mixed into) the projector's output, the exact sum of the word embeddings of each
         # cell's name, colour and shape, the tokens the projector is being aligned to. With
         # both sides moving at once the lookup never formed; on fixed tokens it
@@ -863,23 +866,9 @@ def _head_attention_nll(model, batch, layer_idx: int, heads: int, rows, pos, col
     return -torch.logsumexp(picked, dim=-1).mean()
 
 
-def attention_supervision(model, batch, layer_idx: int, heads: int, image_start: int) -> torch.Tensor:
-    """Attention of the position that predicts the answer to the cells the question needs
-    (a two-hop target: off by default, see ``lookup_supervision``)."""
-    t, need = batch["targets"], batch["needed"]
-    sel = (need >= 0).any(1)
-    if not sel.any():
-        return torch.zeros(())
-    t, need = t[sel], need[sel]
-    cols = torch.where(need >= 0, need + image_start, need)
-    return _head_attention_nll(model, batch, layer_idx, heads, t[:, 0], t[:, 1], cols)
-
-
-
-
 def relay_loss(heads, batch) -> torch.Tensor:
     """Linear probes of what a hop brought to the token that made it (``Packer._add_hops``):
-    at each cell name, the input of decoder layer ``RELAY_LAYER`` (after layer 0's lookup)
+    at each cell name, the input of the layer after the lookup (``relay_layers``)
     decodes its cell's facts (``cell_facts``: the neighbours' colours, the colour and shape
     counts); at a named object's shape word, the input of the layer after ``conj`` decodes
     the found cell's facts; at a colour or shape word, the input of the layer after
@@ -941,21 +930,20 @@ def _layer_log_attention(model, batch, layer_idx: int) -> torch.Tensor:
     return logits.masked_fill(~batch["mask"], torch.finfo(logits.dtype).min).log_softmax(-1)
 
 
-def route_supervision(model, batch, route_heads=None, enabled=ROUTES, mass=False) -> dict:
+def route_supervision(model, batch, heads_of_routes, enabled=ROUTES, mass=False) -> dict:
     """Per route of ``Packer.question_routes``: the cross-entropy between the head's attention
     and the uniform distribution over the route's keys (``-mean log p`` of each key), or with
     ``mass`` -log of the attention the keys get together (any split among them; ``<s>`` only
     when it is the only key), over the
     routes present in ``batch``. Needs ``packed_forward(..., capture_layers=...)`` of every
     route's layer."""
-    route_heads = ROUTE_HEADS if route_heads is None else route_heads
     r, keys = batch["routes"], batch["route_keys"]
     out, logatt = {}, {}
     for name in enabled:
         sel = r[:, 0] == ROUTES.index(name)
         if not sel.any():
             continue
-        layer, head = route_heads[name]
+        layer, head = heads_of_routes[name]
         if layer not in logatt:
             logatt[layer] = _layer_log_attention(model, batch, layer)
         rows, pos, cols = r[sel, 1], r[sel, 2], keys[sel]
@@ -992,16 +980,6 @@ def grounding_targets(tokenizer, cell_color, cell_shape):
     shapes = torch.tensor([ids(s) for s in task.SHAPES] + [-100])
     b = cell_color.shape[0]
     return names.expand(b, -1), colors[cell_color], shapes[cell_shape]
-
-
-def grounding_loss(model, image_embeds, targets):
-    """LLaVA's stage-1 alignment in miniature: each visual token, read through the language
-    model's own word-embedding matrix, names its cell and content. The question's words and
-    the visual tokens they refer to then start out similar in the residual stream, which is
-    what a from-scratch model otherwise takes thousands of steps to find."""
-    emb = model.get_input_embeddings().weight  # (V, D)
-    logits = (image_embeds @ emb.T).flatten(0, 1)  # (B*64, V)
-    return sum(F.cross_entropy(logits, t.flatten(), ignore_index=-100) for t in targets) / len(targets)
 
 
 def word_sums(model, targets) -> torch.Tensor:
@@ -1054,13 +1032,12 @@ def caption_weights(order: float) -> torch.Tensor:
 
 
 def losses(model, heads, batch, aux_pairs, aux_color, aux_shape, aux_weight, patch_weight=0.5,
-           ground=None, ground_weight=0.0, sup=None, sup_weight=0.0, caption_weight=1.0,
+           ground=None, caption_weight=1.0,
            align_weight=0.0, caption_kind_weights=None, lookup=None, lookup_weight=0.0, routes=(), route_weight=0.0,
            route_mass=False):
-    capture = sup["layer"] if (sup is not None and sup_weight > 0) else None
     look = lookup["layer"] if (lookup is not None and lookup_weight > 0) else None
     routes = tuple(routes) if route_weight > 0 else ()
-    layers = [x for x in (capture, look) if x is not None] + [ROUTE_HEADS[r][0] for r in routes]
+    layers = ([] if look is None else [look]) + [batch["route_heads"][r][0] for r in routes]
     relay_w = batch.get("relay_weight", 0.0)
     if relay_w > 0:
         layers += torch.cat([batch["relay"][:, 3], batch["relay_count"][:, 3]]).unique().tolist()
@@ -1086,10 +1063,6 @@ def losses(model, heads, batch, aux_pairs, aux_color, aux_shape, aux_weight, pat
     else:
         total_tower = 0.0
     total = lm + aux_weight * (cls_loss + patch_weight * patch_loss) + total_tower
-    g = torch.zeros(())
-    if ground_weight > 0:
-        g = grounding_loss(model, image_embeds, ground)
-        total = total + ground_weight * g
     al = torch.zeros(())
     if align_weight > 0:
         al = align_loss(model, image_embeds, ground, batch.get("fact_vectors"), batch.get("align_occupied_weight", 0.0))
@@ -1105,10 +1078,6 @@ def losses(model, heads, batch, aux_pairs, aux_color, aux_shape, aux_weight, pat
         cap_acc = (batch["caption_logits"].argmax(-1) == c[:, 2])[c[:, 3] == 2].float().mean().item()
     else:
         cap_acc = 0.0
-    a = torch.zeros(())
-    if capture is not None:
-        a = attention_supervision(model, batch, sup["layer"], sup["heads"], sup["image_start"])
-        total = total + sup_weight * a
     lk = torch.zeros(())
     if look is not None:
         lk = lookup_supervision(model, batch, look, lookup["heads"], lookup["image_start"], lookup["id_to_cell"])
@@ -1119,11 +1088,11 @@ def losses(model, heads, batch, aux_pairs, aux_color, aux_shape, aux_weight, pat
         total = total + relay_w * rl
     route_parts = {}
     if routes:
-        route_losses = route_supervision(model, batch, enabled=routes, mass=route_mass)
+        route_losses = route_supervision(model, batch, batch["route_heads"], enabled=routes, mass=route_mass)
         total = total + route_weight * sum(route_losses.values())
         route_parts = {name: v.item() for name, v in route_losses.items()}
     correct = (logits_ans.argmax(-1) == t[:, 2]).float()
-    parts = {"lm": lm.item(), "cls": cls_loss.item(), "patch": patch_loss.item(), "ground": g.item(), "attn": a.item(),
+    parts = {"lm": lm.item(), "cls": cls_loss.item(), "patch": patch_loss.item(), 
              "cap": cap.item(), "cap_color_acc": cap_acc, "align": al.item(), "lookup": lk.item(),
              "tower": tw.item(), "relay": rl.item()}
     parts.update({name: route_parts.get(name, 0.0) for name in ROUTES})
@@ -1133,12 +1102,19 @@ def losses(model, heads, batch, aux_pairs, aux_color, aux_shape, aux_weight, pat
 # ----------------------------------------------------------------------- evaluation
 
 
-def per_type_accuracy(types, correct) -> dict:
+def per_type_accuracy(types, correct, turns=None) -> dict:
+    """Accuracy per question type and overall; with ``turns`` spanning more than one turn,
+    per turn too (``turn1``, ``turn2``...)."""
     by = defaultdict(list)
     for ty, c in zip(types, correct):
         by[ty].append(float(c))
     acc = {ty: sum(v) / len(v) for ty, v in sorted(by.items())}
     acc["overall"] = sum(float(c) for c in correct) / len(correct)
+    if turns is not None and len(set(turns)) > 1:
+        by_turn = defaultdict(list)
+        for t, c in zip(turns, correct):
+            by_turn[t].append(float(c))
+        acc.update({f"turn{t}": sum(v) / len(v) for t, v in sorted(by_turn.items())})
     return acc
 
 
@@ -1146,37 +1122,43 @@ def per_type_accuracy(types, correct) -> dict:
 def evaluate_packed(model, packer, examples, batch_images=32) -> dict:
     """Teacher-forced accuracy of the answer word (= greedy first word)."""
     model.eval()
-    types, correct = [], []
+    types, turns, correct = [], [], []
     for i in range(0, len(examples), batch_images):
         batch = packer.pack(examples[i : i + batch_images])
         logits_ans, _, _, _ = packed_forward(model, batch)
         correct += (logits_ans.argmax(-1) == batch["targets"][:, 2]).tolist()
         types += batch["types"]
+        turns += batch["turns"]
     model.train()
-    return per_type_accuracy(types, correct)
+    return per_type_accuracy(types, correct, turns)
 
 
 @torch.no_grad()
-def evaluate_processor(model, processor, examples, batch_size=64) -> dict:
+def evaluate_processor(model, processor, examples, batch_size=64, conversations=False) -> dict:
     """Accuracy through the public path: processor + plain ``model(**inputs)``,
-    left padding, argmax of the last position (= the first greedy token)."""
+    left padding, argmax of the last position (= the first greedy token).
+
+    With ``conversations``, each example's questions are the turns of one conversation: turn
+    ``j`` is asked after the earlier turns and their right answers, rendered by the
+    processor's chat template."""
     model.eval()
-    types, correct = [], []
-    flat = [(scene, q) for scene, qs in examples for q in qs]
+    types, turns, correct = [], [], []
+    flat = []  # (scene, question, earlier (question, answer) turns)
+    for scene, qs in examples:
+        for j, q in enumerate(qs):
+            flat.append((scene, q, [(p.question, p.answer) for p in qs[:j]] if conversations else []))
     for i in range(0, len(flat), batch_size):
         chunk = flat[i : i + batch_size]
-        inputs = processor(
-            images=[task.render(s) for s, _ in chunk],
-            text=[prompt_text(q.question) for _, q in chunk],
-            return_tensors="pt",
-            padding=True,
-        )
+        texts = [processor.apply_chat_template(task.conversation_messages(h, q.question), add_generation_prompt=True)
+                 for _, q, h in chunk]
+        inputs = processor(images=[task.render(s) for s, _, _ in chunk], text=texts, return_tensors="pt", padding=True)
         logits = model(**inputs).logits[:, -1]  # (B, V)
         pred = processor.tokenizer.batch_decode(logits.argmax(-1)[:, None])
-        correct += [p.strip() == q.answer for p, (_, q) in zip(pred, chunk)]
-        types += [q.type for _, q in chunk]
+        correct += [p.strip() == q.answer for p, (_, q, _) in zip(pred, chunk)]
+        types += [q.type for _, q, _ in chunk]
+        turns += [len(h) + 1 for _, _, h in chunk]
     model.train()
-    return per_type_accuracy(types, correct)
+    return per_type_accuracy(types, correct, turns)
 
 
 def check_consistency(model, processor, packer, example):
@@ -1188,14 +1170,23 @@ def check_consistency(model, processor, packer, example):
     enc = processor(images=[img], text=[prompt_text(questions[0].question)], return_tensors="pt")
     ids = enc["input_ids"][0].tolist()
     assert ids == packer.prefix + packer.suffix(questions[0].question), "packed ids differ from the processor's"
+    # A conversation: the last turn's prompt through the chat template, against the packed row.
+    history = [(q.question, q.answer) for q in questions[:-1]]
+    text = processor.apply_chat_template(task.conversation_messages(history, questions[-1].question),
+                                         add_generation_prompt=True)
+    conv = processor(images=[img], text=[text], return_tensors="pt")
     model.eval()
     with torch.no_grad():
-        ref = model(**enc).logits[0, -1]
-        batch = packer.pack([example])
+        batch = packer.pack([(scene, [questions[0], questions])])
         mine, _, _, _ = packed_forward(model, batch)
+        last = batch["targets"][-1]
+        packed_ids = [t for t, sg in zip(batch["input_ids"][0].tolist(), batch["mask"][0, 0, last[1]].tolist()) if sg]
+        assert packed_ids == conv["input_ids"][0].tolist(), "a packed conversation differs from the chat template's ids"
+        for enc_i, got in ((enc, mine[0]), (conv, mine[-1])):
+            ref = model(**enc_i).logits[0, -1]
+            err = (ref - got).abs().max().item()
+            assert err < 1e-3, f"packed forward differs from model(**inputs) by {err}"
     model.train()
-    err = (ref - mine[0]).abs().max().item()
-    assert err < 1e-3, f"packed forward differs from model(**inputs) by {err}"
 
 
 # ---------------------------------------------------------------------------- main
@@ -1213,28 +1204,29 @@ def parse_args(argv=None):
     p.add_argument("--min-lr-ratio", type=float, default=0.05)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--curriculum", type=float, default=0.0,
-                   help="share of the schedule over which scenes grow from sparse to full (0: off)")
-    p.add_argument("--curriculum-start", type=float, default=0.1)
     p.add_argument("--aux-weight", type=float, default=1.0)
     p.add_argument("--patch-weight", type=float, default=0.5, help="per-patch aux loss, relative to the [CLS] one")
-    p.add_argument("--ground-weight", type=float, default=0.0,
-                   help="visual tokens predict their row/column/colour/shape words through the word embeddings")
     p.add_argument("--vision-hidden", type=int, default=192)
     p.add_argument("--vision-layers", type=int, default=4)
     p.add_argument("--vision-heads", type=int, default=4)
     p.add_argument("--text-hidden", type=int, default=256)
     p.add_argument("--text-mlp", type=int, default=512)
-    p.add_argument("--text-layers", type=int, default=6)
+    p.add_argument("--text-layers", type=int, default=8)
+    p.add_argument("--read-layer", type=int, default=2,
+                   help="first decoder layer whose supervised hops read the image (route_heads); the hops "
+                        "before it are text to text, so a reduction from that layer on costs accuracy")
+    p.add_argument("--turns", type=int, default=4,
+                   help="most turns of a training conversation (a step's questions about an image are split "
+                        "into conversations of 1 to this many turns)")
+    p.add_argument("--conversation-val-images", type=int, default=50)
+    p.add_argument("--conversation-test-images", type=int, default=task.CONVERSATION_IMAGES)
     p.add_argument("--text-heads", type=int, default=4)
     p.add_argument("--text-kv-heads", type=int, default=4)
     p.add_argument("--pos-init-scale", type=float, default=0.5, help="scale of the 2-D sin-cos position init")
     p.add_argument("--text-init-range", type=float, default=0.02, help="std of the language model's init")
     p.add_argument("--embed-init-std", type=float, default=1.0, help="std of the word embeddings' init")
-    p.add_argument("--tie", action="store_true", help="tie input and output embeddings")
     p.add_argument("--rope-theta", type=float, default=1e6,
                    help="RoPE base; large, so content similarity survives the ~80 positions from question to image")
-    p.add_argument("--mimetic-layers", type=int, default=0, help="decoder layers whose q/k start mimetic (0: off)")
     p.add_argument("--align-weight", type=float, default=1.0,
                    help="visual tokens regress onto the sum of their cell's word embeddings (0: off)")
     p.add_argument("--fact-std", type=float, default=0.7,
@@ -1250,10 +1242,6 @@ def parse_args(argv=None):
                    help="extra weight of the occupied cells' mean alignment error (see align_loss)")
     p.add_argument("--tower-sup-weight", type=float, default=1.0,
                    help="weight of the tower's attention supervision (TOWER_HEADS gather the cell facts); 0: off")
-    p.add_argument("--tower-sup-until", type=float, default=0.0,
-                   help="progress at which that weight reaches 0 (0: constant)")
-    p.add_argument("--oracle-visual-tokens", action="store_true",
-                   help="diagnostic: feed the LM exact word-embedding sums instead of the projector output")
     p.add_argument("--captions", type=int, default=3, help="caption segments per image per step")
     p.add_argument("--caption-extra", type=int, default=3,
                    help="caption segments per image per step drawn from CAPTION_POOL (neighbour colours, counts)")
@@ -1267,7 +1255,8 @@ def parse_args(argv=None):
     p.add_argument("--caption-order-ramp", type=float, default=0.1, help="...and the progress they take to reach full weight")
     p.add_argument("--lookup-sup-weight", type=float, default=1.0,
                    help="weight of the one-hop lookup supervision (caption cell name -> its visual token)")
-    p.add_argument("--lookup-sup-layer", type=int, default=0, help="decoder layer of the lookup-supervised heads")
+    p.add_argument("--lookup-sup-layer", type=int, default=None,
+                   help="decoder layer of the lookup-supervised heads (default: --read-layer)")
     p.add_argument("--lookup-sup-heads", type=int, default=1)
     p.add_argument("--routes", nargs="*", default=list(ROUTES), choices=list(ROUTES),
                    help="attention hops supervised in the questions (Packer.question_routes); none: off")
@@ -1276,22 +1265,25 @@ def parse_args(argv=None):
                    help="a route's loss: cross-entropy to uniform attention over its keys, or -log of their total")
     p.add_argument("--route-sup-until", type=float, default=0.6, help="progress at which their weight reaches 0")
     p.add_argument("--lookup-sup-until", type=float, default=0.5, help="progress at which its weight reaches 0")
-    p.add_argument("--attn-sup-weight", type=float, default=0.0,
-                   help="weight of the attention supervision (answer position -> needed cells; 0: off)")
-    p.add_argument("--attn-sup-layer", type=int, default=-2, help="decoder layer of the supervised heads")
-    p.add_argument("--attn-sup-heads", type=int, default=1, help="how many heads of that layer are supervised")
-    p.add_argument("--attn-sup-until", type=float, default=0.5,
-                   help="share of the schedule after which the supervision weight has decayed to 0")
     p.add_argument("--qtypes", nargs="*", default=list(task.QUESTION_TYPES), help="question types to train on")
     p.add_argument("--val-images", type=int, default=100)
     p.add_argument("--test-images", type=int, default=task.TEST_IMAGES)
     p.add_argument("--eval-every", type=int, default=100)
-    p.add_argument("--save-dtype", choices=["float32", "float16"], default="float32")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--untrained", action="store_true",
                    help="save the freshly built model, processor and tokenizer without training (for CI's "
                         "end-to-end plumbing checks; its answers are chance)")
     return p.parse_args(argv)
+
+
+def split_conversations(questions, max_turns: int, rng: random.Random) -> list[list]:
+    """``questions`` cut, in order, into conversations of 1 to ``max_turns`` turns."""
+    out, i = [], 0
+    while i < len(questions):
+        n = rng.randint(1, max(1, max_turns))
+        out.append(list(questions[i : i + n]))
+        i += n
+    return out
 
 
 def lr_factor(progress: float, step: int, warmup: int, min_ratio: float) -> float:
@@ -1308,8 +1300,13 @@ def main(argv=None):
     processor = build_processor(tokenizer)
     model = build_model(tokenizer, args)
     model.train()
-    heads = AuxHeads(args.vision_hidden, args.text_hidden)
-    packer = Packer(tokenizer)
+    if args.lookup_sup_layer is None:
+        args.lookup_sup_layer = args.read_layer
+    if not 0 <= args.read_layer <= args.text_layers - 4:
+        raise SystemExit(f"--read-layer {args.read_layer}: the hops need it and three layers after it, "
+                         f"so it must be 0..{args.text_layers - 4} for {args.text_layers} text layers")
+    heads = AuxHeads(args.vision_hidden, args.text_hidden, args.read_layer)
+    packer = Packer(tokenizer, args.read_layer)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.2f}M parameters", flush=True)
 
@@ -1318,11 +1315,13 @@ def main(argv=None):
         out.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(out)
         processor.save_pretrained(out)
-        (out / "training_args.json").write_text(json.dumps({"seed": args.seed, "args": vars(args), "untrained": True}, indent=2) + "\n")
+        (out / "training_args.json").write_text(json.dumps({"seed": args.seed, "args": {k: v for k, v in vars(args).items() if k != "out"}, "untrained": True}, indent=2) + "\n")
         print(f"saved an untrained model to {out}", flush=True)
         return {"untrained": True}
 
     val = task.make_split("val", args.val_images, seed=0, qtypes=tuple(args.qtypes))
+    val_conv = [(scene, [qs]) for scene, qs in task.make_conversation_split(
+        "conv-val", args.conversation_val_images, seed=0, turns=args.turns, qtypes=tuple(args.qtypes))]
     check_consistency(model, processor, packer, val[0])
 
     def is_lm(name):
@@ -1342,15 +1341,10 @@ def main(argv=None):
                        "lr_mult": mult})
         groups.append({"params": [p for n, p in side if not decays(n, p)], "weight_decay": 0.0, "lr_mult": mult})
     opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98))
-    sup = {
-        "layer": args.attn_sup_layer % args.text_layers,
-        "heads": args.attn_sup_heads,
-        "image_start": packer.prefix.index(tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)),
-    }
     lookup = {
         "layer": args.lookup_sup_layer % args.text_layers,
         "heads": args.lookup_sup_heads,
-        "image_start": sup["image_start"],
+        "image_start": packer.image_start,
         "id_to_cell": cell_of_token(tokenizer),
     }
     facts_table = fact_table(args.text_hidden, args.fact_std, args.seed) if args.fact_std > 0 else None
@@ -1360,25 +1354,17 @@ def main(argv=None):
     budget = args.max_minutes * 60
     t0 = time.time()
     history = []
-    step, progress, n_images = 0, 0.0, 0
+    step, progress = 0, 0.0
     run_correct, run_loss = [], []
     while progress < 1.0:
         examples = []
-        # Curriculum: sparse scenes first, so the answer read-out is learnt before the
-        # search among many objects (from 8-16 objects chance-level plateaus were long).
-        f = min(1.0, args.curriculum_start + progress / args.curriculum) if args.curriculum > 0 else 1.0
-        lo, hi = max(1, round(task.MIN_OBJECTS * f)), max(2, round(task.MAX_OBJECTS * f))
         for _ in range(args.images_per_step):
-            if f < 1.0:
-                scene, qs = task.make_curriculum_example(args.seed, n_images, lo, hi, qtypes)
-            else:
-                scene, qs = next(stream)  # one question of every type...
-            n_images += 1
+            scene, qs = next(stream)  # one question of every type...
             extra = task.sample_questions(scene, args.questions_per_image - len(qs), rng, qtypes) if (
                 args.questions_per_image > len(qs)) else []
             qs = (qs + extra)[: args.questions_per_image]  # ...plus random extra ones
             rng.shuffle(qs)
-            examples.append((scene, qs))
+            examples.append((scene, split_conversations(qs, args.turns, rng)))
         segments = list(range(args.captions)) + rng.sample(CAPTION_POOL, min(args.caption_extra, len(CAPTION_POOL)))
         batch = packer.pack(examples, captions=segments if args.caption_weight > 0 else 0)
         # Images for the tower only (its losses, no language model): the tower's facts need
@@ -1390,7 +1376,6 @@ def main(argv=None):
         pairs, cell_color, cell_shape = aux_targets(seen)
         for g in opt.param_groups:
             g["lr"] = args.lr * g["lr_mult"] * lr_factor(progress, step, args.warmup, args.min_lr_ratio)
-        sup_w = args.attn_sup_weight * max(0.0, 1.0 - progress / args.attn_sup_until) if args.attn_sup_until > 0 else 0.0
         batch["ground"] = ground = grounding_targets(tokenizer, cell_color, cell_shape)
         if facts_table is not None:
             facts = cell_facts(seen)
@@ -1398,15 +1383,14 @@ def main(argv=None):
             batch["fact_classes"] = fact_classes(facts)
         if args.tower_sup_weight > 0:
             batch["tower_routes"] = tower_routes(seen)
-            batch["tower_weight"] = args.tower_sup_weight * (
-                max(0.0, 1.0 - progress / args.tower_sup_until) if args.tower_sup_until > 0 else 1.0)
-        batch["oracle_visual"] = 1.0 if args.oracle_visual_tokens else oracle_mix(progress, args.oracle_until)
+            batch["tower_weight"] = args.tower_sup_weight
+        batch["oracle_visual"] = oracle_mix(progress, args.oracle_until)
         batch["fact_weight"] = args.fact_weight
         batch["relay_weight"] = args.relay_weight if facts_table is not None else 0.0
         batch["align_occupied_weight"] = args.align_occupied_weight
         loss, parts, correct = losses(
             model, heads, batch, pairs, cell_color, cell_shape, args.aux_weight, args.patch_weight,
-            ground, args.ground_weight, sup, sup_w,
+            ground,
             args.caption_weight, args.align_weight,
             caption_weights(min(1.0, max(0.0, (progress - args.caption_order_from) / args.caption_order_ramp))),
             lookup, args.lookup_sup_weight * max(0.0, 1.0 - progress / args.lookup_sup_until) if args.lookup_sup_until > 0 else 0.0,
@@ -1430,36 +1414,40 @@ def main(argv=None):
             avg = {k: sum(d[k] for d in run_loss) / n for k in run_loss[0]}
             print(
                 f"step {step} {elapsed / 60:5.1f}min lr {opt.param_groups[0]['lr']:.2e} "
-                f"lm {avg['lm']:.3f} cls {avg['cls']:.3f} patch {avg['patch']:.3f} ground {avg['ground']:.3f} "
-                f"align {avg['align']:.3f} tower {avg['tower']:.3f} relay {avg['relay']:.3f} attn {avg['attn']:.3f} lookup {avg['lookup']:.3f} routes {' '.join(f'{r} {avg[r]:.2f}' for r in ROUTES)} cap {avg['cap']:.3f} cap-color {avg['cap_color_acc']:.2f} "
-                f"train-acc {sum(run_correct) / len(run_correct):.3f} objects {lo}-{hi}",
+                f"lm {avg['lm']:.3f} cls {avg['cls']:.3f} patch {avg['patch']:.3f} "
+                f"align {avg['align']:.3f} tower {avg['tower']:.3f} relay {avg['relay']:.3f} lookup {avg['lookup']:.3f} routes {' '.join(f'{r} {avg[r]:.2f}' for r in ROUTES)} cap {avg['cap']:.3f} cap-color {avg['cap_color_acc']:.2f} "
+                f"train-acc {sum(run_correct) / len(run_correct):.3f}",
                 flush=True,
             )
             run_correct, run_loss = [], []
         if step % args.eval_every == 0 or progress >= 1.0:
             acc = evaluate_packed(model, packer, val)
-            history.append({"step": step, "minutes": round(elapsed / 60, 2), "val": acc})
+            conv_acc = evaluate_packed(model, packer, val_conv)
+            history.append({"step": step, "minutes": round(elapsed / 60, 2), "val": acc, "val_conversations": conv_acc})
             print(f"  val {json.dumps({k: round(v, 3) for k, v in acc.items()})}", flush=True)
+            print(f"  val conversations {json.dumps({k: round(v, 3) for k, v in conv_acc.items() if k.startswith('turn')})}",
+                  flush=True)
     train_minutes = (time.time() - t0) / 60
 
     val_acc = evaluate_processor(model, processor, val)
     print(f"final val (processor path): {val_acc}", flush=True)
-    test_acc = None
+    test_acc = conv_acc = None
     if args.test_images > 0:
         test = task.make_split("test", args.test_images, seed=task.TEST_SEED)
         test_acc = evaluate_processor(model, processor, test)
         print(f"test ({sum(len(q) for _, q in test)} questions): {test_acc}", flush=True)
+    if args.conversation_test_images > 0:
+        conv = task.make_conversation_split(num_images=args.conversation_test_images, turns=args.turns)
+        conv_acc = evaluate_processor(model, processor, conv, conversations=True)
+        print(f"test conversations ({sum(len(q) for _, q in conv)} questions): {conv_acc}", flush=True)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if args.save_dtype == "float16":
-        model = model.to(torch.float16)
-        model.config.dtype = "float32"  # loads (dtype="auto") and runs in fp32 on CPU
     model.save_pretrained(out)
     processor.save_pretrained(out)
     record = {
         "seed": args.seed,
-        "args": vars(args),
+        "args": {k: v for k, v in vars(args).items() if k != "out"},
         "parameters": n_params,
         "steps": step,
         "train_minutes": round(train_minutes, 2),
@@ -1468,6 +1456,8 @@ def main(argv=None):
         "final_val_accuracy": val_acc,
         "test_accuracy": test_acc,
         "test_questions": args.test_images * len(task.QUESTION_TYPES),
+        "test_conversation_accuracy": conv_acc,
+        "test_conversation_questions": args.conversation_test_images * args.turns,
         "history": history,
     }
     (out / "training_args.json").write_text(json.dumps(record, indent=2) + "\n")

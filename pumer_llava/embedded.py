@@ -1,4 +1,4 @@
-"""The proxy LLaVA shipped inside the package (issues 3 and 9).
+"""The proxy LLaVA shipped inside the package.
 
 A small ``LlavaForConditionalGeneration`` of the real architecture (CLIP tower
 with [CLS], 2-layer projector, Llama decoder with one key/value head per query head,

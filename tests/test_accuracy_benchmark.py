@@ -185,3 +185,27 @@ def test_variants_from_the_command_line_are_validated_by_the_method():
         accuracy.parse_variants(["x=pumer:merge_rule=average"])
     with pytest.raises(ValueError, match="method 'fastv' takes no options"):
         accuracy.parse_variants(["x=fastv:merge_share=0.5"])
+
+
+def test_conversation_records_ask_each_turn_after_the_earlier_ones(small_proxy, tmp_path):
+    """The conversation split: four turns per image, each prompt the chat template's rendering
+    of the earlier turns with their right answers; the benchmark reports accuracy per turn."""
+    model, processor = small_proxy
+    recs = accuracy.load_records(None, limit=8, conversations=True)
+    assert [r["turn"] for r in recs] == [1, 2, 3, 4, 1, 2, 3, 4]
+    assert recs[2]["history"] == [(recs[0]["question"], recs[0]["answer"]), (recs[1]["question"], recs[1]["answer"])]
+    assert recs[0]["pil"] is recs[3]["pil"] and recs[0]["pil"] is not recs[4]["pil"]
+    (chunk, inputs), = accuracy.make_batches(processor, recs, batch_size=8)
+    text = processor.tokenizer.decode(inputs["input_ids"][2], skip_special_tokens=False)
+    want = (f"USER: {recs[0]['question']} ASSISTANT: {recs[0]['answer']}</s> USER: {recs[1]['question']} "
+            f"ASSISTANT: {recs[1]['answer']}</s> USER: {recs[2]['question']} ASSISTANT:")
+    assert text.replace("<image>", "").replace("<pad>", "").split() == ["<s>"] + want.lower().replace("</s>", " </s>").split()
+    res = accuracy.run(model, processor, recs, ["random"], [1.0, 0.25], ["oracle_aware"], control_layer=2,
+                       batch_size=8, log=lambda *_: None, hybrids={}, variants={})
+    for r in res["rows"]:
+        assert set(r["per_turn"]) == {"turn1", "turn2", "turn3", "turn4"}
+    res["meta"] = {"questions": len(recs), "model": "small", "control_layer": 2, "conversations": True}
+    md = accuracy.write_outputs(res, tmp_path)["md"].read_text()
+    assert "| turn4 |" in md.splitlines()[0] + "|" and "conversation questions" in md
+    with pytest.raises(SystemExit, match="does not read --data"):
+        accuracy.load_records("x.jsonl", None, conversations=True)

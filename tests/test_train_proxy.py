@@ -25,7 +25,7 @@ def small():
 
 @pytest.fixture(scope="module")
 def small_deep():
-    """Three decoder layers, so every route's layer (ROUTE_HEADS) exists."""
+    """Three decoder layers, so every route's layer (``route_heads(0)``) exists."""
     args = tp.parse_args(["--text-layers", "3", "--vision-layers", "2", "--text-hidden", "64", "--text-mlp", "128",
                           "--vision-hidden", "64"])
     tok = tp.build_tokenizer()
@@ -48,6 +48,56 @@ def test_every_packed_question_equals_the_processor_path(small):
                 assert (ref - logits[i]).abs().max().item() < 1e-4
                 i += 1
     assert i == len(batch["targets"])
+
+
+def test_every_turn_of_a_packed_conversation_equals_the_chat_template_path(small):
+    """A conversation packed after the image prefix: turn j's answer logits equal what
+    ``model(**processor(apply_chat_template(...)))`` gives for the conversation up to turn j
+    with the earlier right answers, and each turn sees its conversation only."""
+    tok, proc, model, packer = small
+    scene, questions = task.make_conversation("val", 0, 3, turns=4)
+    assert len({q.type for q in questions}) == 4
+    batch = packer.pack([(scene, [questions[:1], questions])])  # a one-turn and a four-turn conversation
+    assert batch["turns"] == [1, 1, 2, 3, 4]
+    with torch.no_grad():
+        logits, _, _, _ = tp.packed_forward(model, batch)
+        for j, q in enumerate(questions):
+            history = [(p.question, p.answer) for p in questions[:j]]
+            text = proc.apply_chat_template(task.conversation_messages(history, q.question), add_generation_prompt=True)
+            assert text.endswith(f"{q.question} ASSISTANT:") and text.count("</s>") == j
+            enc = proc(images=[task.render(scene)], text=[text], return_tensors="pt")
+            ref = model(**enc).logits[0, -1]
+            assert (ref - logits[1 + j]).abs().max().item() < 1e-4, j
+            # the position predicting turn j's answer sees the prefix and turns 1..j of its own conversation
+            seen = batch["input_ids"][0][batch["mask"][0, 0, batch["targets"][1 + j, 1]]].tolist()
+            assert seen == enc["input_ids"][0].tolist()
+    assert torch.equal(batch["targets"][:, 2], torch.tensor([packer.answer_id(q.answer) for q in questions[:1] + questions]))
+
+
+def test_split_conversations_keeps_every_question_in_order():
+    import random
+
+    qs = list(range(17))
+    for seed in range(5):
+        convs = tp.split_conversations(qs, 4, random.Random(seed))
+        assert [q for c in convs for q in c] == qs
+        assert all(1 <= len(c) <= 4 for c in convs)
+    assert tp.split_conversations(qs, 1, random.Random(0)) == [[q] for q in qs]
+
+
+def test_accuracy_per_turn_only_when_there_are_turns():
+    acc = tp.per_type_accuracy(["count", "count", "rare", "rare"], [1, 0, 1, 1], [1, 2, 1, 2])
+    assert acc == {"count": 0.5, "rare": 1.0, "overall": 0.75, "turn1": 1.0, "turn2": 0.5}
+    assert "turn1" not in tp.per_type_accuracy(["count"], [1], [1])
+
+
+def test_route_heads_read_the_image_from_the_read_layer():
+    heads = tp.route_heads(2)
+    assert heads["prev"][0] == heads["direction"][0] == 0  # text to text
+    assert heads["content"][0] == 2 and heads["conj"][0] == 3
+    assert tp.relay_layers(2) == (3, 4)
+    with pytest.raises(SystemExit, match="--read-layer 5: .* must be 0..4 for 8 text layers"):
+        tp.main(["--read-layer", "5", "--untrained", "--out", "/nonexistent"])
 
 
 def test_caption_targets_are_the_next_tokens(small):
@@ -79,22 +129,6 @@ def test_caption_weights_hold_back_the_two_hop_targets():
     early, late = tp.caption_weights(0.0), tp.caption_weights(1.0)
     assert early[1] == 0 and early[3] == 0 and early[2] > 0 and early[6] > 0
     assert late[1] > 0 and late[3] > 0
-
-
-def test_attention_supervision_targets_point_at_the_needed_cells(small):
-    tok, _, model, packer = small
-    examples = task.make_split("val", 1, seed=0)
-    batch = packer.pack(examples)
-    image_start = packer.prefix.index(tok.convert_tokens_to_ids(tp.IMAGE_TOKEN))
-    image_id = tok.convert_tokens_to_ids(tp.IMAGE_TOKEN)
-    for (b, *_), need, q in zip(batch["targets"].tolist(), batch["needed"], examples[0][1]):
-        cells = [c for c in need.tolist() if c >= 0]
-        assert cells == (list(q.needed_cells) if q.type in tp.SUPERVISED_TYPES else [])
-        assert all(batch["input_ids"][b, image_start + c] == image_id for c in cells)
-    with torch.no_grad():
-        tp.packed_forward(model, batch, capture_layers=[1])
-        loss = tp.attention_supervision(model, batch, 1, 1, image_start)
-    assert torch.isfinite(loss) and loss.item() > 0
 
 
 def test_lookup_supervision_is_minus_log_eager_attention_to_the_named_cell(small):
@@ -219,11 +253,11 @@ def test_route_supervision_is_cross_entropy_of_eager_attention(small_deep):
         model.config.text_config._attn_implementation = impl
     with torch.no_grad():  # the training path (sdpa, boolean mask); eager would add the bool mask as 0/1
         tp.packed_forward(model, batch, capture_layers=[0, 1, 2])
-        got = tp.route_supervision(model, batch)
+        got = tp.route_supervision(model, batch, batch["route_heads"])
     assert set(got) == set(tp.ROUTES)
     r, keys = batch["routes"], batch["route_keys"]
     for name, loss in got.items():
-        layer, head = tp.ROUTE_HEADS[name]
+        layer, head = packer.route_heads[name]
         sel = r[:, 0] == tp.ROUTES.index(name)
         per = []
         for (_, b, p), k in zip(r[sel].tolist(), keys[sel].tolist()):
@@ -430,11 +464,15 @@ def test_neighbour_and_count_captions_state_what_the_scene_shows(small):
     assert all(n > 0 for n in n_targets.values()), n_targets
 
 
-def test_relay_targets_are_the_cells_their_tokens_found(small):
-    """Every relay target sits at a cell name (its cell, after layer 0) or at a named object's
-    shape word (the cell of that unique pair, after conj's layer 1); every count target at a
-    colour or shape word, with how many objects have it."""
-    tok, _, _, packer = small
+@pytest.mark.parametrize("read_layer", [0, 2])
+def test_relay_targets_are_the_cells_their_tokens_found(small, read_layer):
+    """Every relay target sits at a cell name (its cell, after the lookup's layer) or at a
+    named object's shape word (the cell of that unique pair, after conj's layer); every count
+    target at a colour or shape word, with how many objects have it; the layers follow the
+    first layer that reads the image."""
+    tok = small[0]
+    packer = tp.Packer(tok, read_layer)
+    assert packer.relay_layer == read_layer + 1
     examples = task.make_split("val", 6, seed=0)
     batch = packer.pack(examples, captions=[0, 1, "named left of", "below", "counts"])
     ids = batch["input_ids"]
@@ -443,10 +481,10 @@ def test_relay_targets_are_the_cells_their_tokens_found(small):
     for b, p, cell, layer in batch["relay"].tolist():
         scene = examples[b][0]
         word = tok.convert_ids_to_tokens(int(ids[b, p]))
-        if layer == tp.RELAY_LAYER:
+        if layer == packer.relay_layer:
             assert cell_of[ids[b, p]] == cell
         else:
-            assert layer == tp.ROUTE_HEADS["conj"][0] + 1
+            assert layer == packer.route_heads["conj"][0] + 1 == read_layer + 2
             color = tok.convert_ids_to_tokens(int(ids[b, p - 1]))
             assert task.pair_cells(scene, color, word) == [cell]
             n_named += 1
@@ -456,5 +494,5 @@ def test_relay_targets_are_the_cells_their_tokens_found(small):
         scene = examples[b][0]
         word = tok.convert_ids_to_tokens(int(ids[b, p]))
         n = sum(word in (o.color, o.shape) or plural.get(word) == o.shape for o in scene.objects)
-        assert count == min(n, tp.MAX_FACT_COUNT) and layer == tp.ROUTE_HEADS["content"][0] + 1
+        assert count == min(n, tp.MAX_FACT_COUNT) and layer == packer.route_heads["content"][0] + 1 == read_layer + 1
     assert len(batch["relay_count"]) > 0
