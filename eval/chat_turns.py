@@ -60,19 +60,21 @@ def run_conversations(session: ChatSession, conversations, image_paths, reduce: 
 
 
 def run(model, processor, conversations, image_paths, methods, keeps, layers=None, log=print) -> list[dict]:
-    session = ChatSession(model, processor, max_new_tokens=3)
     remove_pumer(model)
+    session = ChatSession(model, processor, max_new_tokens=3)
     rows = [{"name": "unreduced", "keep_tokens": task.NUM_CELLS, "layers": [],
              **run_conversations(session, conversations, image_paths, reduce=False)}]
     log(_line(rows[-1]))
     for keep in keeps:
         for name in methods:
+            session = ChatSession(model, processor, max_new_tokens=3)  # a fresh session per reduction
             session.set_reduction(keep_tokens=keep, method=name, layers=layers)
-            res = run_conversations(session, conversations, image_paths, reduce=True)
-            rows.append({"name": name, "keep_tokens": keep, "layers": list(model.pumer.layers), **res})
+            try:
+                res = run_conversations(session, conversations, image_paths, reduce=True)
+                rows.append({"name": name, "keep_tokens": keep, "layers": list(model.pumer.layers), **res})
+            finally:
+                remove_pumer(model)
             log(_line(rows[-1]))
-            remove_pumer(model)
-            session.reduction = None
     return rows
 
 

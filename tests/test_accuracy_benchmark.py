@@ -10,23 +10,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "eval"))
 import accuracy  # noqa: E402
-import train_proxy  # noqa: E402
 
 from pumer_llava import apply_pumer, remove_pumer  # noqa: E402
 from pumer_llava.methods import visual_scorer  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def small_proxy():
-    """An untrained proxy LLaVA of the shipped architecture, scaled down (no checkpoint)."""
-    args = train_proxy.parse_args(
-        ["--vision-hidden", "64", "--vision-layers", "2", "--vision-heads", "2", "--text-hidden", "64",
-         "--text-mlp", "128", "--text-layers", "4", "--text-heads", "4", "--text-kv-heads", "2"]
-    )
-    tok = train_proxy.build_tokenizer()
-    processor = train_proxy.build_processor(tok)
-    model = train_proxy.build_model(tok, args).eval()
-    return model, processor
 
 
 @pytest.fixture(scope="module")

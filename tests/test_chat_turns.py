@@ -12,19 +12,8 @@ EVAL = Path(__file__).resolve().parents[1] / "eval"
 sys.path.insert(0, str(EVAL))
 import chat_turns  # noqa: E402
 import proxy_task as task  # noqa: E402
-import train_proxy  # noqa: E402
 
 from pumer_llava.cli.chat import ChatSession  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def small_proxy():
-    args = train_proxy.parse_args(
-        ["--vision-hidden", "64", "--vision-layers", "2", "--vision-heads", "2", "--text-hidden", "64",
-         "--text-mlp", "128", "--text-layers", "4", "--text-heads", "4", "--text-kv-heads", "2"]
-    )
-    tok = train_proxy.build_tokenizer()
-    return train_proxy.build_model(tok, args).eval(), train_proxy.build_processor(tok)
 
 
 @pytest.fixture(scope="module")
