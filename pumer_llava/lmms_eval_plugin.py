@@ -486,11 +486,6 @@ def flatten_visuals(visuals: Any) -> list:
 # ------------------------------------------------------------------------- lmms-eval side
 
 
-# the adapter rows evaluated here: their processors take images and a chat prompt the way this
-# class feeds them (Qwen2-VL's image_grid_thw path is not wired here)
-EVALUATED_ROWS = ("llava", "llava_next", "llava_onevision")
-
-
 try:  # the model class needs lmms-eval; the helpers above do not
     from lmms_eval.api.model import lmms as _LmmsBase
     from lmms_eval.models.registry_v2 import ModelManifest
@@ -579,16 +574,8 @@ class PumerLlava(_LmmsBase):
             device = a.device
         self._device = torch.device(device)
 
-        from .hooks.adapters import ADAPTERS
-        from .loading import adapter_for, load_model, read_config
+        from .loading import load_model
 
-        config, _ = read_config(a.pretrained, a.revision, a.trust_remote_code)
-        adapter = adapter_for(config)
-        if adapter.model_type not in EVALUATED_ROWS:
-            raise ValueError(
-                f"pumer_llava evaluates {', '.join(ADAPTERS[k].class_name for k in EVALUATED_ROWS)} through lmms-eval; "
-                f"{adapter.class_name} works through apply_pumer but its processor inputs are not wired here"
-            )
         self._model, self._processor, self._adapter = load_model(
             a.pretrained, device=self._device, dtype=None if a.dtype == "auto" else a.dtype,
             quant="4bit" if a.load_in_4bit else None, attn=a.attn_implementation, revision=a.revision,
@@ -863,15 +850,15 @@ class PumerLlava(_LmmsBase):
             k, c_max = len(conts), max(len(c) for c in conts)
             pad = self._tokenizer.pad_token_id or 0
             ids = torch.full((k, c_max), pad, dtype=torch.long, device=dev)
-            mask = torch.zeros(k, n_ctx + c_max, dtype=torch.long, device=dev)
-            mask[:, :n_ctx] = 1
             for i, c in enumerate(conts):  # right-padded: padding comes after what is scored
                 ids[i, : len(c)] = torch.tensor(c, device=dev)
-                mask[i, n_ctx : n_ctx + len(c)] = 1
             cache = copy.deepcopy(out.past_key_values) if k > 1 else out.past_key_values
             if k > 1:
                 cache.batch_repeat_interleave(k)
-            logits = self._model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True).logits
+            # no attention mask: the context has no padding and each choice's padding comes after it,
+            # so causal attention is exact; the model then places the choice right after the cache
+            # (Qwen-VL's M-RoPE positions included, which a full-length mask would misplace)
+            logits = self._model(input_ids=ids, past_key_values=cache, use_cache=True).logits
         res = []
         for i, c in enumerate(conts):
             pred = torch.cat([first, logits[i, : len(c) - 1].float()])  # (C, V)

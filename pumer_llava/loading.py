@@ -10,6 +10,7 @@ before any weight is read.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -140,18 +141,59 @@ def load_model(
     if "device_map" not in kwargs:
         model.to(dev)
     model.eval()
-    proc = None
-    if processor:
-        from transformers import AutoProcessor
-
-        try:
-            proc = AutoProcessor.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
-        except (OSError, ValueError, KeyError) as e:
-            first = (str(e).strip() or type(e).__name__).splitlines()[0]
-            raise ValueError(f"cannot load the processor of {path}: {first}") from None
-        if getattr(proc, "tokenizer", None) is None or getattr(proc, "image_processor", None) is None:
-            raise ValueError(f"{path}: its processor has no tokenizer or no image processor (got {type(proc).__name__})")
+    proc = load_processor(path, adapter, revision, trust_remote_code) if processor else None
     return model, proc, adapter
+
+
+def image_only(cls: type) -> type:
+    """``cls`` (a transformers processor class) without its video processor.
+
+    Every transformers video processor needs torchvision; the image processors fall back to
+    their PIL backend without it. The class returned loads and calls like ``cls`` on images
+    and text, and has no ``video_processor`` (a video input is then an error).
+    """
+    if cls not in _IMAGE_ONLY:
+        parent = cls
+
+        class ImageOnly(parent):
+            @classmethod
+            def get_attributes(klass):
+                return [a for a in super().get_attributes() if a != "video_processor"]
+
+        ImageOnly.__name__ = ImageOnly.__qualname__ = cls.__name__
+        ImageOnly.__module__ = cls.__module__
+        _IMAGE_ONLY[cls] = ImageOnly
+    return _IMAGE_ONLY[cls]
+
+
+_IMAGE_ONLY: dict[type, type] = {}
+
+
+def load_processor(path: str, adapter: Adapter, revision: str = "main", trust_remote_code: bool = False):
+    """The checkpoint's processor (``AutoProcessor``), checked to have a tokenizer and an image processor.
+
+    Without torchvision, a row whose processor carries a video processor (LLaVA-OneVision,
+    Qwen2-VL, Qwen2.5-VL) loads it as :func:`image_only` with a warning: images work, videos
+    need ``pip install torchvision``.
+    """
+    import transformers
+    from transformers import AutoProcessor
+    from transformers.utils import is_torchvision_available
+
+    cls = getattr(transformers, adapter.processor_class, None)
+    loader: Any = AutoProcessor
+    if cls is not None and not is_torchvision_available() and "video_processor" in cls.get_attributes():
+        loader = image_only(cls)
+        warnings.warn(f"torchvision is not installed: {cls.__name__} is loaded without its video processor "
+                      "(images work; videos need torchvision)", stacklevel=2)
+    try:
+        proc = loader.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        first = (str(e).strip() or type(e).__name__).splitlines()[0]
+        raise ValueError(f"cannot load the processor of {path}: {first}") from None
+    if getattr(proc, "tokenizer", None) is None or getattr(proc, "image_processor", None) is None:
+        raise ValueError(f"{path}: its processor has no tokenizer or no image processor (got {type(proc).__name__})")
+    return proc
 
 
 def count_visual_tokens(adapter: Adapter, config: Any, input_ids: torch.Tensor) -> list[int]:

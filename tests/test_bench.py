@@ -234,3 +234,35 @@ def test_ctrl_c_keeps_the_finished_rows(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(bench, "_prefill_rows", interrupted)
     assert main(["--model", "tiny", "--methods", "random", "--quiet", "--out", str(tmp_path / "none")]) == 130
     assert "nothing written" in capsys.readouterr().err and not (tmp_path / "none.json").exists()
+
+
+@pytest.mark.parametrize("row", ["llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl"])
+def test_every_adapter_row_is_benchmarked_from_its_folder(row, tmp_path):
+    """A checkpoint folder of each row: its processor encodes the image (anyres crops, Qwen's
+    grids and M-RoPE token types), the prompt holds what the processor made, and the reduced
+    row keeps the exact budget of that count."""
+    from checkpoints import processor, write_checkpoint
+
+    from PIL import Image
+
+    from pumer_llava.cli.bench import load_model
+    from pumer_llava.hooks import get_adapter
+    from pumer_llava.loading import count_visual_tokens
+
+    path = write_checkpoint(row, tmp_path / row)
+    spec = BenchSpec(**dict(SPEC, model=path, methods=("pumer",), batch_sizes=(2,), repeats=1, memory=False,
+                            image_size=(64, 40), prefix_tokens=5, suffix_tokens=3))
+    out = run_benchmark(spec, progress=False)
+    model, proc = load_model(spec)
+    enc = processor(row)(images=[Image.new("RGB", (64, 40))], text=[proc.image_token], return_tensors="pt")
+    n_vis = count_visual_tokens(get_adapter(model), model.config, enc["input_ids"])[0]
+    cfg = out["config"]
+    assert cfg["visual_tokens"] == n_vis and cfg["prompt_tokens"] == 5 + n_vis + 3 and tuple(cfg["image_size"]) == (64, 40)
+    reduced = _row(out["prefill"], "pumer", 0.25)
+    assert reduced["visual_tokens_kept"] == round(n_vis * 0.25) and reduced["flops_ratio"] < 1
+    assert _row(out["prefill"], "none", 1.0)["visual_tokens_kept"] == n_vis
+    assert [r["batch_size"] for r in out["generation"]] == [2, 2, 2]
+    if row != "llava":  # a varying count needs the processor: a folder without one is refused
+        (tmp_path / row / "processor_config.json").unlink()
+        with pytest.raises(ValueError, match="pumer-bench encodes its image with the folder's processor"):
+            load_model(spec)

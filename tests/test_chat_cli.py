@@ -272,26 +272,37 @@ def test_layers_and_options_reach_the_model_as_the_api_takes_them(tiny_dir, imag
     assert got["layers"] == [1, 3] and got["merge_threshold"] is None and got["merge_text"] == 0.25
 
 
-@pytest.mark.parametrize("method", [None, "random"])  # random keeps the same tokens whatever the text
-def test_continued_turns_equal_recomputing_the_conversation(tiny_dir, images, method):
-    model, processor = load_model(str(tiny_dir), "cpu", "float32")
+# PuMer merging by key similarity alone: its choice reads no text, so the longer prompt of a
+# fresh run over the conversation keeps the same tokens as turn 1 did
+BLIND = {"merge_share": "1.0", "merge_rule": "bipartite", "merge_threshold": "none"}
+
+
+def _assert_continued_turn_is_fresh(model, processor, images, blind):
     s = ChatSession(model, processor, max_new_tokens=3)
-    if method:
-        s.set_reduction(method=method, ratio=0.25)
+    if blind:
+        s.set_reduction(method="pumer", ratio=0.25, options=BLIND)
     s.set_image(str(images[0]))
     s.ask("what color is it ?")
+    kept = model.pumer.last_stats.kept_patches if blind else None
     s.ask("is it red ?")
     # the ids the cache was built from are the chat template's rendering of the conversation
     text = processor.apply_chat_template(s.messages)
-    full = processor(images=[s.image], text=[text], return_tensors="pt")["input_ids"]
-    assert torch.equal(s.sequences, full[:, :-1])  # the last answer has no </s> yet (no eos here)
+    inp = processor(images=[s.image], text=[text], return_tensors="pt")
+    assert torch.equal(s.sequences, inp["input_ids"][:, :-1])  # the last answer has no </s> yet (no eos here)
     # turn 2 on turn 1's cache answers as a fresh run over the whole conversation would
     n2 = s.sequences.shape[1] - 3
-    inp = processor(images=[s.image], text=[text], return_tensors="pt")
+    cut = {k: v[:, :n2] if k in ("input_ids", "attention_mask", "mm_token_type_ids") else v for k, v in inp.items()}
     with torch.no_grad():
-        fresh = model.generate(input_ids=full[:, :n2], pixel_values=inp["pixel_values"], max_new_tokens=3,
-                               do_sample=False)
+        fresh = model.generate(**cut, max_new_tokens=3, do_sample=False)
+    if blind:
+        assert kept and model.pumer.last_stats.kept_patches == kept  # the premise: the same tokens kept
     assert torch.equal(fresh, s.sequences)
+
+
+@pytest.mark.parametrize("blind", [False, True])
+def test_continued_turns_equal_recomputing_the_conversation(tiny_dir, images, blind):
+    model, processor = load_model(str(tiny_dir), "cpu", "float32")
+    _assert_continued_turn_is_fresh(model, processor, images, blind)
 
 
 def test_continuation_closes_an_answer_cut_short(tiny_dir):
@@ -483,3 +494,49 @@ def test_a_reduction_that_refuses_the_inputs_is_one_line_and_the_chat_goes_on(ti
         assert stats.visual_kept == 4 and answer
     finally:
         METHODS.pop("refuses", None)
+
+
+# ------------------------------------------------------------------- the rows with a video processor
+
+
+@pytest.fixture(scope="module", params=["llava_onevision", "qwen2_vl", "qwen2_5_vl"])
+def row_dir(request, tmp_path_factory):
+    from checkpoints import write_checkpoint
+
+    return request.param, write_checkpoint(request.param, tmp_path_factory.mktemp(f"chat-{request.param}"))
+
+
+def _api_inputs(processor, image, messages):
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    return processor(images=[Image.open(image).convert("RGB")], text=[text], return_tensors="pt")
+
+
+def test_one_shot_on_every_other_row_answers_as_the_api_does(row_dir, images):
+    """pumer-chat on OneVision, Qwen2-VL and Qwen2.5-VL checkpoints (their processors loaded
+    image-only where torchvision is missing): the answer is the public API's, the budget exact."""
+    from transformers import AutoModelForImageTextToText
+
+    from pumer_llava.loading import adapter_for, load_processor, read_config
+
+    row, path = row_dir
+    q = "what color is the object at row 2 column 3 ?"
+    r = _run(["--model", path, "--image", images[0], "--prompt", q, "--ratio", "0.25", "--max-new-tokens", 4])
+    assert r.returncode == 0, r.stderr
+    model = AutoModelForImageTextToText.from_pretrained(path).eval()
+    processor = load_processor(path, adapter_for(read_config(path)[0]))
+    apply_pumer(model, ratio=0.25)
+    inp = _api_inputs(processor, images[0], [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}])
+    with torch.no_grad():
+        out = model.generate(**inp, max_new_tokens=4, do_sample=False)
+    total = model.pumer.last_stats.visual_tokens_total[0]
+    assert r.stdout.strip() == processor.tokenizer.decode(out[0, inp["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    assert f"visual tokens {round(total * 0.25)}/{total} kept" in r.stderr
+
+
+@pytest.mark.parametrize("blind", [False, True])
+def test_continued_turns_on_every_other_row_equal_recomputing(row_dir, images, blind):
+    """Turn 2 on turn 1's (reduced) cache answers as one fresh generate over the whole
+    conversation: Qwen's M-RoPE positions after the image carry over to the next turn."""
+    row, path = row_dir
+    model, processor = load_model(path, "cpu", "float32")
+    _assert_continued_turn_is_fresh(model, processor, images, blind)

@@ -600,3 +600,85 @@ def test_llava_next_evaluates_batched_as_one_by_one(tiny_llava_next, tmp_path, m
     assert lm1.generate_until(_requests()) == out4 and len(out4) == len(QUESTIONS)
     for s in stats4["samples"].values():
         assert s["visual_tokens_in"] > 16 and s["visual_tokens_final"] == round(s["visual_tokens_in"] * 0.25)
+
+
+# ------------------------------------------------------------------------ every adapter row
+
+ROW_SIZES = ((32, 32), (64, 40), (48, 32), (32, 64), (40, 40))  # (width, height): ragged visual counts
+
+
+def _row_docs():
+    docs = []
+    for i, (q, size) in enumerate(zip(QUESTIONS, ROW_SIZES)):
+        g = torch.Generator().manual_seed(i)
+        arr = (torch.rand(size[1], size[0], 3, generator=g) * 255).to(torch.uint8).numpy()
+        docs.append({"image": Image.fromarray(arr), "question": q, "answer": "red"})
+    return docs
+
+
+@pytest.fixture(scope="module", params=["llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl"])
+def row_checkpoint(request, tmp_path_factory):
+    from checkpoints import write_checkpoint
+
+    return request.param, write_checkpoint(request.param, tmp_path_factory.mktemp(f"ckpt-{request.param}"))
+
+
+def _row_lm(path, tmp_path, **kw):
+    lm = plug.PumerLlava(pretrained=path, device="cpu", stats_path=str(tmp_path / "stats.json"), **kw)
+    lm.task_dict = {"toy": {"test": _row_docs()}}
+    return lm
+
+
+def _plain(path):
+    """The checkpoint as transformers loads it, and its processor as the plugin loads it."""
+    from transformers import AutoModelForImageTextToText
+
+    from pumer_llava.loading import adapter_for, load_processor, read_config
+
+    model = AutoModelForImageTextToText.from_pretrained(path).eval()
+    return model, load_processor(path, adapter_for(read_config(path)[0]))
+
+
+@needs_lmms_eval
+def test_every_row_answers_as_its_plain_model_and_batches_as_one_by_one(row_checkpoint, tmp_path):
+    """Unreduced, each answer is the plain model's greedy answer on the processor's inputs; reduced,
+    a batch of ragged images equals the samples one by one and each sample keeps its exact budget."""
+    row, path = row_checkpoint
+    docs = _row_docs()
+    out = _row_lm(path, tmp_path, method="none", batch_size=2).generate_until(_requests())
+    model, proc = _plain(path)
+    for i in (0, 1):
+        prompt = plug.build_prompt(QUESTIONS[i], 1, proc)
+        inp = proc(images=[docs[i]["image"]], text=[prompt], return_tensors="pt")
+        with torch.no_grad():
+            ref = model.generate(**inp, max_new_tokens=3, do_sample=False)
+        text = proc.tokenizer.decode(ref[0, inp["input_ids"].shape[1]:], skip_special_tokens=True)
+        assert out[i] == text.split("\n")[0].strip()
+    method = "vispruner" if row in ("llava", "llava_next", "llava_onevision") else "pumer"
+    out4 = _row_lm(path, tmp_path, ratio=0.25, method=method, batch_size=4).generate_until(_requests())
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    counts = {s["visual_tokens_in"] for s in stats["samples"].values()}
+    assert len(counts) > 1 or row == "llava"  # the anyres and Qwen rows see ragged counts
+    for s in stats["samples"].values():
+        assert s["visual_tokens_final"] == round(s["visual_tokens_in"] * 0.25)
+    assert _row_lm(path, tmp_path, ratio=0.25, method=method, batch_size=1).generate_until(_requests()) == out4
+
+
+@needs_lmms_eval
+def test_every_row_scores_choices_as_its_own_loss(row_checkpoint, tmp_path):
+    """Multiple choice on each row: a choice's score is the reduced model's own loss on context +
+    choice in one forward (Qwen's M-RoPE positions included), from one reduced context."""
+    row, path = row_checkpoint
+    lm = _row_lm(path, tmp_path, ratio=0.5)
+    choices = [" red", " blue", " a red square"]
+    res = [r.text for r in lm.loglikelihood(_choice_requests(QUESTIONS[1], choices, doc_id=1))]
+    doc = lm.task_dict["toy"]["test"][1]
+    prompt = plug.build_prompt(QUESTIONS[1], 1, lm._processor, lm.chat_template)
+    with torch.no_grad():
+        n_ctx = lm._encode([prompt], [doc["image"]])["input_ids"].shape[1]
+        for c, (loss, _) in zip(choices, res):
+            full = lm._encode([prompt + c], [doc["image"]])
+            labels = full["input_ids"].clone()
+            labels[:, :n_ctx] = -100
+            want = lm.model(**full, labels=labels, use_cache=False).loss.item()
+            assert abs(want - loss) < 1e-4, (row, c)

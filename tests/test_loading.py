@@ -50,3 +50,35 @@ def test_quantization_keeps_each_rows_vision_side_in_full_precision():
     assert llava.llm_int8_skip_modules == ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
     assert llava.load_in_4bit and llava.bnb_4bit_quant_type == "nf4"
     assert qwen.llm_int8_skip_modules == ["model.visual", "lm_head"] and qwen.load_in_8bit
+
+
+@pytest.mark.parametrize("row", ["llava", "llava_onevision", "qwen2_vl", "qwen2_5_vl"])
+def test_processors_load_for_every_row_and_image_only_without_torchvision(row, tmp_path, monkeypatch):
+    """A row whose processor has a video half loads it image-only (a warning says so) where
+    torchvision is missing; the processor then encodes images exactly as the class built in
+    memory does. The other rows load through AutoProcessor untouched."""
+    from PIL import Image
+    from transformers.utils import is_torchvision_available
+
+    import pumer_llava.loading as loading
+    from checkpoints import processor, write_checkpoint
+
+    path = write_checkpoint(row, tmp_path)
+    adapter = loading.adapter_for(loading.read_config(path)[0])
+    video = row != "llava"
+    if video and not is_torchvision_available():
+        with pytest.warns(UserWarning, match=f"torchvision is not installed: {adapter.processor_class} is loaded "
+                                             "without its video processor"):
+            proc = loading.load_processor(path, adapter)
+        assert not hasattr(proc, "video_processor")
+    else:
+        proc = loading.load_processor(path, adapter)
+    assert type(proc).__name__ == adapter.processor_class
+    image, text = Image.new("RGB", (48, 32), (9, 80, 200)), "w1 " + proc.image_token + " w2"
+    got, want = proc(images=[image], text=[text], return_tensors="pt"), processor(row)(images=[image], text=[text],
+                                                                                     return_tensors="pt")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+    if video and not is_torchvision_available():  # without the fallback, transformers cannot load it at all
+        monkeypatch.setattr("transformers.utils.is_torchvision_available", lambda: True)
+        with pytest.raises(ValueError, match=f"cannot load the processor of {path}"):
+            loading.load_processor(path, adapter)

@@ -1,4 +1,4 @@
-"""pumer-bench: speed and memory of reduced vs. unreduced LLaVA, measured in one run.
+"""pumer-bench: speed and memory of a reduced vs. unreduced vision-language model, measured in one run.
 
     pumer-bench                                             # llava-1.5-7b-scaled on this machine
     pumer-bench --model llava-1.5-7b --device cuda --dtype fp16 --attn sdpa --batch-sizes 1,8,32
@@ -6,9 +6,10 @@
     pumer-bench --model tiny --methods pumer,fastv --fractions 1,0.25 --batch-sizes 1,2 --repeats 2
 
 ``--model`` is a folder (``from_pretrained``) or a preset of :mod:`pumer_llava.presets`
-built with random weights. Inputs are synthetic: a LLaVA-1.5-shaped prompt (text before
-and after one image's visual tokens) and random pixels; random weights generate garbage,
-so every generation makes exactly ``--new-tokens`` tokens (EOS off).
+built with random weights. Inputs are synthetic: random text before and after one image's
+visual tokens; a preset's are LLaVA-1.5-shaped with random pixels, a folder's image (random
+pixels, ``--image-size``) is encoded by its processor, so every adapter row gets its own
+counts and pixel inputs. Every generation makes exactly ``--new-tokens`` tokens (EOS off).
 
 What is measured, for the unpatched model ("none") and every method x kept fraction:
 
@@ -96,6 +97,7 @@ class BenchSpec:
     memory: bool = True
     seed: int = 0
     cache: str = "dynamic"  # generate()'s KV cache: dynamic, or static (preallocated)
+    image_size: tuple[int, int] | None = None  # (width, height) of the image a folder's processor encodes
     options: dict[str, str] = field(default_factory=dict)  # methods' own options (--option KEY=VALUE)
 
     def method_kwargs(self, method: str) -> dict[str, Any]:
@@ -144,6 +146,8 @@ class BenchSpec:
             self.method_kwargs(m)
         if any(b < 1 for b in self.batch_sizes):
             raise ValueError(f"batch sizes must be >= 1, got {self.batch_sizes}")
+        if self.image_size is not None and (len(self.image_size) != 2 or min(self.image_size) < 1):
+            raise ValueError(f"image size must be WIDTHxHEIGHT in pixels, got {self.image_size}")
         if self.cache not in ("dynamic", "static"):
             raise ValueError(f"cache must be dynamic or static, got {self.cache!r}")
         if self.repeats < 1 or self.gen_repeats < 0 or self.warmup < 0 or self.new_tokens < 2:
@@ -261,19 +265,24 @@ class _CudaPeak:
 
 
 def load_model(spec: BenchSpec):
-    """The model of ``spec`` on its device, eval mode, greedy generation with EOS off."""
+    """``(model, processor or None)`` of ``spec`` on its device, eval mode, greedy generation with EOS off.
+
+    A preset has no processor: its prompts hold LLaVA-1.5's fixed visual-token count. A folder
+    comes with its processor, which encodes the benchmark's image (any adapter row); a folder
+    without one works only where the count is fixed.
+    """
     device, dtype = spec.resolved_device(), DTYPES[spec.resolved_dtype()]
     path = spec.model
     if path in PRESETS:
         _check_fits(spec, device, dtype)
         if not spec.load_in_4bit:
-            return build_preset(path, dtype=dtype, attn=spec.attn, device=device, seed=spec.seed)
+            return build_preset(path, dtype=dtype, attn=spec.attn, device=device, seed=spec.seed), None
         # bitsandbytes quantizes while loading: go through a saved copy of the random weights
         tmp = tempfile.TemporaryDirectory(prefix="pumer-bench-")
         build_preset(path, dtype=dtype, attn=spec.attn, device="cpu", seed=spec.seed).save_pretrained(tmp.name)
-        model = _from_pretrained(tmp.name, spec, device, dtype)
+        model, _ = _from_pretrained(tmp.name, spec, device, dtype, processor=False)
         model._pumer_bench_tmp = tmp  # keep the folder as long as the model
-        return model
+        return model, None
     if not Path(path).is_dir():
         raise ValueError(f"--model {path!r} is neither a folder nor a preset; presets: {', '.join(sorted(PRESETS))}")
     if not (Path(path) / "config.json").is_file():
@@ -301,21 +310,29 @@ def _check_fits(spec: BenchSpec, device: torch.device, dtype: torch.dtype) -> No
         )
 
 
-def _from_pretrained(path: str, spec: BenchSpec, device: torch.device, dtype: torch.dtype):
-    from ..loading import load_model as load
+def _from_pretrained(path: str, spec: BenchSpec, device: torch.device, dtype: torch.dtype, processor: bool = True):
+    from ..loading import adapter_for, load_model as load, load_processor, read_config
 
+    config = read_config(path)[0]
+    adapter = adapter_for(config)
+    fixed = adapter.visual_tokens_per_image(config) is not None
+    proc = None
+    if processor:
+        try:
+            proc = load_processor(path, adapter)
+        except ValueError as exc:
+            if not fixed:
+                raise ValueError(f"{exc}: pumer-bench encodes its image with the folder's processor, since "
+                                 f"{adapter.class_name}'s visual tokens per image depend on the image") from None
     model, _, adapter = load(path, device=device, dtype=dtype, quant="4bit" if spec.load_in_4bit else None,
                              attn=spec.attn, device_map=str(device), processor=False)
-    if adapter.visual_tokens_per_image(model.config) is None:
-        raise ValueError(f"{path}: pumer-bench builds prompts with a fixed number of visual tokens per image; "
-                         f"{adapter.class_name} varies it (anyres, video): use a LLaVA-1.5 checkpoint or a preset")
     gen = model.generation_config
     text = adapter.text_config(model.config)
     if gen.pad_token_id is None:
         gen.pad_token_id = text.pad_token_id if text.pad_token_id is not None else 0
     gen.eos_token_id = None
     gen.do_sample = False
-    return model
+    return model, proc
 
 
 def _prompt_lengths(spec: BenchSpec) -> tuple[int, int]:
@@ -328,37 +345,74 @@ def _prompt_lengths(spec: BenchSpec) -> tuple[int, int]:
             spec.suffix_tokens if spec.suffix_tokens is not None else suffix)
 
 
-def make_inputs(model, batch: int, prefix: int, suffix: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """``batch`` prompts ``prefix text, <image> x T, suffix text`` (no padding) and random pixels."""
+def make_inputs(model, batch: int, prefix: int, suffix: int, seed: int = 0, processor=None,
+                image_size: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
+    """``batch`` equal prompts ``prefix text, visual tokens, suffix text`` (no padding).
+
+    With a processor, one random image of ``image_size`` (width, height; default the tower's
+    square input, else 448) is encoded by it, so every adapter row gets the visual tokens and
+    the pixel inputs (crops, grids, M-RoPE token types) its model expects. Without one, the
+    row must have a fixed count per image (LLaVA-1.5): its placeholders and random pixels.
+    Text tokens are random ids that are neither special nor visual.
+    """
     adapter = get_adapter(model)
     cfg = model.config
-    image_id = adapter.visual_token_ids(cfg)[0]
-    n_vis = adapter.visual_tokens_per_image(cfg)
-    if n_vis is None:
-        raise ValueError(f"pumer-bench builds prompts with a fixed number of visual tokens; {adapter.class_name} varies it per image")
     text = adapter.text_config(cfg)
-    special = {image_id, text.pad_token_id, text.bos_token_id, text.eos_token_id, 0, 1, 2}
-    low = max(int(s) for s in special if s is not None and int(s) < 16) + 1
-    high = min(text.vocab_size, image_id) if image_id > low + 1 else text.vocab_size
+    visual = set(adapter.visual_token_ids(cfg))
     g = torch.Generator().manual_seed(seed)
-    pre = torch.randint(low, high, (batch, prefix), generator=g)
+    param = next(p for p in model.parameters() if p.is_floating_point())
+    if processor is not None:
+        enc = _encode_image(processor, cfg, batch, g, image_size)
+    else:
+        n_vis = adapter.visual_tokens_per_image(cfg)
+        if n_vis is None:
+            raise ValueError(f"{adapter.class_name}'s visual tokens per image depend on the image: "
+                             "pumer-bench needs the model folder's processor to encode one")
+        vc = cfg.vision_config
+        channels = getattr(vc, "num_channels", 3)
+        enc = {"input_ids": torch.full((batch, n_vis), min(visual)),
+               "pixel_values": torch.randn(batch, channels, vc.image_size, vc.image_size, generator=g)}
+    special = visual | {t for t in (text.pad_token_id, text.bos_token_id, text.eos_token_id) if t is not None}
+    if processor is not None:
+        special |= set(processor.tokenizer.all_special_ids)
+    allowed = torch.ones(text.vocab_size, dtype=torch.bool)
+    allowed[[t for t in special if 0 <= t < text.vocab_size]] = False
+    allowed[: min(16, text.vocab_size)] = False  # low ids are specials in most vocabularies
+    pool = allowed.nonzero()[:, 0]
+    pre = pool[torch.randint(len(pool), (batch, prefix), generator=g)]
     if prefix and text.bos_token_id is not None:
         pre[:, 0] = text.bos_token_id
-    post = torch.randint(low, high, (batch, suffix), generator=g)
-    ids = torch.cat([pre, torch.full((batch, n_vis), image_id), post], dim=1)
-    vc = cfg.vision_config
-    pixels = torch.randn(batch, vc.num_channels if hasattr(vc, "num_channels") else 3, vc.image_size, vc.image_size,
-                         generator=g)
-    param = next(p for p in model.parameters() if p.is_floating_point())
-    device = param.device
-    pix_dtype = next(model.model.vision_tower.parameters()).dtype if hasattr(model.model, "vision_tower") else param.dtype
-    if not pix_dtype.is_floating_point:
-        pix_dtype = param.dtype
-    return {
-        "input_ids": ids.to(device),
-        "attention_mask": torch.ones_like(ids).to(device),
-        "pixel_values": pixels.to(device, pix_dtype),
-    }
+    post = pool[torch.randint(len(pool), (batch, suffix), generator=g)]
+    ids = enc.pop("input_ids")
+    vis = torch.isin(ids, torch.tensor(sorted(visual)))
+    runs = [row[m] for row, m in zip(ids, vis)]  # each row's visual tokens, the processor's text dropped
+    out = {"input_ids": torch.cat([pre, torch.stack(runs), post], dim=1)}
+    out["attention_mask"] = torch.ones_like(out["input_ids"])
+    types = enc.pop("mm_token_type_ids", None)
+    enc.pop("attention_mask", None)
+    if types is not None:  # Qwen-VL's M-RoPE: text 0, image 1, video 2
+        kinds = torch.stack([row[m] for row, m in zip(types, vis)])
+        zeros = torch.zeros_like
+        out["mm_token_type_ids"] = torch.cat([zeros(pre), kinds.to(pre.dtype), zeros(post)], dim=1)
+    out.update(enc)
+    for k, v in out.items():
+        if torch.is_tensor(v) and v.is_floating_point():
+            out[k] = v.to(param.dtype)
+    return {k: v.to(param.device) if torch.is_tensor(v) else v for k, v in out.items()}
+
+
+def _encode_image(processor, config, batch: int, g: torch.Generator, image_size) -> dict[str, torch.Tensor]:
+    from PIL import Image
+
+    side = getattr(config.vision_config, "image_size", None) or 448
+    width, height = image_size or (side, side)
+    pixels = (torch.rand(height, width, 3, generator=g) * 255).to(torch.uint8).numpy()
+    image = Image.fromarray(pixels)
+    token = getattr(processor, "image_token", None) or getattr(processor.tokenizer, "image_token", None)
+    if token is None:
+        raise ValueError(f"{type(processor).__name__} names no image token: pumer-bench cannot place its image")
+    enc = processor(images=[image] * batch, text=[token] * batch, return_tensors="pt")
+    return dict(enc)
 
 
 # ----------------------------------------------------------------------------- one run
@@ -410,10 +464,10 @@ def _op_counts(model, inputs) -> dict[str, int]:
         with OpCounter() as pre:
             out = model(**inputs, use_cache=True, logits_to_keep=1)
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-        mask = torch.cat([inputs["attention_mask"], torch.ones_like(nxt)], 1)
+        # the prompts have no padding, so no mask: the model places the token after the cache
+        # (a full-length mask would misplace Qwen-VL's M-RoPE positions)
         with OpCounter() as dec:
-            model(input_ids=nxt, attention_mask=mask, past_key_values=out.past_key_values, use_cache=True,
-                  logits_to_keep=1)
+            model(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
     return {
         "prefill_ops": pre.ops, "prefill_kernels": pre.kernels, "prefill_syncs": pre.syncs,
         "decode_ops": dec.ops, "decode_kernels": dec.kernels, "decode_syncs": dec.syncs,
@@ -535,28 +589,28 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def run_benchmark(spec: BenchSpec, model=None, progress: bool = True) -> dict[str, Any]:
+def run_benchmark(spec: BenchSpec, model=None, progress: bool = True, processor=None) -> dict[str, Any]:
     """Run the benchmark described by ``spec`` and return the result (the JSON's content).
 
-    ``model``: an already loaded LLaVA model to use instead of ``spec.model`` (it is left
-    without pumer hooks afterwards).
+    ``model``: an already loaded model to use instead of ``spec.model`` (it is left without
+    pumer hooks afterwards), with its ``processor`` where its visual-token count varies.
     """
     spec.validate()
     threads_before = torch.get_num_threads()
     if spec.threads:
         torch.set_num_threads(spec.threads)
     try:
-        return _run(spec, model, progress)
+        return _run(spec, model, processor, progress)
     finally:
         torch.set_num_threads(threads_before)
 
 
-def _run(spec: BenchSpec, model, progress: bool) -> dict[str, Any]:
+def _run(spec: BenchSpec, model, processor, progress: bool) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     device = spec.resolved_device()
     if model is None:
-        model = load_model(spec)
+        model, processor = load_model(spec)
     else:
         device = next(model.parameters()).device
     remove_pumer(model)
@@ -564,7 +618,14 @@ def _run(spec: BenchSpec, model, progress: bool) -> dict[str, Any]:
     text = adapter.text_config(model.config)
     n_layers = len(adapter.layers(model))
     prefix, suffix = _prompt_lengths(spec)
-    n_vis = adapter.visual_tokens_per_image(model.config)
+
+    def inputs_for(batch: int, seed: int) -> dict[str, torch.Tensor]:
+        return make_inputs(model, batch, prefix, suffix, seed, processor, spec.image_size)
+
+    from ..loading import count_visual_tokens
+
+    inputs1 = inputs_for(1, spec.seed)  # the prefill's prompt; it also fixes the visual-token count
+    n_vis = count_visual_tokens(adapter, model.config, inputs1["input_ids"])[0]
 
     settings = [Setting(NONE, 1.0)] + [Setting(m, f) for m in spec.methods for f in spec.fractions]
     for s in settings[1:]:  # validate every setting before any timing
@@ -600,7 +661,6 @@ def _run(spec: BenchSpec, model, progress: bool) -> dict[str, Any]:
     interrupted = False
     try:
         # ---- prefill at batch 1
-        inputs1 = make_inputs(model, 1, prefix, suffix, spec.seed)
         pre: dict[str, list[dict]] = {s.key: [] for s in settings}
         pre_base: dict[tuple[int, str], float] = {}
         for r in range(spec.warmup + spec.repeats):
@@ -616,13 +676,14 @@ def _run(spec: BenchSpec, model, progress: bool) -> dict[str, Any]:
                     pre_base[(r, group)] = res["seconds"]
                     res["llm_base"] = res["llm_seconds"]
                 pre[s.key].append(res)
-        prefill_rows = _prefill_rows(model, spec, settings, pre, pre_base, inputs1, device, bar)
+        prefill_rows = _prefill_rows(model, spec, settings, pre, pre_base, inputs1, n_vis, device, bar)
 
         # ---- generation per batch size
         for i, bsz in enumerate(spec.batch_sizes):
             bar.reset(total=gen_runs)
             bar.set_description(f"pumer-bench generate b={bsz} ({i + 1}/{len(spec.batch_sizes)})", refresh=False)
-            gen_rows += _generation_rows(model, spec, settings, schedule, bsz, prefix, suffix, device, bar, n_gen_warm)
+            gen_rows += _generation_rows(model, spec, settings, schedule, inputs_for(bsz, spec.seed + bsz), device, bar,
+                                         n_gen_warm)
     except KeyboardInterrupt:  # Ctrl-C: keep what finished (the prefill table, whole batch sizes)
         interrupted = True
     finally:
@@ -643,7 +704,7 @@ def _run(spec: BenchSpec, model, progress: bool) -> dict[str, Any]:
         prefix_tokens=prefix,
         suffix_tokens=suffix,
         visual_tokens=n_vis,
-        prompt_tokens=prefix + n_vis + suffix,
+        prompt_tokens=int(inputs1["input_ids"].shape[1]),
         text_hidden=text.hidden_size,
         text_layers=n_layers,
         text_mlp=text.intermediate_size,
@@ -666,7 +727,7 @@ def _run(spec: BenchSpec, model, progress: bool) -> dict[str, Any]:
     return result
 
 
-def _prefill_rows(model, spec, settings, pre, pre_base, inputs1, device, bar) -> list[dict]:
+def _prefill_rows(model, spec, settings, pre, pre_base, inputs1, n_vis, device, bar) -> list[dict]:
     rows = []
     base_key = settings[0].key
     base_med = _median([x["seconds"] for x in pre[base_key]])
@@ -689,7 +750,7 @@ def _prefill_rows(model, spec, settings, pre, pre_base, inputs1, device, bar) ->
             flops = flops_full = decoder_flops([n] * len(get_adapter(model).layers(model)), t.hidden_size,
                                                t.intermediate_size)
             layers = []
-            kept = get_adapter(model).visual_tokens_per_image(model.config)
+            kept = n_vis
             vis_layers = [kept] * len(get_adapter(model).layers(model))
         flops_speedup = flops_full / flops
         speedup = _median(paired)
@@ -742,8 +803,8 @@ class _NullClock:
     seconds = 0.0
 
 
-def _generation_rows(model, spec, settings, schedule, bsz, prefix, suffix, device, bar, n_warm) -> list[dict]:
-    inputs = make_inputs(model, bsz, prefix, suffix, spec.seed + bsz)
+def _generation_rows(model, spec, settings, schedule, inputs, device, bar, n_warm) -> list[dict]:
+    bsz = inputs["input_ids"].shape[0]
     runs: dict[str, list[dict]] = {s.key: [] for s in settings}
     base: dict[tuple[int, str], dict] = {}
     try:
@@ -1007,6 +1068,14 @@ def _ints(s: str) -> tuple[int, ...]:
     return tuple(int(x) for x in s.split(",") if x.strip())
 
 
+def _size(s: str) -> tuple[int, int]:
+    try:
+        w, h = (int(x) for x in s.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"image size {s!r} is not WIDTHxHEIGHT, e.g. 672x448") from None
+    return w, h
+
+
 def _strs(s: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in s.split(",") if x.strip())
 
@@ -1015,7 +1084,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = BenchSpec()
     p = argparse.ArgumentParser(
         prog="pumer-bench",
-        description="Prefill latency, decode tokens/s, throughput, KV cache and peak memory of a LLaVA model, "
+        description="Prefill latency, decode tokens/s, throughput, KV cache and peak memory of a vision-language model, "
         "reduced (apply_pumer) vs. unreduced, measured interleaved in one process.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -1044,6 +1113,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=int, default=d.new_tokens, help="tokens each generate makes")
     p.add_argument("--prefix-tokens", type=int, default=None, help="text tokens before the image")
     p.add_argument("--suffix-tokens", type=int, default=None, help="text tokens after the image")
+    p.add_argument("--image-size", type=_size, default=None, metavar="WxH",
+                   help="the image a model folder's processor encodes (default: the tower's square input); "
+                   "it sets the visual-token count of anyres and Qwen-VL models")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-memory", action="store_true", help="skip the untimed peak-memory runs")
     p.add_argument("--cache", default=d.cache, choices=["dynamic", "static"],
@@ -1079,7 +1151,7 @@ def main(argv: list[str] | None = None) -> int:
         dtype=args.dtype, load_in_4bit=args.load_in_4bit, attn=args.attn, device=args.device,
         repeats=args.repeats, gen_repeats=args.gen_repeats, warmup=args.warmup, new_tokens=args.new_tokens,
         prefix_tokens=args.prefix_tokens, suffix_tokens=args.suffix_tokens, threads=args.threads,
-        memory=not args.no_memory, seed=args.seed, cache=args.cache,
+        memory=not args.no_memory, seed=args.seed, cache=args.cache, image_size=args.image_size,
     )
     try:
         spec.validate()

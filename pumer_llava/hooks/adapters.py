@@ -52,6 +52,7 @@ class VisionParts:
 class Adapter:
     model_type: str
     class_name: str
+    processor_class: str  # what AutoProcessor builds for it (the tools' fallback without torchvision)
     inner: Callable[[nn.Module], nn.Module]  # sees input_ids, runs the vision tower + LLM
     language_model: Callable[[nn.Module], nn.Module]
     layers: Callable[[nn.Module], nn.ModuleList]
@@ -131,7 +132,7 @@ _MODEL_LANGUAGE_MODEL = dict(
 )
 
 
-def _qwen_vl(model_type: str, class_name: str) -> Adapter:
+def _qwen_vl(model_type: str, class_name: str, processor_class: str) -> Adapter:
     """Qwen2-VL and Qwen2.5-VL: one row shape, two class names.
 
     The tower (NaViT-style, any image size, no [CLS]) merges 2x2 patches before the LLM: an
@@ -147,6 +148,7 @@ def _qwen_vl(model_type: str, class_name: str) -> Adapter:
     return Adapter(
         model_type=model_type,
         class_name=class_name,
+        processor_class=processor_class,
         **_MODEL_LANGUAGE_MODEL,
         visual_token_ids=lambda c: (c.image_token_id, c.video_token_id),
         visual_tokens_per_image=lambda c: None,
@@ -161,12 +163,13 @@ def _qwen_vl(model_type: str, class_name: str) -> Adapter:
     )
 
 
-def _llava_family(model_type: str, class_name: str, **fields) -> Adapter:
+def _llava_family(model_type: str, class_name: str, processor_class: str, **fields) -> Adapter:
     """LLaVA-1.5, -NeXT and -OneVision share the module layout (``model.language_model``,
     ``model.multi_modal_projector``), the decoder attention and the CLIP/SigLIP tower."""
     return Adapter(
         model_type=model_type,
         class_name=class_name,
+        processor_class=processor_class,
         **_MODEL_LANGUAGE_MODEL,
         attn_parts=_llama_style_attn,
         vision_parts=_vision_parts,
@@ -179,6 +182,7 @@ ADAPTERS: dict[str, Adapter] = {
     "llava": _llava_family(
         "llava",
         "LlavaForConditionalGeneration",
+        "LlavaProcessor",
         visual_token_ids=lambda c: (c.image_token_id,),
         visual_tokens_per_image=_llava_visual_tokens,
     ),
@@ -189,6 +193,7 @@ ADAPTERS: dict[str, Adapter] = {
     "llava_next": _llava_family(
         "llava_next",
         "LlavaNextForConditionalGeneration",
+        "LlavaNextProcessor",
         visual_token_ids=lambda c: (c.image_token_id,),
         visual_tokens_per_image=lambda c: None,
         newline=lambda m: m.model.image_newline,
@@ -201,13 +206,14 @@ ADAPTERS: dict[str, Adapter] = {
     "llava_onevision": _llava_family(
         "llava_onevision",
         "LlavaOnevisionForConditionalGeneration",
+        "LlavaOnevisionProcessor",
         visual_token_ids=lambda c: (c.image_token_id, c.video_token_id),
         visual_tokens_per_image=lambda c: None,
         newline=lambda m: m.model.image_newline,
         notes="anyres and video: visual tokens per image vary; newline tokens count as visual",
     ),
-    "qwen2_vl": _qwen_vl("qwen2_vl", "Qwen2VLForConditionalGeneration"),
-    "qwen2_5_vl": _qwen_vl("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration"),
+    "qwen2_vl": _qwen_vl("qwen2_vl", "Qwen2VLForConditionalGeneration", "Qwen2VLProcessor"),
+    "qwen2_5_vl": _qwen_vl("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLProcessor"),
 }
 
 
