@@ -531,6 +531,10 @@ def test_one_shot_on_every_other_row_answers_as_the_api_does(row_dir, images):
     total = model.pumer.last_stats.visual_tokens_total[0]
     assert r.stdout.strip() == processor.tokenizer.decode(out[0, inp["input_ids"].shape[1]:], skip_special_tokens=True).strip()
     assert f"visual tokens {round(total * 0.25)}/{total} kept" in r.stderr
+    from transformers.utils import is_torchvision_available
+
+    if not is_torchvision_available():  # the loader's warning, as one line
+        assert "note: torchvision is not installed: " in r.stderr and "UserWarning" not in r.stderr
 
 
 @pytest.mark.parametrize("blind", [False, True])

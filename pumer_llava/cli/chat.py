@@ -23,6 +23,7 @@ import os
 import statistics
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
@@ -784,7 +785,12 @@ def _run(args, out: TextIO, err: TextIO) -> int:
     err.write(f"loading {model_name} ...\n")
     err.flush()
     t0 = time.perf_counter()
-    model, processor = load_model(model_name, args.device, args.dtype, quant)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model, processor = load_model(model_name, args.device, args.dtype, quant)
+    for w in caught:  # the loader's notes (a processor loaded image-only, ...) as one line each
+        if issubclass(w.category, UserWarning):
+            err.write(f"note: {w.message}\n")
     session = ChatSession(model, processor, max_new_tokens=args.max_new_tokens)
     if not args.no_pumer:
         try:
