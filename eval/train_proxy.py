@@ -1197,7 +1197,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="pumer_llava/assets/proxy-llava")
     p.add_argument("--steps", type=int, default=3000, help="planned optimizer steps")
-    p.add_argument("--max-minutes", type=float, default=27.0, help="training wall-clock budget")
+    p.add_argument("--max-minutes", type=float, default=55.0, help="training wall-clock budget")
     p.add_argument("--images-per-step", type=int, default=8)
     p.add_argument("--questions-per-image", type=int, default=8)
     p.add_argument("--lr", type=float, default=1.5e-3)
