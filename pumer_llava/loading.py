@@ -10,6 +10,7 @@ before any weight is read.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from pathlib import Path
 from typing import Any
@@ -145,6 +146,7 @@ def load_model(
     return model, proc, adapter
 
 
+@functools.cache
 def image_only(cls: type) -> type:
     """``cls`` (a transformers processor class) without its video processor.
 
@@ -152,21 +154,15 @@ def image_only(cls: type) -> type:
     their PIL backend without it. The class returned loads and calls like ``cls`` on images
     and text, and has no ``video_processor`` (a video input is then an error).
     """
-    if cls not in _IMAGE_ONLY:
-        parent = cls
 
-        class ImageOnly(parent):
-            @classmethod
-            def get_attributes(klass):
-                return [a for a in super().get_attributes() if a != "video_processor"]
+    class ImageOnly(cls):
+        @classmethod
+        def get_attributes(klass):
+            return [a for a in super().get_attributes() if a != "video_processor"]
 
-        ImageOnly.__name__ = ImageOnly.__qualname__ = cls.__name__
-        ImageOnly.__module__ = cls.__module__
-        _IMAGE_ONLY[cls] = ImageOnly
-    return _IMAGE_ONLY[cls]
-
-
-_IMAGE_ONLY: dict[type, type] = {}
+    ImageOnly.__name__ = ImageOnly.__qualname__ = cls.__name__
+    ImageOnly.__module__ = cls.__module__
+    return ImageOnly
 
 
 def load_processor(path: str, adapter: Adapter, revision: str = "main", trust_remote_code: bool = False):

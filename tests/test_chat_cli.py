@@ -18,6 +18,7 @@ from PIL import Image
 
 from pumer_llava import apply_pumer
 from pumer_llava.cli.chat import ChatSession, load_model, main
+from checkpoints import WORDS, chat_template
 from tiny import IMAGE_SIZE, IMAGE_TOKEN, PAD, PATCH, VOCAB, tiny_llava
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,21 +27,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMER
 N_VIS = (IMAGE_SIZE // PATCH) ** 2  # 16
 
 # USER: <image>\n{question} ASSISTANT: {answer}</s>, turns joined by a space (the proxy model's format)
-TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{%- if not loop.first %}{{ ' ' }}{% endif -%}"
-    "{%- if message['role'] == 'user' -%}{{ 'USER: ' }}"
-    "{%- for item in message['content'] | selectattr('type', 'equalto', 'image') -%}{{ '<image>\n' }}{%- endfor -%}"
-    "{%- for item in message['content'] | selectattr('type', 'equalto', 'text') -%}{{ item['text'] }}{%- endfor -%}"
-    "{%- else -%}{{ 'ASSISTANT: ' }}{%- for item in message['content'] -%}{{ item['text'] }}{%- endfor -%}"
-    "{{ '</s>' }}{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ ' ASSISTANT:' }}{%- endif -%}"
-)
-WORDS = (
-    "user: assistant: what color shape is the object at row column ? red blue green yellow circle square "
-    "triangle cross how many are there a an of left right one two three yes no it this image and"
-).split()
+TEMPLATE = chat_template("<image>\n")
 
 
 def _processor():
