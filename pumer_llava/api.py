@@ -149,11 +149,6 @@ def apply_pumer(
         vision_info=vparts,
     )
     runtime.install(model, state, projector)
-    if gen_cfg is not None:
-        # generate() compiles the decoding forward on a GPU with a static cache; the hooks run
-        # Python between layers, so that compiled forward is not supported: keep it eager
-        state.saved_disable_compile = (getattr(gen_cfg, "disable_compile", None),)
-        gen_cfg.disable_compile = True
     model.pumer = state
     return model
 
@@ -166,9 +161,6 @@ def remove_pumer(model: nn.Module) -> nn.Module:
     for h in state.handles:
         h.remove()
     state.handles.clear()
-    gen_cfg = getattr(model, "generation_config", None)
-    if gen_cfg is not None and state.saved_disable_compile is not None:
-        (gen_cfg.disable_compile,) = state.saved_disable_compile
     state.call = state.prompt = None
     state.vision_calls.clear()
     del model.pumer

@@ -66,7 +66,7 @@ def test_flex_attention_is_refused():
         apply_pumer(model)
 
 
-def test_caches_other_than_dynamic_and_static_are_refused_and_compile_is_kept_off():
+def test_caches_other_than_dynamic_and_static_are_refused_and_compile_is_left_as_it_was():
     from transformers import DynamicCache
     from transformers.cache_utils import StaticSlidingWindowLayer
 
@@ -78,7 +78,7 @@ def test_caches_other_than_dynamic_and_static_are_refused_and_compile_is_kept_of
     model.generation_config.cache_implementation = None
     assert not model.generation_config.disable_compile
     apply_pumer(model, ratio=0.25)
-    assert model.generation_config.disable_compile  # generate() must not compile around the hooks
+    assert not model.generation_config.disable_compile  # generate() compiles a static-cache decode as it would
     cache = DynamicCache(config=model.config)
     cache.layers[0] = StaticSlidingWindowLayer(max_cache_len=64, sliding_window=8)
     with pytest.raises(ValueError, match="StaticSlidingWindowLayer layers"):

@@ -201,7 +201,7 @@ def test_cli_rejects_bad_arguments(capsys, tmp_path):
     assert main(["--model", "tiny", "--methods", "nope", "--quiet", "--batch-sizes", "1"]) == 2
 
 
-def test_static_cache_generation_and_compile_refused(capsys):
+def test_static_cache_generation(capsys):
     spec = dict(SPEC, methods=("pumer",), fractions=(1.0, 0.25), batch_sizes=(2,), repeats=1, gen_repeats=1,
                 memory=False, cache="static")
     out = run_benchmark(BenchSpec(**spec), progress=False)
@@ -212,7 +212,44 @@ def test_static_cache_generation_and_compile_refused(capsys):
     with pytest.raises(ValueError, match="cache must be dynamic or static"):
         BenchSpec(**dict(SPEC, cache="paged")).validate()
     assert main(["--model", "tiny", "--compile", "--quiet"]) == 2
-    assert "--compile is not supported" in capsys.readouterr().err
+    assert "compiled decoding needs the static cache (--cache static)" in capsys.readouterr().err
+
+
+def test_compiled_decoding_compiles_each_setting_once(monkeypatch):
+    """``--cache static --compile``: generate() runs its compiled decoding forward (fullgraph),
+    the warm-up compiles every setting, and the timed runs compile nothing more."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    from transformers import CompileConfig
+
+    from pumer_llava.cli import bench
+
+    def eager_backend(device):  # dynamo's tracing and guards, without a C++ build on this machine
+        cfg = CompileConfig(fullgraph=True, backend="eager")
+        cfg._compile_all_devices = True
+        return cfg
+
+    monkeypatch.setattr(bench, "_compile_config", eager_backend)
+    calls = []
+    real = bench._generate
+
+    def counted(*args, **kwargs):
+        before = counters["stats"]["unique_graphs"]
+        res = real(*args, **kwargs)
+        calls.append(counters["stats"]["unique_graphs"] - before)
+        return res
+
+    monkeypatch.setattr(bench, "_generate", counted)
+    torch._dynamo.reset()
+    counters.clear()
+    spec = dict(SPEC, methods=("pumer", "fastv"), fractions=(1.0, 0.25), batch_sizes=(1,), repeats=1, gen_repeats=1,
+                memory=False, cache="static", compile=True)
+    out = bench.run_benchmark(BenchSpec(**spec), progress=False)
+    assert out["config"]["compile"] and "compiled decoding" in bench.to_markdown(out)
+    n_settings = 1 + 2 * 2  # unreduced, then each method at each fraction
+    warm, timed = calls[:n_settings], calls[n_settings:]
+    assert len(timed) == 2 * (1 + 2) and sum(timed) == 0, calls  # per method: unreduced, then its fractions
+    assert sum(warm) >= 1 + 2, calls  # the unreduced graph, and one per reduced setting (its own slots)
 
 
 def test_ctrl_c_keeps_the_finished_rows(tmp_path, monkeypatch, capsys):

@@ -95,6 +95,41 @@ def test_static_cache_gives_the_dynamic_cache_tokens(arch, method, where):
     assert reduced and all(x.max_cache_len < x.logical_len for x in reduced)  # fewer slots than positions
 
 
+@pytest.mark.parametrize("arch,method,where", CASES)
+def test_compiled_decoding_gives_the_dynamic_cache_tokens_and_compiles_once(arch, method, where):
+    """generate()'s compiled decoding forward (a static cache, ``torch.compile`` with
+    ``fullgraph=True``, as transformers' own compile tests ask): the dynamic cache's tokens, one
+    graph for every step (a reduced layer's shapes do not change from step to step), reused by
+    the next generation of the same shapes."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    from transformers import CompileConfig
+
+    model, inp, _ = BUILDERS[arch]()
+    _apply(model, method, where)
+    cfg = CompileConfig(fullgraph=True, backend="aot_eager")  # the graph inductor takes, without a C++ build
+    cfg._compile_all_devices = True  # generate() compiles on its own only on accelerators
+    dynamic = _gen(model, inp, max_new_tokens=6)
+    torch._dynamo.reset()
+    counters.clear()
+    for _ in range(2):
+        compiled = _gen(model, inp, max_new_tokens=6, cache_implementation="static", compile_config=cfg)
+        assert torch.equal(compiled, dynamic), (arch, method, where)
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    if where == "default":  # beam search reorders the slots' positions with the keys
+        kw = dict(num_beams=2, max_new_tokens=4)
+        assert torch.equal(_gen(model, inp, cache_implementation="static", compile_config=cfg, **kw), _gen(model, inp, **kw))
+
+
+def test_chunked_prefill_is_refused_with_the_reason():
+    model, inp, _ = BUILDERS["llava-llama"]()
+    apply_pumer(model, ratio=0.25)
+    before = _gen(model, inp)
+    with pytest.raises(NotImplementedError, match=r"prefill_chunk_size=\.\.\.\) is not supported"):
+        _gen(model, inp, prefill_chunk_size=8)
+    assert torch.equal(_gen(model, inp), before)  # the next generation is not disturbed
+
+
 @pytest.mark.parametrize("method,where", [(m, w) for m in SETUPS for w in ("default", "layer0")])
 def test_assisted_decoding_equals_greedy(method, where):
     model = tiny_llava()

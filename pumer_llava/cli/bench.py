@@ -97,6 +97,7 @@ class BenchSpec:
     memory: bool = True
     seed: int = 0
     cache: str = "dynamic"  # generate()'s KV cache: dynamic, or static (preallocated)
+    compile: bool = False  # compile generate()'s decoding forward (static cache only)
     image_size: tuple[int, int] | None = None  # (width, height) of the image a folder's processor encodes
     options: dict[str, str] = field(default_factory=dict)  # methods' own options (--option KEY=VALUE)
 
@@ -150,6 +151,9 @@ class BenchSpec:
             raise ValueError(f"image size must be WIDTHxHEIGHT in pixels, got {self.image_size}")
         if self.cache not in ("dynamic", "static"):
             raise ValueError(f"cache must be dynamic or static, got {self.cache!r}")
+        if self.compile and self.cache != "static":
+            raise ValueError("compiled decoding needs the static cache (--cache static): generate() compiles its "
+                             "decoding forward only over a preallocated cache")
         if self.repeats < 1 or self.gen_repeats < 0 or self.warmup < 0 or self.new_tokens < 2:
             raise ValueError("need repeats >= 1, gen_repeats >= 0, warmup >= 0 and new_tokens >= 2")
         self.resolved_dtype()
@@ -228,10 +232,12 @@ class _LLMClock:
         ]
 
     def _start(self) -> None:
-        self.t0 = _now(self.device)
+        if not torch.compiler.is_compiling():  # it times the eager prefill, not a compiled decode step
+            self.t0 = _now(self.device)
 
     def _stop(self) -> None:
-        self.seconds = _now(self.device) - self.t0
+        if not torch.compiler.is_compiling():
+            self.seconds = _now(self.device) - self.t0
 
     def remove(self) -> None:
         for h in self.handles:
@@ -474,10 +480,20 @@ def _op_counts(model, inputs) -> dict[str, int]:
     }
 
 
-def _generate(model, inputs, new_tokens: int, device, cache: str = "dynamic") -> dict[str, Any]:
+def _compile_config(device):
+    from transformers import CompileConfig
+
+    cfg = CompileConfig(fullgraph=True)
+    cfg._compile_all_devices = device.type != "cuda"  # generate() compiles on its own only on accelerators
+    return cfg
+
+
+def _generate(model, inputs, new_tokens: int, device, cache: str = "dynamic", compile: bool = False) -> dict[str, Any]:
     from transformers import LogitsProcessorList
 
     gc.collect()
+    # compiled only when asked: a static cache on a GPU would otherwise compile on its own
+    how = dict(disable_compile=False, compile_config=_compile_config(device)) if compile else dict(disable_compile=True)
     clock = _StepClock(device)
     with torch.inference_mode(), _CudaPeak(device) as cp:
         t0 = _now(device)
@@ -490,6 +506,7 @@ def _generate(model, inputs, new_tokens: int, device, cache: str = "dynamic") ->
             logits_processor=LogitsProcessorList([clock]),
             return_dict_in_generate=True,
             cache_implementation=None if cache == "dynamic" else cache,
+            **how,
         )
         t1 = _now(device)
     bsz = inputs["input_ids"].shape[0]
@@ -599,10 +616,16 @@ def run_benchmark(spec: BenchSpec, model=None, progress: bool = True, processor=
     threads_before = torch.get_num_threads()
     if spec.threads:
         torch.set_num_threads(spec.threads)
+    import torch._dynamo.config as dynamo
+
+    limit = dynamo.recompile_limit
+    if spec.compile:  # one decoding graph per setting and batch size, all kept
+        dynamo.recompile_limit = max(limit, (1 + len(spec.methods) * len(spec.fractions)) * len(spec.batch_sizes) + 2)
     try:
         return _run(spec, model, processor, progress)
     finally:
         torch.set_num_threads(threads_before)
+        dynamo.recompile_limit = limit
 
 
 def _run(spec: BenchSpec, model, processor, progress: bool) -> dict[str, Any]:
@@ -641,7 +664,7 @@ def _run(spec: BenchSpec, model, processor, progress: bool) -> dict[str, Any]:
         return out
 
     per_round = len(schedule(0))
-    n_gen_warm = spec.warmup * len(spec.methods) * 2
+    n_gen_warm = spec.warmup * (len(settings) if spec.compile else len(spec.methods) * 2)
     # one bar per phase (prefill, then each batch size's generations): a phase's runs take
     # alike, so its ETA, from the runs it measured, holds; one bar over all of them would
     # extrapolate the fast prefill runs to the slow generations
@@ -809,17 +832,19 @@ def _generation_rows(model, spec, settings, schedule, inputs, device, bar, n_war
     base: dict[tuple[int, str], dict] = {}
     try:
         warm = [(m, s) for m in spec.methods for s in (settings[0], Setting(m, min(spec.fractions)))]
+        if spec.compile:  # every setting compiles its own decoding graph (its layers hold their own slots)
+            warm = [(s.method, s) for s in settings]
         for _ in range(spec.warmup):
             for _, s in warm:
                 bar.set_postfix_str(f"warm-up b={bsz} {s.key}", refresh=False)
                 _switch(model, s, spec)
-                _generate(model, inputs, spec.new_tokens, device, spec.cache)
+                _generate(model, inputs, spec.new_tokens, device, spec.cache, spec.compile)
                 bar.update()
         for r in range(spec.gen_repeats):
             for group, s in schedule(r):
                 bar.set_postfix_str(f"generate b={bsz} {s.key}", refresh=False)
                 _switch(model, s, spec)
-                res = _generate(model, inputs, spec.new_tokens, device, spec.cache)
+                res = _generate(model, inputs, spec.new_tokens, device, spec.cache, spec.compile)
                 res.update(repeat=r, group=group)
                 if s.method == NONE:
                     base[(r, group)] = res
@@ -854,7 +879,7 @@ def _generation_rows(model, spec, settings, schedule, inputs, device, bar, n_war
         if spec.memory:
             _switch(model, s, spec)
             bar.set_postfix_str(f"memory b={bsz} {s.key}", refresh=False)
-            res, peak = _tracked(lambda: _generate(model, inputs, spec.new_tokens, device, spec.cache))
+            res, peak = _tracked(lambda: _generate(model, inputs, spec.new_tokens, device, spec.cache, spec.compile))
             bar.update()
             row["peak_tensor_bytes"] = peak
             row.setdefault("kv_cache_bytes", res["kv_cache_bytes"])
@@ -910,7 +935,8 @@ def to_markdown(result: dict) -> str:
     lines = [
         f"## pumer-bench: {c['model']} on {e['device_name']} ({e['device']})",
         "",
-        f"{c['dtype']}{quant}, attention {c['attn']}, {c.get('cache', 'dynamic')} KV cache, torch {e['torch']}, "
+        f"{c['dtype']}{quant}, attention {c['attn']}, {c.get('cache', 'dynamic')} KV cache"
+        f"{', compiled decoding' if c.get('compile') else ''}, torch {e['torch']}, "
         f"transformers {e['transformers']}, "
         f"{e['torch_threads']} thread(s). Prompt: {c['prefix_tokens']} text + {c['visual_tokens']} visual + "
         f"{c['suffix_tokens']} text tokens; text model hidden {c['text_hidden']}, {c['text_layers']} layers, "
@@ -1121,7 +1147,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", default=d.cache, choices=["dynamic", "static"],
                    help="generate()'s KV cache; static preallocates it (reduced layers to what they keep)")
     p.add_argument("--compile", action="store_true",
-                   help="compiled decoding: not supported with reduction (the hooks run Python between layers)")
+                   help="compile generate()'s decoding forward (torch.compile, fullgraph; needs --cache static); "
+                        "warm-up runs compile every setting before the timed ones")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the random weights, inputs and the random method")
     p.add_argument("--out", default=None,
                    help="output prefix (.json/.md/.png); default eval/results/speed_<device>_<model>_<dtype>")
@@ -1132,10 +1159,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.compile:
-        print("pumer-bench: --compile is not supported: the reduction's hooks run Python between decoder layers, "
-              "so generate() keeps its forward eager while a model is patched (--cache static works)", file=sys.stderr)
-        return 2
     methods = args.methods
     if methods == ("all",):
         from ..methods import list_methods
@@ -1152,6 +1175,7 @@ def main(argv: list[str] | None = None) -> int:
         repeats=args.repeats, gen_repeats=args.gen_repeats, warmup=args.warmup, new_tokens=args.new_tokens,
         prefix_tokens=args.prefix_tokens, suffix_tokens=args.suffix_tokens, threads=args.threads,
         memory=not args.no_memory, seed=args.seed, cache=args.cache, image_size=args.image_size,
+        compile=args.compile,
     )
     try:
         spec.validate()

@@ -28,7 +28,7 @@ def _record(layer, key_states: torch.Tensor, total: int) -> None:
     """After ``layer`` stored ``key_states`` and holds ``total`` entries: what they are."""
     pend, layer.pending = layer.pending, None
     if pend is not None and pend[0].shape[1] == total:
-        layer.pos, layer.log_size, layer.n_full, layer.fillers = pend
+        layer.pos, layer.log_size, layer.n_full, layer.fillers = pend[:4]
         return
     # nobody said which positions arrive: the next ones of the sequence
     bsz, q = key_states.shape[0], key_states.shape[-2]
@@ -49,8 +49,8 @@ class ReducedLayer(DynamicLayer):
         self.n_full = 0  # logical length: positions seen so far, removed ones included
         self.fillers = False  # whether any entry is a filler (known on the host)
         # what this layer holds after the next update, set by the layer's hook:
-        # (pos, log_size, n_full, fillers); None appends the next positions of the sequence
-        self.pending: tuple[torch.Tensor, torch.Tensor | None, int, bool] | None = None
+        # (pos, log_size, n_full, fillers, ...); None appends the next positions of the sequence
+        self.pending: tuple | None = None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         keys, values = super().update(key_states, value_states)
@@ -109,67 +109,133 @@ class ReducedLayer(DynamicLayer):
             self.log_size = fn(self.log_size)
 
 
+class StaticSlots:
+    """What the static layers of one stage share: every slot's original position (and merge
+    size), the logical length and the slots written, all preallocated tensors updated in place,
+    so a decode step has the same shapes at every step (what a compiled forward needs)."""
+
+    def __init__(self, pos: torch.Tensor, log_size: torch.Tensor | None, n_full: int, slots: int, key: int):
+        bsz, q = pos.shape
+        self.key = key  # the stage's first layer: names the stage the same way in every generation
+        self.pos = pos.new_full((bsz, slots), -1)  # -1: a filler, or a slot not written yet
+        self.pos[:, :q] = pos
+        self.log_size = None
+        if log_size is not None:
+            self.log_size = log_size.new_zeros(bsz, slots)
+            self.log_size[:, :q] = log_size
+        self.seen = torch.tensor(n_full, device=pos.device)  # logical length
+        self.written = torch.tensor(q, device=pos.device)  # slots written
+        self.host_written = q  # the same on the host, kept by eager steps (checks overflow)
+        self.reordered_by = None  # the beam index the rows were last reordered by
+        if not torch.compiler.is_compiling():
+            # fixed addresses, as the static layers' keys and values: a CUDA graph replays over them
+            for t in (self.pos, self.log_size, self.seen, self.written):
+                if t is not None:
+                    torch._dynamo.mark_static_address(t)
+
+    def advance(self, q: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append ``q`` positions of the sequence: (slots written (q,), their positions (B, q))."""
+        if not torch.compiler.is_compiling():
+            if self.host_written + q > self.pos.shape[1]:
+                raise RuntimeError(
+                    f"the static cache is full ({self.pos.shape[1]} entries in a reduced layer): it was sized for "
+                    "fewer tokens than this forward adds"
+                )
+            self.host_written += q
+        step = torch.arange(q, device=self.pos.device)
+        slot = step + self.written
+        q_pos = (step + self.seen).expand(self.pos.shape[0], q)
+        self.pos.index_copy_(1, slot, q_pos)
+        if self.log_size is not None:
+            self.log_size.index_fill_(1, slot, 0.0)
+        self.seen.add_(q)
+        self.written.add_(q)
+        return slot, q_pos
+
+    def reorder(self, beam_idx: torch.Tensor) -> None:
+        if self.reordered_by is beam_idx:  # every layer of the stage passes the same index
+            return
+        self.reordered_by = beam_idx
+        self.pos = self.pos.index_select(0, beam_idx.to(self.pos.device))
+        if self.log_size is not None:
+            self.log_size = self.log_size.index_select(0, beam_idx.to(self.log_size.device))
+
+
 class ReducedStaticLayer(StaticLayer):
     """A preallocated cache layer (``generate(..., cache_implementation="static")``) whose
     entries carry their original positions, as :class:`ReducedLayer`.
 
     It holds what the reducing prefill keeps plus every position the static cache was sized
-    for after the prompt, so a generation that fits the plain static cache fits here. Keys
-    and values are written in place into the preallocated tensors; attention reads the
-    slots written so far (a view), so masks and positions are those of :class:`ReducedLayer`.
-    It still says it is compileable, as a static layer does: that is what makes the model
-    build its mask for the preallocated length the plain static layers need. Compiling the
-    forward is what is not supported (``apply_pumer`` turns ``generate``'s auto-compile off).
+    for after the prompt, so a generation that fits the plain static cache fits here. The
+    prefill writes its entries and attends to them; every later forward writes its tokens in
+    place and attends over all preallocated slots, the unwritten ones masked (their position
+    is -1), so its shapes do not change from step to step and the decoding forward compiles
+    once. The positions live in :class:`StaticSlots`, shared by the layers of a stage; the
+    slot each new token takes is handed to :meth:`update` by the decode hook (``pending``).
     """
+
+    fillers = True  # unwritten slots are masked as fillers are
 
     def __init__(self, max_cache_len: int, **kwargs):
         super().__init__(max_cache_len=max_cache_len)
         self.logical_len = max_cache_len  # the positions the plain static cache holds (the mask's columns)
-        self.pos: torch.Tensor | None = None
-        self.log_size: torch.Tensor | None = None
-        self.n_full = 0
-        self.used = 0  # slots written
-        self.fillers = False
-        self.pending: tuple | None = None
+        self.slots: StaticSlots | None = None
+        self.index = -1  # the layer's index in the cache
+        self.pending = None  # at prefill the stage's cache view, at a later forward the slots to write
+
+    @property
+    def pos(self) -> torch.Tensor | None:
+        return None if self.slots is None else self.slots.pos
+
+    @property
+    def log_size(self) -> torch.Tensor | None:
+        return None if self.slots is None else self.slots.log_size
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         q = key_states.shape[-2]
+        pend, self.pending = self.pending, None
         if not self.is_initialized:
             # the entries this prefill writes, plus what the plain cache leaves after the prompt
-            n_full = self.pending[2] if self.pending is not None else q
+            if isinstance(pend, tuple) and pend[0].shape[1] == q:
+                pos, log_size, n_full, shared = pend[0], pend[1], pend[2], pend[4]
+            else:
+                pos, log_size, n_full, shared = torch.arange(q, device=key_states.device).expand(
+                    key_states.shape[0], q), None, q, {}
             self.max_cache_len = q + max(self.max_cache_len - n_full, 0)
             self.lazy_initialization(key_states, value_states)
-        if self.used + q > self.max_cache_len:
+            if "static" not in shared:
+                shared["static"] = StaticSlots(pos, log_size, n_full, self.max_cache_len, self.index)
+            self.slots = shared["static"]
+            self.keys[:, :, :q] = key_states
+            self.values[:, :, :q] = value_states
+            self.cumulative_length.fill_(q)
+            return self.keys[:, :, :q], self.values[:, :, :q]
+        if not torch.is_tensor(pend):
             raise RuntimeError(
-                f"the static cache is full ({self.max_cache_len} entries in a reduced layer): it was sized for "
-                "fewer tokens than this forward adds"
+                "a reduced static cache is continued only with pumer_llava on (its decode hook says which slots "
+                "the new tokens take): not under disabled() or after remove_pumer"
             )
-        idx = torch.arange(self.used, self.used + q, device=self.device)
-        self.keys.index_copy_(2, idx, key_states)
-        self.values.index_copy_(2, idx, value_states)
-        self.used += q
-        self.cumulative_length.fill_(self.used)
-        _record(self, key_states, self.used)
-        return self.keys[:, :, : self.used], self.values[:, :, : self.used]
+        self.keys.index_copy_(2, pend, key_states)
+        self.values.index_copy_(2, pend, value_states)
+        self.cumulative_length.add_(q)
+        return self.keys, self.values
 
-    def get_seq_length(self) -> int:
-        return self.n_full if self.is_initialized else 0
+    def get_seq_length(self):
+        return self.slots.seen if self.is_initialized and self.slots is not None else 0
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.logical_len, 0  # the model's mask is over positions, as for the plain static cache
 
     def reset(self) -> None:
+        # the next prefill keeps its own number of tokens: allocate anew for it
         super().reset()
-        self.pos = self.log_size = self.pending = None
-        self.n_full = self.used = 0
-        self.fillers = False
+        self.slots = self.pending = None
+        self.max_cache_len, self.is_initialized = self.logical_len, False
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
-        for name in ("pos", "log_size"):
-            t = getattr(self, name)
-            if t is not None:
-                setattr(self, name, t.index_select(0, beam_idx.to(t.device)))
+        if self.slots is not None:
+            self.slots.reorder(beam_idx)
 
 
 def reduced_layer(cache: Cache, idx: int):
@@ -185,6 +251,7 @@ def reduced_layer(cache: Cache, idx: int):
         raise RuntimeError(f"cache layer {idx} already holds tokens: a reduced prefill needs an empty cache")
     if isinstance(layer, StaticLayer):
         layers[idx] = new = ReducedStaticLayer(max_cache_len=layer.max_cache_len)
+        new.index = idx
     else:
         layers[idx] = new = ReducedLayer()
     return new
@@ -205,5 +272,7 @@ def check_cache(cache: Cache) -> None:
 def is_reduced(cache: Cache | None) -> bool:
     """Whether ``cache`` holds a reduced prefill (some layer with its positions)."""
     return cache is not None and any(
-        isinstance(x, (ReducedLayer, ReducedStaticLayer)) and x.pos is not None and x.n_full > 0 for x in cache.layers
+        (isinstance(x, ReducedLayer) and x.pos is not None and x.n_full > 0)
+        or (isinstance(x, ReducedStaticLayer) and x.slots is not None)
+        for x in cache.layers
     )

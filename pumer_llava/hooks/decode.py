@@ -4,6 +4,9 @@ The new tokens are appended to every layer. Each reduced cache layer's mask come
 positions it stores plus those of the new tokens (:func:`.masks.layer_mask`); layers that
 share one position tensor (all layers of a stage, as the prefill left them) share one
 mask and one appended position tensor, so a step costs a few ops per stage, not per layer.
+In a static cache the stage's positions are preallocated (:class:`.cache.StaticSlots`): the
+step writes the new positions in place and its mask covers every slot, so each step has the
+same shapes and a compiled decoding forward does not compile again.
 """
 
 from __future__ import annotations
@@ -20,19 +23,32 @@ class Extend:
     def __init__(self, state, cache, q: int):
         self.state, self.cache, self.q = state, cache, q
         self.n_full: int | None = None  # the logical length, from the reduced layers (host ints)
-        self.memo: dict[int, tuple] = {}  # id of a layer's position tensor -> (pending, mask)
+        # what a stage's layers share -> (pending, mask): the id of their position tensor, or the
+        # static slots' stage (a key that is the same in every generation, for the compiled forward)
+        self.memo: dict[int, tuple] = {}
 
     def at_layer(self, layer: int, args: tuple, kwargs: dict):
         cache = self.cache
         entry = cache.layers[layer] if layer < len(cache.layers) else None
-        if not isinstance(entry, (ReducedLayer, ReducedStaticLayer)) or entry.pos is None:
+        static = isinstance(entry, ReducedStaticLayer)
+        if not (static and entry.slots is not None) and not (isinstance(entry, ReducedLayer) and entry.pos is not None):
             return None  # a layer that holds every token: the model's own mask fits it
-        hit = self.memo.get(id(entry.pos))
+        key = ("static", entry.slots.key) if static else id(entry.pos)
+        hit = self.memo.get(key)
         if hit is None:
-            hit = self._extend(entry, kwargs.get("attention_mask"), (args[0] if args else kwargs["hidden_states"]).dtype)
-            self.memo[id(entry.pos)] = hit
+            dtype = (args[0] if args else kwargs["hidden_states"]).dtype
+            extend = self._extend_static if static else self._extend
+            hit = self.memo[key] = extend(entry, kwargs.get("attention_mask"), dtype)
         entry.pending, mask = hit
         return args, {**kwargs, "attention_mask": mask}
+
+    def _extend_static(self, entry, model_mask, dtype):
+        slots = entry.slots
+        slot, q_pos = slots.advance(self.q)
+        state = self.state
+        mask = layer_mask(model_mask, None, q_pos, slots.pos, slots.log_size, fillers=True, dtype=dtype,
+                          flash=state.flash, eager=state.eager)
+        return slot, mask
 
     def _extend(self, entry, model_mask, dtype):
         if self.n_full is None:

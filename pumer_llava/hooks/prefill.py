@@ -266,7 +266,9 @@ class Prefill:
         self.kw: dict | None = None  # gathered kwargs for the tokens now present
         self._rope = None  # (the model's cos, stacked cos / sin / rolled sin), see _rope_full
         self.rope = None  # (3, B, N, hd) cos, sin, rolled sin of the tokens now present
-        self.cache_view: tuple | None = None  # (pos, log_size, n_full, fillers) the reduced cache layers store
+        # (pos, log_size, n_full, fillers, shared) the reduced cache layers store; ``shared`` is
+        # where the static layers of one stage keep the slot bookkeeping they share
+        self.cache_view: tuple | None = None
         self.pending_scores: dict[int, torch.Tensor] = {}
         self.metric: tuple[int, torch.Tensor] | None = None  # (layer, keys) the scoring computed
         self.kept: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # stats key -> (pos, code)
@@ -314,7 +316,7 @@ class Prefill:
             hs = self._apply(dec, hs)
             self.kw = self._gather(kwargs, hs.dtype)
             tok = self.tokens
-            self.cache_view = (tok.cache_pos, tok.log_size(self.state.prop_attn), self.n0, tok.has_fillers)
+            self.cache_view = (tok.cache_pos, tok.log_size(self.state.prop_attn), self.n0, tok.has_fillers, {})
             self.kept[stage.key] = (tok.pos, tok.code)
             self.timer.stop()
         for stage in self.score_at.get(layer, ()):  # FastV-style: score from this layer's input, drop later

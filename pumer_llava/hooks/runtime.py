@@ -114,7 +114,8 @@ class InnerPreHook(_Hook):
             if visual and input_ids is not None and bool(torch.isin(input_ids, state.visual_ids.to(input_ids.device)).any()):
                 raise NotImplementedError(
                     "new image tokens in a forward that continues a reduced cache: start a new conversation "
-                    "(a fresh cache) for a new image"
+                    "(a fresh cache) for a new image; generate(prefill_chunk_size=...) is not supported either "
+                    "(a reduction chooses from the whole prompt, and chunks cut it)"
                 )
             q = (input_ids if input_ids is not None else kwargs["inputs_embeds"]).shape[1]
             state.call = Extend(state, cache, q)

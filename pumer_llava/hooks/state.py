@@ -121,7 +121,6 @@ class PumerState:
     eager: bool = False  # eager attention adds a float mask
     visual_ids: torch.Tensor | None = None  # placeholder ids of visual tokens (images, video)
     visual_id_set: frozenset = frozenset()  # the same, on the host
-    saved_disable_compile: tuple | None = None  # (generation_config.disable_compile before apply_pumer,)
     handles: list[Any] = field(default_factory=list)
     enabled: bool = True
     last_stats: ReductionStats | None = None
