@@ -51,7 +51,7 @@ class StageIndex:
     img_flat: torch.Tensor  # (G, m) the same in the flattened (B*N) layout
     sel_base: torch.Tensor  # (B, W') input slot of each kept non-visual token; an image's first slot
     vis_dst: torch.Tensor  # (V,) flat output slots of visual tokens
-    vis_src: torch.Tensor  # (V,) flat (G, o_max) entries of the chosen local indices they take
+    vis_src: torch.Tensor | None  # (V,) flat (G, o_max) entries of the chosen local indices they take (None: all, in order)
     code_out: torch.Tensor  # (B, W')
     img_pad: torch.Tensor | None  # (G, m) bool: padding entries (None: every image has m tokens)
     k_pad: torch.Tensor | None  # (G, k_max) bool: j >= what the image keeps after pruning (None: all keep k_max)

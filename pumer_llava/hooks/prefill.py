@@ -386,8 +386,9 @@ class Prefill:
             if full is not None:  # cos, sin and the scoring's rolled sin of the tokens now present, one gather
                 idx = tok.pos.to(full.device)
                 three = full.expand(3, idx.shape[0], *full.shape[2:]).gather(
-                    2, idx[None, :, :, None].expand(3, -1, -1, full.shape[-1]))
-                out["position_embeddings"] = (three[0], three[1])
+                    2, idx.view(1, *idx.shape, 1).expand(3, -1, -1, full.shape[-1]))
+                cos, sin, _ = three.unbind(0)
+                out["position_embeddings"] = (cos, sin)
                 self.rope = three
             else:
                 out["position_embeddings"] = tuple(take_rows(t, tok.pos) for t in pe)
@@ -418,7 +419,8 @@ class Prefill:
             flat, dst, src, pad, pair = t[10:15]
             text_ix = TextIndex(flat, dst, src, pad.bool() if ragged_tm else None, pair if ragged_tr else None,
                                 counts, merges, to_max)
-        return StageIndex(self.slots(s), self.slots(s + 1), *t[:6], t[6].bool() if ragged_m else None,
+        return StageIndex(self.slots(s), self.slots(s + 1), *t[:4], t[4] if t[4].numel() else None, t[5],
+                          t[6].bool() if ragged_m else None,
                           t[7].bool() if ragged_k else None, t[8] if ragged_r else None,
                           t[9].bool() if ragged_o else None, k, r, o_max, text_ix)
 
@@ -469,6 +471,8 @@ class Prefill:
         ragged_m, ragged_k, ragged_r = min(slots_in.counts) != max(slots_in.counts), min(k) != k_max, min(r) != r_max
         ragged_o = min(o) != o_max
         o_pad = [[j >= og for j in range(o_max)] for og in o]
+        if vis_src == list(range(len(img_idx) * o_max)):  # every chosen index is taken, in order
+            vis_src = []
         host = [img_idx, img_flat, sel_base, vis_dst, vis_src, slots_out.code,
                 img_pad if ragged_m else [], k_pad if ragged_k else [], pair_sel if ragged_r else [],
                 o_pad if ragged_o else []]
@@ -492,7 +496,8 @@ class Prefill:
             raise ValueError(f"{self.state.method.name}: the choice keeps {tuple(local.shape)} local indices, "
                              f"expected {(ix.img_idx.shape[0], ix.o_max)} (images x the most any image keeps)")
         bsz, w_out = ix.sel_base.shape
-        sel = ix.sel_base.reshape(-1).index_put((ix.vis_dst,), local.reshape(-1)[ix.vis_src], accumulate=True)
+        chosen = local.reshape(-1) if ix.vis_src is None else local.reshape(-1)[ix.vis_src]
+        sel = ix.sel_base.reshape(-1).index_put((ix.vis_dst,), chosen, accumulate=True)
         merge, text_pairs = choice.merge, 0
         if text is not None:
             keep, src, dst = text
@@ -646,11 +651,13 @@ class Prefill:
         layer's own norm, k projection and the slots' cos / sin."""
         hs = ctx.hidden
         if self.metric is not None and self.metric[0] == ctx.layer:
-            mean, rot = self.metric[1]
-            keys = rot.transpose(1, 2).flatten(2) if rotated else mean  # (B, N, Hkv*hd) or (B, N, hd)
+            pre, rot = self.metric[1]
+            if rotated:
+                keys = rot.transpose(1, 2).flatten(2)  # (B, N, Hkv*hd)
+                return keys if flat is None else keys.reshape(-1, keys.shape[-1])[flat.to(keys.device)]
             if flat is None:
-                return keys
-            return keys.reshape(-1, keys.shape[-1])[flat.to(keys.device)]
+                return pre.mean(2)  # (B, N, hd)
+            return pre.reshape(-1, *pre.shape[2:])[flat.to(pre.device)].mean(-2)  # the slots read, heads averaged
         parts = ctx.parts
         with torch.no_grad():
             if flat is None:

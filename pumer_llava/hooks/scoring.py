@@ -23,7 +23,8 @@ from .tokens import Tokens
 def take_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """Gather dim 1 of t (b0, N, ...) with idx (B, N'), broadcasting a batch of 1."""
     idx = idx.to(t.device)
-    t = t.expand(idx.shape[0], *t.shape[1:])
+    if t.shape[0] != idx.shape[0]:
+        t = t.expand(idx.shape[0], *t.shape[1:])
     if t.ndim == 2:
         return t.gather(1, idx)
     return t.gather(1, idx.view(*idx.shape, *([1] * (t.ndim - 2))).expand(-1, -1, *t.shape[2:]))
@@ -60,7 +61,7 @@ def attention_scores(state, tok: Tokens, rows: QueryRows, module, hs: torch.Tens
     (B, N, hd) the layer's own k projection gives (merging measures similarity on them).
     rope: (3, b0, N, hd) cos, sin and ``rope_sin(sin)`` of the current slots when the caller has
     them stacked, else they come from ``kw``'s position embeddings. The keys come back as
-    (head-mean before RoPE (B, N, hd), every kv head after RoPE (B, Hkv, N, hd))."""
+    (every kv head before RoPE (B, N, Hkv, hd), and after it (B, Hkv, N, hd))."""
     parts = state.adapter.attn_parts(module, state.text_config)
     w = parts.q_proj.weight
     if w.device.type == "meta":
@@ -73,10 +74,10 @@ def attention_scores(state, tok: Tokens, rows: QueryRows, module, hs: torch.Tens
     bsz, n, d = x.shape
     flat = rows.flat.to(dev)
     r = flat.shape[0] // bsz
-    xq = x.reshape(bsz * n, d).index_select(0, flat).view(bsz, r, d)  # (B, R, d)
-    q = parts.q_proj(xq).view(bsz, r, parts.num_heads, parts.head_dim).transpose(1, 2)  # (B, H, R, hd)
+    x = x.view(bsz * n, d)  # the projections take 2-D rows: no folding of batch dims around each
+    q = parts.q_proj(x.index_select(0, flat)).view(bsz, r, parts.num_heads, parts.head_dim).transpose(1, 2)  # (B, H, R, hd)
     k = parts.k_proj(x).view(bsz, n, parts.num_kv_heads, parts.head_dim)
-    metric = k.mean(2)  # (B, N, hd) pre-RoPE keys, head mean
+    pre = k  # (B, N, Hkv, hd) before RoPE: merging averages the heads of the slots it reads
     if rope is None:
         cos, sin = kw["position_embeddings"]
         rope = torch.stack((cos, sin, rope_sin(sin)))
@@ -86,10 +87,10 @@ def attention_scores(state, tok: Tokens, rows: QueryRows, module, hs: torch.Tens
         q_cs = rope.view(3, n, hd).index_select(1, rows.slot.to(dev))
     else:
         q_cs = rope.expand(3, bsz, n, hd).reshape(3, bsz * n, hd).index_select(1, flat)
-    q_cs = q_cs.view(3, bsz, 1, r, hd)  # the rows' cos, sin, rolled sin
-    q = apply_rope_rolled(q, q_cs[0], q_cs[2])
-    rk = rope.unsqueeze(2)  # (3, b0, 1, N, hd): broadcast over the kv heads
-    k = apply_rope_rolled(k.transpose(1, 2), rk[0], rk[2])
+    q_cos, _, q_rsin = q_cs.view(3, bsz, 1, r, hd).unbind(0)  # the rows' cos, sin, rolled sin
+    q = apply_rope_rolled(q, q_cos, q_rsin)
+    k_cos, _, k_rsin = rope.unsqueeze(2).unbind(0)  # (b0, 1, N, hd): broadcast over the kv heads
+    k = apply_rope_rolled(k.transpose(1, 2), k_cos, k_rsin)
     row_pos, key_pos = rows.row_pos, rows.key_pos
     if row_pos is None:
         row_pos = tok.pos.reshape(-1).index_select(0, flat.to(tok.pos.device)).view(bsz, r)
@@ -105,7 +106,7 @@ def attention_scores(state, tok: Tokens, rows: QueryRows, module, hs: torch.Tens
                               masks=None if rows.masks is None else tuple(m.to(dev) for m in rows.masks))
     hq, hkv = parts.num_heads * parts.head_dim, parts.num_kv_heads * parts.head_dim
     flops = bsz * (r * d * hq + n * d * hkv + parts.num_heads * r * n * parts.head_dim)
-    keys = (metric, k)  # head-mean pre-RoPE keys (B, N, hd), and every head's after RoPE (B, Hkv, N, hd)
+    keys = (pre, k)  # every kv head's keys before RoPE (B, N, Hkv, hd) and after it (B, Hkv, N, hd)
     if per_row:
         probs, counts = scores
         return probs.to(hs.device), counts.to(hs.device), keys, flops

@@ -37,8 +37,12 @@ def rope_sin(sin: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope_rolled(x: torch.Tensor, cos: torch.Tensor, rsin: torch.Tensor) -> torch.Tensor:
-    """:func:`apply_rope` with ``rsin = rope_sin(sin)``; cos, rsin broadcast against x (B, H, T, hd)."""
-    return x * cos + x.roll(x.shape[-1] // 2, -1) * rsin
+    """:func:`apply_rope` with ``rsin = rope_sin(sin)``; cos, rsin broadcast against x (B, H, T, hd).
+
+    The rolled term comes first: ``roll`` returns a contiguous tensor, so the sum is laid out
+    (B, H, T, hd) even when ``x`` is a transposed view, and the attention reads it without a
+    copy (the same numbers: the two terms commute exactly)."""
+    return x.roll(x.shape[-1] // 2, -1) * rsin + x * cos
 
 
 def query_row_attention(
