@@ -214,3 +214,43 @@ def test_vispruner_refuses_interpolated_tokens_clearly():
     video, _ = make_video_inputs()
     with torch.no_grad(), pytest.raises(NotImplementedError, match="pools video frames"):
         model(**video)
+
+
+@pytest.mark.parametrize("arch", ["llava", *ANYRES])
+def test_per_image_tower_reads_equal_the_per_image_rows_of_the_batch_view(arch):
+    """``importance / tower_keys / tower_features(per_image=True)`` read the tower straight into
+    per-image rows; they must equal ``ctx.per_image`` of the (B, N) view, loose anyres newlines
+    (-inf importance, zero keys) and the padding of shorter images included; the features (one
+    view per image only) on LLaVA."""
+    from pumer_llava import Method, MethodOptions, register_method
+    from pumer_llava.methods import METHODS
+    from pumer_llava.methods.base import Choice
+
+    seen = []
+    features = arch == "llava"
+
+    def before_llm(ctx):
+        for read in (ctx.importance, ctx.tower_keys) + ((ctx.tower_features,) if features else ()):
+            direct, via_batch = read(per_image=True), ctx.per_image(read())
+            seen.append(direct.shape)
+            valid = ~ctx.image_pad if ctx.image_pad is not None else torch.ones(direct.shape[:2], dtype=torch.bool)
+            assert direct.shape == via_batch.shape
+            assert torch.equal(direct[valid], via_batch[valid])
+        return Choice(keep=torch.arange(ctx.out_max).expand(len(ctx.counts), -1))
+
+    register_method(Method(name="tower_reads", description="test", options=MethodOptions, before_llm=before_llm,
+                           needs=frozenset({"vision", "tower_features"} if features else {"vision"})))
+    try:
+        if arch == "llava":
+            model, inp = tiny_llava("llama"), make_inputs((3, 6), (5, 4))
+        else:
+            build, make = ANYRES[arch]
+            model = build()
+            inp, _ = make(model)
+        apply_pumer(model, method="tower_reads", ratio=0.5)
+        with torch.no_grad():
+            model(**inp)
+        assert len(seen) == (3 if features else 2)
+    finally:
+        METHODS.pop("tower_reads", None)
+        remove_pumer(model)

@@ -10,7 +10,8 @@ file is tensor code over per-image rows and never waits for the device:
   its last token) gives every slot, from the layer's own norm, q/k projections and RoPE;
 - ``ctx.keys(flat)``: head-averaged keys of any slots (shared with the attention just computed);
 - before the LLM, ``ctx.importance()``, ``ctx.tower_keys()``, ``ctx.tower_features()``,
-  ``ctx.project(x)`` and ``ctx.text()`` read the vision tower's outputs and the prompt's text.
+  ``ctx.project(x)`` and ``ctx.text()`` read the vision tower's outputs and the prompt's text
+  (``per_image=True``: per-image rows (G, m, ...) straight from the tower, no (B, N) detour).
 
 Rows are the batch's images (G of them, each padded to the longest, ``m`` tokens): local
 index ``j`` of image ``g`` is its ``j``-th token at this stage, ``flat_slots[g, j]`` its slot in
@@ -206,6 +207,7 @@ class VisionContext(_StageView):
     def __init__(self, pre, ix: StageIndex, hidden):
         super().__init__(pre, ix, hidden, stage=-1)
         self._map = None
+        self._rows = None
 
     @property
     def has_cls(self) -> bool:
@@ -218,23 +220,30 @@ class VisionContext(_StageView):
             self._map = tower_map(self._pre.state, self.tokens, self.hidden, self.layout)
         return self._map
 
-    def _mapped(self, which: int, fill: float) -> torch.Tensor:
+    def _mapped(self, which: int, fill: float, per_image: bool) -> torch.Tensor:
         m = self._tower_map()
-        return m.place(m.values(which), fill)
+        if not per_image:
+            return m.place(m.values(which), fill)
+        if self._rows is None:
+            self._rows = m.image_rows(self._ix.img_flat)
+        return m.per_image(m.values(which), self._rows, fill)
 
-    def importance(self) -> torch.Tensor:
+    def importance(self, per_image: bool = False) -> torch.Tensor:
         """(B, N) the tower's importance of every visual token (the [CLS] query's attention,
         or the mean attention a token receives without one); NaN at other slots, -inf at
-        tokens that are no tower patch (anyres newlines)."""
-        return self._mapped(0, float("-inf"))[..., 0]
+        tokens that are no tower patch (anyres newlines). ``per_image``: (G, m) instead, what
+        ``per_image(importance())`` gives, read straight from the tower's outputs."""
+        return self._mapped(0, float("-inf"), per_image)[..., 0]
 
-    def tower_keys(self) -> torch.Tensor:
-        """(B, N, hd) the tower layer's keys (head mean, pre-normalisation) of every visual token."""
-        return self._mapped(1, 0.0)
+    def tower_keys(self, per_image: bool = False) -> torch.Tensor:
+        """(B, N, hd) the tower layer's keys (head mean, pre-normalisation) of every visual
+        token; ``per_image``: (G, m, hd)."""
+        return self._mapped(1, 0.0, per_image)
 
-    def tower_features(self) -> torch.Tensor:
-        """(B, N, dv) the tower's features the projector reads, per visual token."""
-        return self._mapped(2, 0.0)
+    def tower_features(self, per_image: bool = False) -> torch.Tensor:
+        """(B, N, dv) the tower's features the projector reads, per visual token;
+        ``per_image``: (G, m, dv)."""
+        return self._mapped(2, 0.0, per_image)
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """The model's projector applied to tower features (..., dv) -> (..., d)."""

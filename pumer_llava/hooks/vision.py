@@ -47,7 +47,8 @@ def tower_importance(parts, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     with torch.no_grad():
         x = parts.norm(h)
         n_img, n, _ = x.shape
-        k = parts.k_proj(x).view(n_img, n, parts.num_heads, parts.head_dim).transpose(1, 2)  # (n_img, H, N, hd)
+        k_tok = parts.k_proj(x).view(n_img, n, parts.num_heads, parts.head_dim)
+        k = k_tok.transpose(1, 2)  # (n_img, H, N, hd)
         if parts.has_cls:
             q = parts.q_proj(x[:, :1]).view(n_img, 1, parts.num_heads, parts.head_dim).transpose(1, 2)
             allowed = torch.ones(n_img, 1, n, dtype=torch.bool, device=x.device)
@@ -55,7 +56,7 @@ def tower_importance(parts, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
         else:
             q = parts.q_proj(x).view(n_img, n, parts.num_heads, parts.head_dim).transpose(1, 2)
             imp = mean_received_attention(q, k, parts.scaling)  # (n_img, N)
-        keys = k.mean(1)  # (n_img, N, hd)
+        keys = k_tok.mean(2)  # (n_img, N, hd), laid out token by token
     if parts.drop_first:
         return imp[:, 1:], keys[:, 1:]
     return imp, keys
@@ -80,7 +81,26 @@ class TowerMap:
             if v is None:
                 raise RuntimeError("the projector's input was not recorded for this prefill")
             parts.append(v.reshape(-1, 1) if which == 0 else v.reshape(-1, v.shape[-1]))
-        return torch.cat(parts)
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def image_rows(self, img_flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(G, m) the tower token of every image's visual token (``img_flat``: their flat
+        slots), and (G, m) bool which are loose (None: none is)."""
+        bsz, n = self.shape
+        dev = self.slots.device
+        img_flat = img_flat.to(dev)
+        rows = self.rows.new_zeros(bsz * n).index_put((self.slots,), self.rows)[img_flat]
+        if self.loose is None:
+            return rows, None
+        loose = self.loose.new_zeros(bsz * n).index_put((self.slots,), self.loose)[img_flat]
+        return rows, loose
+
+    def per_image(self, values: torch.Tensor, rows, loose_fill: float) -> torch.Tensor:
+        """(G, m, c) ``values`` (K, c) at every image's visual tokens, ``loose_fill`` at loose
+        ones; ``rows``: :meth:`image_rows`."""
+        idx, loose = rows
+        vals = values.to(idx.device)[idx].float()
+        return vals if loose is None else vals.masked_fill(loose[..., None], loose_fill)
 
     def place(self, values: torch.Tensor, loose_fill: float) -> torch.Tensor:
         """(B, N, c) ``values`` (K, c) at the visual slots; NaN elsewhere, ``loose_fill`` at loose ones."""

@@ -67,9 +67,9 @@ def before_llm(ctx) -> Choice:
     plan = [split(o, n, ctx.options.dominant) for o, n in zip(ctx.out, ctx.counts)]
     n_ctx = max(c for _, c in plan)
     dc = ctx.host_tensor(f"visionzip:{ctx.options.dominant}", lambda: [[d for d, _ in plan], [c for _, c in plan]])
-    imp = ctx.per_image(ctx.importance())
-    keys = ctx.per_image(ctx.tower_keys())
-    feats = ctx.per_image(ctx.tower_features())
+    imp = ctx.importance(per_image=True)
+    keys = ctx.tower_keys(per_image=True)
+    feats = ctx.tower_features(per_image=True)
     keep, targets, values = contextual_tokens(imp, keys, feats, dc[0], dc[1], ctx.out_max, n_ctx, ctx.image_pad)
     g, m = imp.shape
     ctx.add_flops(contextual_flops(g, m, keys.shape[-1], feats.shape[-1], n_ctx))

@@ -32,7 +32,7 @@ class VisPrunerOptions(MergeOptions):
 
 
 def before_llm(ctx) -> Choice:
-    importance = ctx.per_image(ctx.importance())  # (G, m)
+    importance = ctx.importance(per_image=True)  # (G, m)
     emb = ctx.per_image(ctx.hidden)  # (G, m, d)
     ratio = ctx.options.important_ratio
     g, m = importance.shape

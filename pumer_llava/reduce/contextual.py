@@ -44,11 +44,13 @@ def contextual_tokens(
     g, m = importance.shape
     dev = importance.device
     ar = torch.arange(m, device=dev)
-    valid = torch.ones(g, m, dtype=torch.bool, device=dev) if pad is None else ~pad.to(dev)
+    valid = None if pad is None else ~pad.to(dev)  # None: every image has m tokens
     dominant, contextual = dominant.to(dev), contextual.to(dev)
 
     # 1) dominant: the top ``D`` by importance (ties: the earlier token; padding ranks last)
-    imp = importance.float().masked_fill(~valid, float("-inf"))
+    imp = importance.float()
+    if pad is not None:
+        imp = imp.masked_fill(pad.to(dev), float("-inf"))
     order = imp.argsort(dim=1, descending=True, stable=True)
     rank = torch.empty_like(order).scatter_(1, order, ar.expand(g, m))
     dom = rank < dominant[:, None]
@@ -57,9 +59,11 @@ def contextual_tokens(
         return keep, ar.new_empty(g, 0), feats.new_empty(g, 0, feats.shape[-1], dtype=torch.float32)
 
     # 2) the remaining list in original order, and its evenly spaced targets
-    rest = valid & ~dom
-    rest_order = (~rest).to(torch.int8).argsort(dim=1, stable=True)  # remaining local indices first, ascending
-    step = ((valid.sum(1) - dominant) // contextual.clamp_min(1)).clamp_min(1)
+    rest = ~dom if valid is None else valid & ~dom
+    # the remaining local indices first, ascending (without padding, ~rest is dom)
+    rest_order = (dom if valid is None else ~rest).to(torch.int8).argsort(dim=1, stable=True)
+    count = m if valid is None else valid.sum(1)
+    step = ((count - dominant) // contextual.clamp_min(1)).clamp_min(1)
     j = torch.arange(n_ctx, device=dev)
     t_ok = j[None] < contextual[:, None]  # (G, C)
     targets = rest_order.gather(1, (j[None] * step[:, None]).clamp_max(m - 1))
