@@ -80,6 +80,11 @@ def test_dpc_knn_equals_the_loop_on_ragged_rows(seed):
         assert rank[i, :c].tolist() == centers, i
         assert [j for j in range(n) if is_center[i, j]] == sorted(centers)
         assert assign[i, :n].tolist() == want, i
+    # every token real: no mask (valid None) gives what an all-true mask gives
+    full = torch.tensor([c or 1 for c in n_clusters])
+    unmasked = dpc_knn(x, full)
+    masked = dpc_knn(x, full, torch.ones(len(n_valid), m, dtype=torch.bool))
+    assert all(torch.equal(a, b) for a, b in zip(unmasked, masked))
 
 
 def test_dpc_knn_breaks_ties_by_the_lower_index():

@@ -116,8 +116,9 @@ def prune_and_recycle(ctx) -> Choice:
     # the candidates: ranks k .. k + m - 1 of each image (padded with its last one)
     cand_rank = ctx.host_tensor(tag + ":cand", lambda: [
         [min(k + min(j, max(m - 1, 0)), width - 1) for j in range(m_max)] for k, (_, m) in zip(kept, plans)]).to(dev)
-    cand_ok = ctx.host_tensor(tag + ":ok", lambda: [[int(j < m) for j in range(m_max)] for _, m in plans])
-    cand_ok = cand_ok.to(dev).bool()
+    every_real = all(m == m_max for _, m in plans)  # then no candidate is padding
+    cand_ok = None if every_real else ctx.host_tensor(
+        tag + ":ok", lambda: [[int(j < m) for j in range(m_max)] for _, m in plans]).to(dev).bool()
     n_clusters = ctx.host_tensor(tag + ":c", lambda: [c for c, _ in plans]).to(dev)
     cand = order.gather(1, cand_rank)  # (G, M) local
     flat = ctx.flat_slots.to(dev)
@@ -139,7 +140,7 @@ def prune_and_recycle(ctx) -> Choice:
     p_max = max(n_pairs)
     if p_max == 0:
         return Choice(keep=keep)
-    first = (is_center | ~cand_ok).int().argsort(dim=1, stable=True)[:, :p_max]  # (G, P)
+    first = (is_center if cand_ok is None else is_center | ~cand_ok).int().argsort(dim=1, stable=True)[:, :p_max]  # (G, P)
     src = cand_flat.gather(1, first).reshape(-1)
     dst = cand_flat.gather(1, assign.gather(1, first)).reshape(-1)
     if min(n_pairs) != p_max:  # images with fewer merges: only the real pairs

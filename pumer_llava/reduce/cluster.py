@@ -83,30 +83,32 @@ def dpc_knn(x: torch.Tensor, n_clusters: torch.Tensor, valid: torch.Tensor | Non
     """
     g, m, d = x.shape
     dev = x.device
-    if valid is None:
-        valid = torch.ones(g, m, dtype=torch.bool, device=dev)
     xf = x.float()
     sq = (xf * xf).sum(-1)
     d2 = (sq[:, :, None] + sq[:, None, :] - 2.0 * (xf @ xf.transpose(1, 2))).clamp_min(0.0) / d
-    eye = torch.eye(m, dtype=torch.bool, device=dev)
-    d2 = d2.masked_fill(eye, 0.0)
+    d2.diagonal(dim1=1, dim2=2).zero_()  # a token's distance to itself
     dist = d2.sqrt()
-    pair = valid[:, :, None] & valid[:, None, :]
+    # every mask below is skipped when every token is real (valid None)
+    pair = None if valid is None else valid[:, :, None] & valid[:, None, :]
     inf = float("inf")
     c = n_clusters.to(dev).long()
     ar = torch.arange(m, device=dev)
     # density: the k = c nearest (self first), padding sorted last
-    near = d2.masked_fill(~valid[:, None, :], inf).sort(-1).values
+    near = (d2 if valid is None else d2.masked_fill(~valid[:, None, :], inf)).sort(-1).values
     first_c = (ar[None] < c[:, None])[:, None, :]  # (G, 1, M)
     mean_near = torch.where(first_c, near, 0.0).sum(-1) / c.clamp_min(1)[:, None].float()
     density = torch.exp(-mean_near)  # (G, M)
     # delta: distance to the nearest denser token (ties: the lower index is denser)
     dj, di = density[:, None, :], density[:, :, None]
-    denser = ((dj > di) | ((dj == di) & (ar[None, None, :] < ar[None, :, None]))) & pair
+    denser = (dj > di) | ((dj == di) & (ar[None, None, :] < ar[None, :, None]))
+    if pair is not None:
+        denser = denser & pair
     to_denser = dist.masked_fill(~denser, inf).amin(-1)
-    d_max = dist.masked_fill(~pair, 0.0).flatten(1).amax(-1)  # (G,) the row's largest distance
+    d_max = (dist if pair is None else dist.masked_fill(~pair, 0.0)).flatten(1).amax(-1)  # (G,) the largest distance
     delta = torch.where(denser.any(-1), to_denser, d_max[:, None])
-    score = (density * delta).masked_fill(~valid, -inf)
+    score = density * delta
+    if valid is not None:
+        score = score.masked_fill(~valid, -inf)
     rank = score.argsort(dim=1, descending=True, stable=True)
     is_center = rank.argsort(1) < c[:, None]
     assign = dist.masked_fill(~is_center[:, None, :], inf).argmin(-1)

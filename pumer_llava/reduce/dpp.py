@@ -20,34 +20,38 @@ from __future__ import annotations
 import torch
 
 
-def _unit(x: torch.Tensor) -> torch.Tensor:
+def unit_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (..., d) in float32, each row scaled to unit length (zero rows stay ~0)."""
     x = x.float()
     return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-6)
 
 
 def relevance(feats: torch.Tensor, text: torch.Tensor, text_valid: torch.Tensor,
-              pad: torch.Tensor | None = None, negate: bool = False) -> torch.Tensor:
+              pad: torch.Tensor | None = None, negate: bool = False, unit: bool = False) -> torch.Tensor:
     """(G, m) relevance of each token to its image's instruction, in [0, 1).
 
-    feats: (G, m, d) the tokens; text: (G, R, d) the instruction's rows; text_valid: (G, R)
-    bool. r_i = mean over valid rows j of cos(feats_i, text_j) (``negate``: of -cos, the
-    authors' sign for CLIP's penultimate features), then (r - min) / (max - min + 1e-6) over
-    the image's real tokens. Padding gets 0.
+    feats: (G, m, d) the tokens (``unit``: already unit rows, :func:`unit_rows`); text: (G, R, d)
+    the instruction's rows; text_valid: (G, R) bool. r_i = mean over valid rows j of
+    cos(feats_i, text_j) (``negate``: of -cos, the authors' sign for CLIP's penultimate
+    features), then (r - min) / (max - min + 1e-6) over the image's real tokens. Padding gets 0.
     """
-    cos = _unit(feats) @ _unit(text).transpose(1, 2)  # (G, m, R)
+    cos = (feats if unit else unit_rows(feats)) @ unit_rows(text).transpose(1, 2)  # (G, m, R)
     w = text_valid.to(cos)
     r = (cos * w[:, None, :]).sum(-1) / w.sum(-1, keepdim=True).clamp_min(1.0)
     if negate:
         r = -r
-    real = torch.ones_like(r, dtype=torch.bool) if pad is None else ~pad
-    lo = r.masked_fill(~real, float("inf")).amin(1, keepdim=True)
-    hi = r.masked_fill(~real, float("-inf")).amax(1, keepdim=True)
-    return ((r - lo) / (hi - lo + 1e-6)).masked_fill(~real, 0.0)
+    if pad is None:  # every token is real
+        lo, hi = r.amin(1, keepdim=True), r.amax(1, keepdim=True)
+        return (r - lo) / (hi - lo + 1e-6)
+    lo = r.masked_fill(pad, float("inf")).amin(1, keepdim=True)
+    hi = r.masked_fill(pad, float("-inf")).amax(1, keepdim=True)
+    return ((r - lo) / (hi - lo + 1e-6)).masked_fill(pad, 0.0)
 
 
-def dpp_kernel(feats: torch.Tensor, rel: torch.Tensor) -> torch.Tensor:
-    """(G, m, m) the conditional kernel L = diag(r) S diag(r), S the cosine of ``feats`` (G, m, d)."""
-    f = _unit(feats)
+def dpp_kernel(feats: torch.Tensor, rel: torch.Tensor, unit: bool = False) -> torch.Tensor:
+    """(G, m, m) the conditional kernel L = diag(r) S diag(r), S the cosine of ``feats`` (G, m, d)
+    (``unit``: already unit rows)."""
+    f = feats if unit else unit_rows(feats)
     r = rel.float()
     return r[:, :, None] * (f @ f.transpose(1, 2)) * r[:, None, :]
 
@@ -68,21 +72,23 @@ def greedy_map(kernel: torch.Tensor, steps: int, pad: torch.Tensor | None = None
     d2 = L.diagonal(dim1=1, dim2=2).clone()  # (G, m) gains
     avail = torch.ones(g, m, dtype=torch.bool, device=L.device) if pad is None else ~pad.to(L.device)
     chol = L.new_zeros(g, steps, m)  # Cholesky rows of the picks
-    picks = torch.zeros(g, steps, dtype=torch.long, device=L.device)
+    picks = []
     low = torch.finfo(L.dtype).min  # below any real gain, above the unavailable
     for t in range(steps):
         gain = torch.where(avail, d2.nan_to_num(nan=low, posinf=-low, neginf=low), float("-inf"))
         j = gain.argmax(1, keepdim=True)  # (G, 1)
-        picks[:, t] = j[:, 0]
-        row = L.gather(1, j[:, :, None].expand(-1, 1, m))[:, 0]  # (G, m) L[j, :]
+        picks.append(j)
+        if t == steps - 1:  # the last pick updates nothing
+            break
+        row = L.gather(1, j[:, :, None].expand(-1, 1, m))  # (G, 1, m) L[j, :]
         if t:
             cj = chol[:, :t].gather(2, j[:, None, :].expand(-1, t, 1))  # (G, t, 1) C_s[j]
-            row = row - (cj * chol[:, :t]).sum(1)
-        e = row / d2.gather(1, j).clamp_min(1e-12).sqrt()
+            row = torch.baddbmm(row, cj.transpose(1, 2), chol[:, :t], alpha=-1.0)  # L[j] - sum_s C_s[j] C_s
+        e = row[:, 0] / d2.gather(1, j).clamp_min(1e-12).sqrt()
         chol[:, t] = e
-        d2 = d2 - e * e
+        d2 = torch.addcmul(d2, e, e, value=-1.0)
         avail = avail.scatter(1, j, False)
-    return picks
+    return torch.cat(picks, 1) if picks else torch.zeros(g, 0, dtype=torch.long, device=L.device)
 
 
 def greedy_map_flops(n_images: int, m: int, steps: int) -> float:
