@@ -7,13 +7,14 @@ so every cache operation transformers performs stays correct.
 
 import copy
 import gc
+import shutil
 
 import pytest
 import torch
 
 from pumer_llava import apply_pumer, disabled, remove_pumer
 from test_architectures import BUILDERS
-from tiny import IMAGE_TOKEN, N_VIS, VOCAB, alone, append_tokens, make_inputs, tiny_llava
+from tiny import IMAGE_TOKEN, N_VIS, VOCAB, alone, append_tokens, make_inputs, make_qwen_vl_inputs, tiny_llava
 
 GEN = dict(do_sample=False, max_new_tokens=4)
 # (method, layers): the default layers, and the earliest each method can reduce at
@@ -119,6 +120,111 @@ def test_compiled_decoding_gives_the_dynamic_cache_tokens_and_compiles_once(arch
     if where == "default":  # beam search reorders the slots' positions with the keys
         kw = dict(num_beams=2, max_new_tokens=4)
         assert torch.equal(_gen(model, inp, cache_implementation="static", compile_config=cfg, **kw), _gen(model, inp, **kw))
+
+
+def _two_inputs(arch, model):
+    """Two different prompts of one shape (the same layout, other ids and pixels)."""
+    if arch.startswith("qwen"):
+        return [make_qwen_vl_inputs(model, seed=s)[0] for s in (0, 1)]
+    return [make_inputs((3, 6), (5, 2), seed=s) for s in (0, 1)]
+
+
+def _finite_diff(a, b) -> float:
+    """Largest difference of two score tensors where they are finite (-inf: a suppressed token)."""
+    assert torch.equal(torch.isfinite(a), torch.isfinite(b))
+    ok = torch.isfinite(a)
+    return (a[ok].float() - b[ok].float()).abs().max().item()
+
+
+def _assert_same_generation(a, b, atol):
+    assert torch.equal(a.sequences, b.sequences)
+    assert len(a.scores) == len(b.scores)
+    for x, y in zip(a.scores, b.scores):
+        assert _finite_diff(x, y) <= atol
+
+
+UPSTREAM = [(arch, method) for arch in ("llava-llama", "qwen2_vl") for method in SETUPS
+            if not (method == "vispruner" and arch.startswith("qwen"))]
+
+
+@pytest.mark.parametrize("arch,method", UPSTREAM)
+def test_upstream_static_cache_checks_hold_with_the_reduction_on(arch, method):
+    """What transformers' static-cache generation test checks, with the reduction on: 20 new
+    tokens in float32 and float16; the cache is a ``StaticCache`` whose every layer is as long
+    as the dynamic cache's after the same generation (the prompt's kept entries plus the new
+    tokens: a reduced layer is preallocated to what it keeps, not to the prompt); the same
+    tokens, and scores within 1e-5 of the dynamic cache's in float32. In float16 on a CPU the
+    unreduced model's own static and dynamic caches differ by ~5e-4 (attention over the
+    preallocated slots sums in another order), so there the bound is that difference, twice."""
+    from transformers import StaticCache
+
+    model, inp, _ = BUILDERS[arch]()
+    _apply(model, method, "default")
+    kw = dict(max_new_tokens=20, return_dict_in_generate=True, output_scores=True, use_cache=True)
+    for dtype in (torch.float32, torch.float16):
+        model.to(dtype)
+        x = {k: v.to(dtype) if torch.is_floating_point(v) else v for k, v in inp.items()}
+        static = _gen(model, x, cache_implementation="static", **kw)
+        dynamic = _gen(model, x, **kw)
+        assert isinstance(static.past_key_values, StaticCache)
+        lengths = [layer.keys.shape[-2] for layer in static.past_key_values.layers]
+        assert lengths == [layer.keys.shape[-2] for layer in dynamic.past_key_values.layers], dtype
+        plain = x["input_ids"].shape[1] + kw["max_new_tokens"] - 1  # the unreduced length, the last token uncached
+        assert max(lengths) <= plain and min(lengths) < plain  # the reduced layers are shorter
+        atol = 1e-5
+        if dtype == torch.float16:
+            with disabled(model):
+                ref = [_gen(model, x, cache_implementation=c, **kw).scores for c in ("static", "dynamic")]
+            atol = max(atol, 2 * max(_finite_diff(a, b) for a, b in zip(*ref)))
+        _assert_same_generation(static, dynamic, atol=atol)
+
+
+@pytest.mark.parametrize("arch,method", UPSTREAM)
+def test_upstream_compile_checks_hold_with_the_reduction_on(arch, method):
+    """What transformers' compiled-forward generation test checks, with the reduction on: two
+    different prompts of one shape, generated one after the other by ``generate``'s compiled
+    decoding forward (a static cache, ``fullgraph=True``, ``dynamic=False``), give what eager
+    decoding with the dynamic cache gives (tokens, scores), with one graph and no
+    recompilation for the second prompt (the reduced cache's slots depend on the prompt's
+    shape, never on its content)."""
+    from torch._dynamo.utils import counters
+    from transformers import CompileConfig
+
+    model, _, _ = BUILDERS[arch]()
+    _apply(model, method, "default")
+    inputs = _two_inputs(arch, model)
+    cfg = CompileConfig(fullgraph=True, dynamic=False, backend="aot_eager")  # inductor's graph, no C++ build
+    cfg._compile_all_devices = True  # generate() compiles on its own only on accelerators
+    kw = dict(max_new_tokens=5, return_dict_in_generate=True, output_scores=True, compile_config=cfg)
+    with torch.compiler.set_stance("force_eager"):
+        eager = [_gen(model, x, **kw) for x in inputs]
+    assert not torch.equal(eager[0].sequences, eager[1].sequences)  # two prompts, two answers
+    torch.compiler.reset()
+    counters.clear()
+    compiled = [_gen(model, inputs[0], cache_implementation="static", **kw)]
+    with torch.compiler.set_stance("fail_on_recompile"):  # the second prompt reuses the graph as it is
+        compiled.append(_gen(model, inputs[1], cache_implementation="static", **kw))
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    for a, b in zip(compiled, eager):
+        _assert_same_generation(a, b, atol=1e-5)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="inductor needs a C++ compiler on CPU")
+def test_inductor_compiles_the_reduced_decoding_forward():
+    """The default backend, as transformers runs its compile test: inductor builds the reduced
+    decoding forward (fullgraph, static shapes) once and gives the dynamic cache's tokens."""
+    from transformers import CompileConfig
+
+    model, inp, _ = BUILDERS["llava-llama"]()
+    _apply(model, "pumer", "default")
+    cfg = CompileConfig(fullgraph=True, dynamic=False)
+    cfg._compile_all_devices = True
+    dynamic = _gen(model, inp, max_new_tokens=5)
+    torch.compiler.reset()
+    assert torch.equal(_gen(model, inp, max_new_tokens=5, cache_implementation="static", compile_config=cfg), dynamic)
+    with torch.compiler.set_stance("fail_on_recompile"):
+        assert torch.equal(_gen(model, inp, max_new_tokens=5, cache_implementation="static", compile_config=cfg),
+                           dynamic)
 
 
 def test_chunked_prefill_is_refused_with_the_reason():
