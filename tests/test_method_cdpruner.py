@@ -179,9 +179,9 @@ def test_bad_cdpruner_arguments():
 
 
 def test_unpadded_and_unit_row_paths_equal_the_general_one():
-    """No padding (pad None) and features already unit rows (``unit=True``, what the method
-    passes) take shortcuts; they must give the general path's numbers."""
-    from pumer_llava.reduce.dpp import unit_rows
+    """No padding (pad None) and features already unit rows (``unit_feats=True``, what the
+    method passes) take shortcuts; they must give the general path's numbers."""
+    from pumer_llava.reduce.merge import unit
 
     g = torch.Generator().manual_seed(3)
     feats = torch.randn(2, 9, 6, generator=g)
@@ -190,8 +190,8 @@ def test_unpadded_and_unit_row_paths_equal_the_general_one():
     no_pad = torch.zeros(2, 9, dtype=torch.bool)
     rel = relevance(feats, text, text_valid, no_pad)
     torch.testing.assert_close(relevance(feats, text, text_valid), rel, rtol=0, atol=0)
-    torch.testing.assert_close(relevance(unit_rows(feats), text, text_valid, unit=True), rel, rtol=0, atol=0)
+    torch.testing.assert_close(relevance(unit(feats), text, text_valid, unit_feats=True), rel, rtol=0, atol=0)
     kernel = dpp_kernel(feats, rel)
-    torch.testing.assert_close(dpp_kernel(unit_rows(feats), rel, unit=True), kernel, rtol=0, atol=0)
+    torch.testing.assert_close(dpp_kernel(unit(feats), rel, unit_feats=True), kernel, rtol=0, atol=0)
     assert torch.equal(greedy_map(kernel, 5), greedy_map(kernel, 5, no_pad))
     assert greedy_map(kernel, 0).shape == (2, 0)

@@ -1000,7 +1000,8 @@ def to_markdown(result: dict) -> str:
         "speedup: unreduced / reduced prefill time. FLOPs-predicted: 1 / `last_stats.flops_ratio` (decoder "
         "only, scoring included). LLM-only: the language model's forward, without vision tower and "
         "projector; LLM-only / predicted compares like with like (the prediction counts the decoder "
-        "alone, which the whole prefill's ratio dilutes with the unreduced tower). Peak MB: peak of live tensor bytes allocated during the call (weights excluded"
+        "alone, which the whole prefill's ratio dilutes with the unreduced tower). Peak MB: peak of "
+        "live tensor bytes allocated during the call (weights excluded"
         + ("; CUDA `max_memory_allocated` in the JSON" if e["device"].startswith("cuda") else "")
         + "). KV cache: key/value bytes after the call. Ops: ATen operators dispatched; kernels: those "
         "that launch device work (views excluded); syncs: points where the host waits for the device "

@@ -38,7 +38,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..reduce.dpp import dpp_kernel, greedy_map, greedy_map_flops, relevance, unit_rows
+from ..reduce.dpp import dpp_kernel, greedy_map, greedy_map_flops, relevance
+from ..reduce.merge import unit
 from .base import Choice, Method, MethodOptions
 
 
@@ -53,12 +54,12 @@ class CDPrunerOptions(MethodOptions):
 def before_llm(ctx) -> Choice:
     hs = ctx.hidden
     d = hs.shape[-1]
-    feats = unit_rows(ctx.per_image(hs))  # (G, m, d) the projected visual tokens, unit rows
+    feats = unit(ctx.per_image(hs))  # (G, m, d) the projected visual tokens, unit rows
     slots, valid = ctx.text()  # (G, R) the instruction's slots
     text = hs.reshape(-1, d)[slots.to(hs.device)]  # (G, R, d) their input embeddings
     pad = ctx.image_pad
-    rel = relevance(feats, text, valid.to(hs.device), pad, negate=ctx.options.negate_relevance, unit=True)
-    picks = greedy_map(dpp_kernel(feats, rel, unit=True), ctx.out_max, pad)  # (G, out_max) in pick order
+    rel = relevance(feats, text, valid.to(hs.device), pad, negate=ctx.options.negate_relevance, unit_feats=True)
+    picks = greedy_map(dpp_kernel(feats, rel, unit_feats=True), ctx.out_max, pad)  # (G, out_max) in pick order
     g, m = ctx.n_images, ctx.width
     ctx.add_flops(g * m * (m + slots.shape[1]) * d + greedy_map_flops(g, m, ctx.out_max))
     return Choice(keep=ctx.ascending(picks, ctx.out_pad))

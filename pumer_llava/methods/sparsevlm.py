@@ -140,7 +140,8 @@ def prune_and_recycle(ctx) -> Choice:
     p_max = max(n_pairs)
     if p_max == 0:
         return Choice(keep=keep)
-    first = (is_center if cand_ok is None else is_center | ~cand_ok).int().argsort(dim=1, stable=True)[:, :p_max]  # (G, P)
+    not_merged = is_center if cand_ok is None else is_center | ~cand_ok
+    first = not_merged.int().argsort(dim=1, stable=True)[:, :p_max]  # (G, P)
     src = cand_flat.gather(1, first).reshape(-1)
     dst = cand_flat.gather(1, assign.gather(1, first)).reshape(-1)
     if min(n_pairs) != p_max:  # images with fewer merges: only the real pairs

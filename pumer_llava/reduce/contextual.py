@@ -44,13 +44,14 @@ def contextual_tokens(
     g, m = importance.shape
     dev = importance.device
     ar = torch.arange(m, device=dev)
-    valid = None if pad is None else ~pad.to(dev)  # None: every image has m tokens
+    pad = None if pad is None else pad.to(dev)
+    valid = None if pad is None else ~pad  # None: every image has m tokens
     dominant, contextual = dominant.to(dev), contextual.to(dev)
 
     # 1) dominant: the top ``D`` by importance (ties: the earlier token; padding ranks last)
     imp = importance.float()
     if pad is not None:
-        imp = imp.masked_fill(pad.to(dev), float("-inf"))
+        imp = imp.masked_fill(pad, float("-inf"))
     order = imp.argsort(dim=1, descending=True, stable=True)
     rank = torch.empty_like(order).scatter_(1, order, ar.expand(g, m))
     dom = rank < dominant[:, None]

@@ -19,23 +19,19 @@ from __future__ import annotations
 
 import torch
 
-
-def unit_rows(x: torch.Tensor) -> torch.Tensor:
-    """``x`` (..., d) in float32, each row scaled to unit length (zero rows stay ~0)."""
-    x = x.float()
-    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+from .merge import unit
 
 
 def relevance(feats: torch.Tensor, text: torch.Tensor, text_valid: torch.Tensor,
-              pad: torch.Tensor | None = None, negate: bool = False, unit: bool = False) -> torch.Tensor:
+              pad: torch.Tensor | None = None, negate: bool = False, unit_feats: bool = False) -> torch.Tensor:
     """(G, m) relevance of each token to its image's instruction, in [0, 1).
 
-    feats: (G, m, d) the tokens (``unit``: already unit rows, :func:`unit_rows`); text: (G, R, d)
+    feats: (G, m, d) the tokens (``unit_feats``: already unit rows, :func:`.merge.unit`); text: (G, R, d)
     the instruction's rows; text_valid: (G, R) bool. r_i = mean over valid rows j of
     cos(feats_i, text_j) (``negate``: of -cos, the authors' sign for CLIP's penultimate
     features), then (r - min) / (max - min + 1e-6) over the image's real tokens. Padding gets 0.
     """
-    cos = (feats if unit else unit_rows(feats)) @ unit_rows(text).transpose(1, 2)  # (G, m, R)
+    cos = (feats if unit_feats else unit(feats)) @ unit(text).transpose(1, 2)  # (G, m, R)
     w = text_valid.to(cos)
     r = (cos * w[:, None, :]).sum(-1) / w.sum(-1, keepdim=True).clamp_min(1.0)
     if negate:
@@ -48,10 +44,10 @@ def relevance(feats: torch.Tensor, text: torch.Tensor, text_valid: torch.Tensor,
     return ((r - lo) / (hi - lo + 1e-6)).masked_fill(pad, 0.0)
 
 
-def dpp_kernel(feats: torch.Tensor, rel: torch.Tensor, unit: bool = False) -> torch.Tensor:
+def dpp_kernel(feats: torch.Tensor, rel: torch.Tensor, unit_feats: bool = False) -> torch.Tensor:
     """(G, m, m) the conditional kernel L = diag(r) S diag(r), S the cosine of ``feats`` (G, m, d)
-    (``unit``: already unit rows)."""
-    f = feats if unit else unit_rows(feats)
+    (``unit_feats``: already unit rows)."""
+    f = feats if unit_feats else unit(feats)
     r = rel.float()
     return r[:, :, None] * (f @ f.transpose(1, 2)) * r[:, None, :]
 
