@@ -85,6 +85,11 @@ def test_dpc_knn_equals_the_loop_on_ragged_rows(seed):
     unmasked = dpc_knn(x, full)
     masked = dpc_knn(x, full, torch.ones(len(n_valid), m, dtype=torch.bool))
     assert all(torch.equal(a, b) for a, b in zip(unmasked, masked))
+    # one count for every row (an int) gives what the same count per row gives
+    for c in (1, 3):
+        as_int = dpc_knn(x, c, valid)
+        as_rows = dpc_knn(x, torch.full((len(n_valid),), c), valid)
+        assert all(torch.equal(a, b) for a, b in zip(as_int, as_rows)), c
 
 
 def test_dpc_knn_breaks_ties_by_the_lower_index():

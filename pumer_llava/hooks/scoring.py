@@ -23,6 +23,8 @@ from .tokens import Tokens
 def take_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """Gather dim 1 of t (b0, N, ...) with idx (B, N'), broadcasting a batch of 1."""
     idx = idx.to(t.device)
+    if t.shape[0] == 1 and t.ndim > 2:  # rows of one sample: index_select (a gather over the feature dim is slower)
+        return t[0].index_select(0, idx.reshape(-1)).view(*idx.shape, *t.shape[2:])
     if t.shape[0] != idx.shape[0]:
         t = t.expand(idx.shape[0], *t.shape[1:])
     if t.ndim == 2:

@@ -81,19 +81,20 @@ def rater_attention(ctx) -> torch.Tensor:
     probs, row_slot, counts = ctx.row_attention("text")  # (B, R, N), (B, R), (B, R, N)
     bsz, r, n = probs.shape
     dev = probs.device
-    first = ctx.flat_slots[:, 0].to(dev)  # (G,) each image's first slot
-    rows_ok = counts.transpose(1, 2).reshape(bsz * n, r)[first]  # (G, R) the rows that read each image
-    raters = ctx.memo.get("sparsevlm_raters")
-    if raters is None:  # chosen once, at the first stage, from every visual token (the paper's)
+    weights = ctx.memo.get("sparsevlm_raters")  # (G, R) each image's raters, weighted 1 / their number
+    if weights is None:  # chosen once, at the first stage, from every visual token (the paper's)
+        first = ctx.flat_slots[:, 0].to(dev)  # (G,) each image's first slot
+        rows_ok = counts.transpose(1, 2).reshape(bsz * n, r)[first]  # (G, R) the rows that read each image
         emb = ctx.input_embeddings().to(dev)
         d = emb.shape[-1]
         text = emb.reshape(bsz * n, d)[row_slot.to(dev)[first // n]]  # (G, R, d)
         vis = ctx.per_image(emb)  # (G, m, d)
         pad = None if ctx.image_pad is None else ctx.image_pad.to(dev)
-        raters = ctx.memo["sparsevlm_raters"] = select_raters(vis, text, rows_ok, pad).float()  # (G, R)
+        raters = select_raters(vis, text, rows_ok, pad).float()
+        weights = ctx.memo["sparsevlm_raters"] = raters / raters.sum(-1, keepdim=True).clamp_min(1.0)
         ctx.add_flops(ctx.n_images * ctx.width * r * d)
-    w = raters[ctx.tokens.code.to(dev).clamp_min(0)]  # (B, N, R) the raters of each slot's image
-    return torch.einsum("brn,bnr->bn", probs.float(), w) / w.sum(-1).clamp_min(1.0)
+    w = weights[ctx.tokens.code.to(dev).clamp_min(0)]  # (B, N, R) the raters of each slot's image
+    return (probs.float() * w.transpose(1, 2)).sum(1)
 
 
 def prune_and_recycle(ctx) -> Choice:
@@ -119,7 +120,10 @@ def prune_and_recycle(ctx) -> Choice:
     every_real = all(m == m_max for _, m in plans)  # then no candidate is padding
     cand_ok = None if every_real else ctx.host_tensor(
         tag + ":ok", lambda: [[int(j < m) for j in range(m_max)] for _, m in plans]).to(dev).bool()
-    n_clusters = ctx.host_tensor(tag + ":c", lambda: [c for c, _ in plans]).to(dev)
+    if all(c == c_max for c, _ in plans):
+        n_clusters = c_max
+    else:
+        n_clusters = ctx.host_tensor(tag + ":c", lambda: [c for c, _ in plans]).to(dev)
     cand = order.gather(1, cand_rank)  # (G, M) local
     flat = ctx.flat_slots.to(dev)
     cand_flat = flat.gather(1, cand)

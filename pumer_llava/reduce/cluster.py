@@ -65,12 +65,12 @@ def recycle_plan(n: int, out: int, recycle_share: float = 0.3, cluster_share: fl
     return min(c, m), m
 
 
-def dpc_knn(x: torch.Tensor, n_clusters: torch.Tensor, valid: torch.Tensor | None = None):
+def dpc_knn(x: torch.Tensor, n_clusters: torch.Tensor | int, valid: torch.Tensor | None = None):
     """Density-peak clustering of each row's tokens into ``n_clusters[g]`` clusters.
 
     x: (G, M, d) token features; n_clusters: (G,) long, at most the row's valid tokens (0: no
-    clusters, the outputs of that row are meaningless); valid: (G, M) bool, the real tokens
-    (None: all).
+    clusters, the outputs of that row are meaningless), or one int for every row; valid: (G, M)
+    bool, the real tokens (None: all).
 
     distance D = L2 / sqrt(d); density = exp(-mean of D^2 over the k = c nearest tokens, self
     included); delta = D to the nearest denser token (for the densest: the largest D of the
@@ -80,37 +80,45 @@ def dpc_knn(x: torch.Tensor, n_clusters: torch.Tensor, valid: torch.Tensor | Non
     Returns ``rank`` (G, M) the tokens by descending density * delta (its first c are the
     centers; padding last), ``is_center`` (G, M) bool and ``assign`` (G, M) the local index of
     each token's center.
+
+    Written for few kernels (it runs inside the prefill): "denser" is a rank in the stable
+    density order, so ties need no second comparison, and the densest token's delta is the row's
+    largest distance because every other token's is at most that.
     """
     g, m, d = x.shape
     dev = x.device
     xf = x.float()
     sq = (xf * xf).sum(-1)
-    d2 = (sq[:, :, None] + sq[:, None, :] - 2.0 * (xf @ xf.transpose(1, 2))).clamp_min(0.0) / d
+    d2 = torch.baddbmm(sq.unsqueeze(2) + sq.unsqueeze(1), xf, xf.transpose(1, 2), alpha=-2.0)
+    d2 = d2.clamp_min_(0.0).div_(d)
     d2.diagonal(dim1=1, dim2=2).zero_()  # a token's distance to itself
     dist = d2.sqrt()
-    # every mask below is skipped when every token is real (valid None)
-    pair = None if valid is None else valid[:, :, None] & valid[:, None, :]
     inf = float("inf")
-    c = n_clusters.to(dev).long()
-    ar = torch.arange(m, device=dev)
+    pair = None if valid is None else valid.unsqueeze(1) & valid.unsqueeze(2)
     # density: the k = c nearest (self first), padding sorted last
-    near = (d2 if valid is None else d2.masked_fill(~valid[:, None, :], inf)).sort(-1).values
-    first_c = (ar[None] < c[:, None])[:, None, :]  # (G, 1, M)
-    mean_near = torch.where(first_c, near, 0.0).sum(-1) / c.clamp_min(1)[:, None].float()
-    density = torch.exp(-mean_near)  # (G, M)
+    near = (d2 if valid is None else d2.masked_fill(~valid.unsqueeze(1), inf)).sort(-1).values
+    if isinstance(n_clusters, int):
+        k = max(n_clusters, 1)
+        mean_near = near[..., :k].mean(-1)
+        c = n_clusters
+    else:
+        c = n_clusters.to(dev).long()[:, None]  # (G, 1)
+        first_c = torch.arange(m, device=dev) < c  # (G, M)
+        mean_near = torch.where(first_c.unsqueeze(1), near, 0.0).sum(-1) / c.clamp_min(1)
+    density = mean_near.neg_().exp_()  # (G, M)
+    if valid is not None:
+        density = density.masked_fill(~valid, -1.0)  # padding: below every real density
     # delta: distance to the nearest denser token (ties: the lower index is denser)
-    dj, di = density[:, None, :], density[:, :, None]
-    denser = (dj > di) | ((dj == di) & (ar[None, None, :] < ar[None, :, None]))
-    if pair is not None:
-        denser = denser & pair
-    to_denser = dist.masked_fill(~denser, inf).amin(-1)
-    d_max = (dist if pair is None else dist.masked_fill(~pair, 0.0)).flatten(1).amax(-1)  # (G,) the largest distance
-    delta = torch.where(denser.any(-1), to_denser, d_max[:, None])
-    score = density * delta
+    place = density.argsort(dim=1, descending=True, stable=True).argsort(1)  # (G, M) 0: the densest
+    not_denser = place.unsqueeze(1) >= place.unsqueeze(2)  # [g, i, j]: j is not denser than i
+    to_denser = dist.masked_fill(not_denser, inf).amin(-1)  # inf for the densest
+    d_max = (dist if pair is None else dist.masked_fill(~pair, 0.0)).amax(dim=(1, 2))  # (G,) the largest distance
+    score = density * torch.minimum(to_denser, d_max.unsqueeze(1))
     if valid is not None:
         score = score.masked_fill(~valid, -inf)
     rank = score.argsort(dim=1, descending=True, stable=True)
-    is_center = rank.argsort(1) < c[:, None]
-    assign = dist.masked_fill(~is_center[:, None, :], inf).argmin(-1)
-    assign = torch.where(is_center, ar[None], assign)
+    not_center = rank.argsort(1) >= c
+    assign = dist.masked_fill(not_center.unsqueeze(1), inf).argmin(-1)
+    is_center = ~not_center
+    assign = torch.where(is_center, torch.arange(m, device=dev), assign)
     return rank, is_center, assign

@@ -183,5 +183,5 @@ def scores_from_rows(
         qg, kt = qg.float(), kt.float()
     probs = torch.baddbmm(bias, qg, kt, alpha=scaling).softmax(dim=-1)  # (B*Hkv, G*R, N): mask + q k^T
     if per_row:
-        return probs.view(bsz, h, r, n).sum(1) / h, counted & (row_pos >= 0)[:, :, None]
+        return probs.view(bsz, h, r, n).mean(1), counted & (row_pos >= 0)[:, :, None]
     return (probs.view(bsz, h * r, n) * weight).sum(1)
