@@ -86,6 +86,22 @@ def test_greedy_map_never_repeats_nor_picks_padding_on_a_rank_deficient_kernel()
         assert len(set(row)) == len(row) and all(0 <= j < c for j in row)
 
 
+def test_greedy_map_reads_nan_as_zero_and_stays_distinct():
+    """A token whose features overflowed (NaN in its kernel row) neither poisons the others'
+    gains nor repeats: the picks are those of the kernel with that row and column at 0."""
+    feats, pad = _ragged([12, 9], d=6, seed=4)
+    kernel = dpp_kernel(feats, relevance(feats, feats[:, :2], torch.ones(2, 2, dtype=torch.bool), pad))
+    poisoned = kernel.clone()
+    poisoned[:, 3, :] = float("nan")
+    poisoned[:, :, 3] = float("nan")
+    zeroed = poisoned.nan_to_num(nan=0.0)
+    picks = greedy_map(poisoned, 9, pad)
+    assert torch.equal(picks, greedy_map(zeroed, 9, pad))
+    for i, c in enumerate([12, 9]):
+        row = picks[i, :c].tolist()
+        assert len(set(row)) == len(row) and all(0 <= j < c for j in row)
+
+
 # ----------------------------------------------------------------------------- end to end on tiny models
 
 def language_model_inputs(model, inp):

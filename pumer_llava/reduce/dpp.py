@@ -55,38 +55,46 @@ def dpp_kernel(feats: torch.Tensor, rel: torch.Tensor, unit_feats: bool = False)
 def greedy_map(kernel: torch.Tensor, steps: int, pad: torch.Tensor | None = None) -> torch.Tensor:
     """(G, steps) local indices in the order greedy MAP inference picks them.
 
-    kernel: (G, m, m) positive semi-definite. Step t adds the token with the largest gain
-    d2_i = det(L_{Y+i}) / det(L_Y), the squared residual of row i after the Cholesky rows of
-    the picks so far: e = (L[j] - sum_s C_s[j] C_s) / sqrt(d2_j), d2 <- d2 - e^2. A picked or
-    padded token is never picked (it ranks below every available one, whatever the gains);
-    the divisor is clamped so a kernel of rank below ``steps`` (more tokens than feature
-    dimensions) gives distinct picks instead of NaNs. An image with fewer than ``steps``
-    available tokens gets arbitrary entries past them (the caller ignores them).
+    kernel: (G, m, m) positive semi-definite (NaN entries are read as 0). Step t adds the
+    token with the largest gain d2_i = det(L_{Y+i}) / det(L_Y), the squared residual of row i
+    after the Cholesky rows of the picks so far: e = (L[j] - sum_s C_s[j] C_s) / sqrt(d2_j),
+    d2 <- d2 - e^2. A picked or padded token is never picked (its gain is -inf); the divisor is
+    clamped so a kernel of rank below ``steps`` (more tokens than feature dimensions) gives
+    distinct picks instead of NaNs. An image with fewer than ``steps`` available tokens gets
+    arbitrary entries past them (the caller ignores them).
+
+    One step is a handful of kernels (it runs once per kept token): the kernel's row and the
+    pick's Cholesky coefficients come in one gather (they sit side by side in one buffer), and
+    the correction reads every coefficient column, the ones not written yet being 0.
     """
     g, m, _ = kernel.shape
-    L = kernel.float()
-    d2 = L.diagonal(dim1=1, dim2=2).clone()  # (G, m) gains
-    avail = torch.ones(g, m, dtype=torch.bool, device=L.device) if pad is None else ~pad.to(L.device)
-    chol = L.new_zeros(g, steps, m)  # Cholesky rows of the picks
+    if steps <= 0:
+        return torch.zeros(g, 0, dtype=torch.long, device=kernel.device)
+    L = kernel.float().nan_to_num(nan=0.0)
+    both = L.new_zeros(g, m, m + steps)  # [L | C]: C[:, i, s] = C_s[i]
+    both[..., :m] = L
+    chol = both[..., m:]  # (G, m, steps)
+    chol_t = chol.transpose(1, 2)  # (G, steps, m): the Cholesky rows
+    d2 = both.diagonal(dim1=1, dim2=2).clone()  # (G, m) gains
+    if pad is not None:
+        d2 = d2.masked_fill(pad.to(d2.device), float("-inf"))
     picks = []
-    low = torch.finfo(L.dtype).min  # below any real gain, above the unavailable
     for t in range(steps):
-        gain = torch.where(avail, d2.nan_to_num(nan=low, posinf=-low, neginf=low), float("-inf"))
-        j = gain.argmax(1, keepdim=True)  # (G, 1)
+        gain, j = d2.max(1, keepdim=True)  # (G, 1): the first of equal gains
         picks.append(j)
         if t == steps - 1:  # the last pick updates nothing
             break
-        row = L.gather(1, j[:, :, None].expand(-1, 1, m))  # (G, 1, m) L[j, :]
+        got = both.gather(1, j.unsqueeze(2).expand(-1, 1, m + steps))  # (G, 1, m + steps): L[j] and C[j]
+        row = got[..., :m]
         if t:
-            cj = chol[:, :t].gather(2, j[:, None, :].expand(-1, t, 1))  # (G, t, 1) C_s[j]
-            row = torch.baddbmm(row, cj.transpose(1, 2), chol[:, :t], alpha=-1.0)  # L[j] - sum_s C_s[j] C_s
-        e = row[:, 0] / d2.gather(1, j).clamp_min(1e-12).sqrt()
-        chol[:, t] = e
-        d2 = torch.addcmul(d2, e, e, value=-1.0)
-        avail = avail.scatter(1, j, False)
-    return torch.cat(picks, 1) if picks else torch.zeros(g, 0, dtype=torch.long, device=L.device)
+            row = torch.baddbmm(row, got[..., m:], chol_t, alpha=-1.0)  # L[j] - sum_s C_s[j] C_s
+        e = row.view(g, m) * gain.clamp_min_(1e-12).rsqrt_()
+        chol[:, :, t] = e
+        d2 = d2.addcmul_(e, e, value=-1.0).scatter_(1, j, float("-inf"))
+    return torch.cat(picks, 1)
 
 
 def greedy_map_flops(n_images: int, m: int, steps: int) -> float:
-    """Multiply-adds of :func:`greedy_map`: each step corrects every row by the picks so far."""
-    return float(n_images) * m * steps * (steps + 1) / 2
+    """Multiply-adds of :func:`greedy_map`: each step but the first and the last corrects every
+    row by every coefficient column."""
+    return float(n_images) * m * steps * max(steps - 2, 0)
