@@ -81,7 +81,7 @@ def rater_attention(ctx) -> torch.Tensor:
     probs, row_slot, counts = ctx.row_attention("text")  # (B, R, N), (B, R), (B, R, N)
     bsz, r, n = probs.shape
     dev = probs.device
-    weights = ctx.memo.get("sparsevlm_raters")  # (G, R) each image's raters, weighted 1 / their number
+    weights = ctx.memo.get("sparsevlm_rater_weights")  # (G, R) each image's raters, weighted 1 / their number
     if weights is None:  # chosen once, at the first stage, from every visual token (the paper's)
         first = ctx.flat_slots[:, 0].to(dev)  # (G,) each image's first slot
         rows_ok = counts.transpose(1, 2).reshape(bsz * n, r)[first]  # (G, R) the rows that read each image
@@ -91,7 +91,7 @@ def rater_attention(ctx) -> torch.Tensor:
         vis = ctx.per_image(emb)  # (G, m, d)
         pad = None if ctx.image_pad is None else ctx.image_pad.to(dev)
         raters = select_raters(vis, text, rows_ok, pad).float()
-        weights = ctx.memo["sparsevlm_raters"] = raters / raters.sum(-1, keepdim=True).clamp_min(1.0)
+        weights = ctx.memo["sparsevlm_rater_weights"] = raters / raters.sum(-1, keepdim=True).clamp_min(1.0)
         ctx.add_flops(ctx.n_images * ctx.width * r * d)
     w = weights[ctx.tokens.code.to(dev).clamp_min(0)]  # (B, N, R) the raters of each slot's image
     return (probs.float() * w.transpose(1, 2)).sum(1)
