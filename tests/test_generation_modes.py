@@ -12,7 +12,7 @@ import shutil
 import pytest
 import torch
 
-from pumer_llava import apply_pumer, disabled, remove_pumer
+from pumer_llava import apply_pumer, disabled, list_methods, methods_for, remove_pumer
 from test_architectures import BUILDERS
 from tiny import IMAGE_TOKEN, N_VIS, VOCAB, alone, append_tokens, make_inputs, make_qwen_vl_inputs, tiny_llava
 
@@ -120,6 +120,53 @@ def test_compiled_decoding_gives_the_dynamic_cache_tokens_and_compiles_once(arch
     if where == "default":  # beam search reorders the slots' positions with the keys
         kw = dict(num_beams=2, max_new_tokens=4)
         assert torch.equal(_gen(model, inp, cache_implementation="static", compile_config=cfg, **kw), _gen(model, inp, **kw))
+
+
+# the methods registered as plug-ins beyond the four above: every mode once, on the row with one
+# image per sample and on the anyres row (images of other sizes, fillers, a padded batch)
+PLUGIN_CASES = [(arch, method) for arch in ("llava-llama", "llava_next") for method in list_methods()
+                if method not in SETUPS]
+
+
+@pytest.mark.parametrize("arch,method", PLUGIN_CASES)
+def test_every_generation_mode_with_each_plugin_method(arch, method):
+    """Static cache (greedy, beams, sampling), compiled decoding, beams without a cache,
+    prompt-lookup decoding and a second turn from the cache: what the dynamic cache, the
+    uncached model and the whole conversation give, at the method's default layers."""
+    from torch._dynamo.utils import counters
+    from transformers import CompileConfig
+
+    model, inp, _ = BUILDERS[arch]()
+    if method not in methods_for(model):  # refused there, with the reason (tests/test_methods.py)
+        pytest.skip(f"{method} does not run on {arch}")
+    apply_pumer(model, ratio=0.25, method=method)
+    dynamic = _gen(model, inp)
+    assert torch.equal(_gen(model, inp, cache_implementation="static"), dynamic)
+    assert torch.equal(_gen(model, inp, cache_implementation="static", num_beams=2), _gen(model, inp, num_beams=2))
+    assert torch.equal(_gen(model, inp, num_beams=3, num_return_sequences=2, use_cache=False),
+                       _gen(model, inp, num_beams=3, num_return_sequences=2))
+    samples = []
+    for cache in ("static", "dynamic"):
+        torch.manual_seed(3)
+        samples.append(_gen(model, inp, do_sample=True, top_k=0, temperature=1.5, cache_implementation=cache))
+    assert torch.equal(*samples)
+    one = alone(inp, 0)
+    assert torch.equal(_gen(model, one, prompt_lookup_num_tokens=2, max_new_tokens=6), _gen(model, one, max_new_tokens=6))
+    with torch.no_grad():
+        first = model.generate(**inp, **GEN, return_dict_in_generate=True)
+        question = torch.randint(5, VOCAB - 1, (inp["input_ids"].shape[0], 3), generator=torch.Generator().manual_seed(3))
+        turn2 = append_tokens(append_tokens(inp, first.sequences[:, inp["input_ids"].shape[1]:]), question)
+        text_only = {k: v for k, v in turn2.items() if k in ("input_ids", "attention_mask")}
+        cont = model.generate(**text_only, **GEN, past_key_values=first.past_key_values)
+        assert torch.equal(cont, model.generate(**turn2, **GEN, use_cache=False))
+    if arch == "llava-llama":
+        cfg = CompileConfig(fullgraph=True, backend="aot_eager")  # inductor's graph, without a C++ build
+        cfg._compile_all_devices = True
+        torch.compiler.reset()
+        counters.clear()
+        for _ in range(2):
+            assert torch.equal(_gen(model, inp, cache_implementation="static", compile_config=cfg), dynamic)
+        assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
 
 
 def _two_inputs(arch, model):
