@@ -20,7 +20,8 @@ overhead::
         model(**inputs)
     c.ops, c.kernels, c.syncs, c.sync_ops  # sync_ops: which operators synced, with counts
 
-and :func:`kv_cache_bytes`, what a KV cache holds.
+and :func:`flop_counter`, the FLOPs a forward actually runs (what a speed-up from reduction
+is predicted from), and :func:`kv_cache_bytes`, what a KV cache holds.
 """
 
 from __future__ import annotations
@@ -114,6 +115,29 @@ class OpCounter(TorchDispatchMode):
 
     def to_dict(self) -> dict:
         return {"ops": self.ops, "kernels": self.kernels, "syncs": self.syncs, "sync_ops": dict(self.sync_ops)}
+
+
+def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def flop_counter():
+    """A ``torch.utils.flop_counter.FlopCounterMode`` (no printout) that also counts the CPU
+    attention kernel, as torch counts the CUDA ones: every matrix product, convolution and
+    attention a forward runs, 2 FLOPs per multiply-add, whatever the architecture (gated
+    MLPs, grouped-query attention, the vision tower and projector, the scoring a reduction
+    adds). ``get_total_flops()`` may be read inside the block, e.g. from module hooks::
+
+        with flop_counter() as f:
+            model(**inputs)
+        f.get_total_flops()
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    return FlopCounterMode(display=False, custom_mapping={_aten._scaled_dot_product_flash_attention_for_cpu:
+                                                          _cpu_attention_flops})
 
 
 def kv_cache_bytes(cache) -> tuple[int, list[int]]:

@@ -101,6 +101,48 @@ def test_flops_ratio_is_what_last_stats_reports(result, method):
     assert row["reducing_layers"] == stats.reducing_layers
 
 
+def _decoder_flops(tokens_per_layer, cfg):
+    """2 FLOPs per multiply-add of a Llama decoder: q/k/v/o (grouped kv heads), the gated MLP
+    (three matrices) and attention over every key (as torch counts attention, mask ignored)."""
+    d, m, h, hkv = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    hd = d // h
+    return sum(2 * n * d * (2 * h * hd + 2 * hkv * hd) + 2 * 3 * n * d * m + 2 * 2 * h * n * n * hd
+               for n in tokens_per_layer)
+
+
+def test_counted_flops_are_the_model_s_and_predict_the_speedup(result):
+    """The prediction counts the FLOPs each prefill ran: the unreduced language model's are
+    exactly the decoder's (CPU attention included), the whole prefill adds the tower and the
+    head; a reduced prefill runs fewer, and every ratio is taken from those counts."""
+    cfg = get_preset("tiny").text
+    base = result["prefill"][0]
+    n = result["config"]["prompt_tokens"]
+    assert base["llm_flops_counted"] == _decoder_flops([n] * cfg["num_hidden_layers"], cfg)
+    assert base["prefill_flops_counted"] > base["llm_flops_counted"]  # vision tower, projector, lm head
+    assert base["counted_speedup"] == 1.0 and base["speedup_vs_counted"] == pytest.approx(base["speedup"])
+    for method in SPEC["methods"]:
+        one, red = _row(result["prefill"], method, 1.0), _row(result["prefill"], method, 0.25)
+        # ratio 1.0 runs the unreduced products (the scoring of a stage that keeps everything is skipped)
+        assert one["prefill_flops_counted"] == base["prefill_flops_counted"]
+        assert red["llm_flops_counted"] < base["llm_flops_counted"]
+        tower = base["prefill_flops_counted"] - base["llm_flops_counted"]
+        assert red["prefill_flops_counted"] - red["llm_flops_counted"] == tower  # the tower is not reduced
+        assert red["counted_speedup"] == base["prefill_flops_counted"] / red["prefill_flops_counted"]
+        assert red["llm_counted_speedup"] == base["llm_flops_counted"] / red["llm_flops_counted"]
+        assert 1 < red["counted_speedup"] < red["llm_counted_speedup"]  # the unreduced tower dilutes it
+        assert red["speedup_vs_counted"] == pytest.approx(red["speedup"] / red["counted_speedup"])
+    assert "| decoder formula |" in to_markdown(result)
+
+
+def test_flop_counter_counts_cpu_attention_as_torch_counts_cuda_attention():
+    from pumer_llava.counting import flop_counter
+
+    q, kv = torch.randn(2, 8, 10, 16), torch.randn(2, 2, 12, 16)
+    with flop_counter() as f:
+        torch.nn.functional.scaled_dot_product_attention(q, kv, kv, enable_gqa=True)
+    assert f.get_total_flops() == 2 * (2 * 2 * 8 * 10 * 12 * 16)  # q k^T and the weighted sum
+
+
 @pytest.mark.parametrize("method", SPEC["methods"])
 def test_reduced_rows_hold_a_smaller_cache(result, method):
     cfg = get_preset("tiny").text
