@@ -161,6 +161,9 @@ def remove_pumer(model: nn.Module) -> nn.Module:
     for h in state.handles:
         h.remove()
     state.handles.clear()
+    close = getattr(state.call, "close_taps", None)  # a prefill that raised mid-way holds one-shot hooks
+    if close is not None:
+        close()
     state.call = state.prompt = None
     state.vision_calls.clear()
     del model.pumer

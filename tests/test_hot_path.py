@@ -12,6 +12,7 @@ import torch
 
 from pumer_llava import apply_pumer, remove_pumer
 from pumer_llava.counting import OpCounter
+from pumer_llava.methods import get_method
 from pumer_llava.hooks import layout as layout_mod
 from pumer_llava.hooks.layout import FILLER, PAD, TEXT, PromptLayout
 from tiny import IMAGE_TOKEN, N_VIS, make_inputs, make_mixed_inputs, tiny_llava
@@ -121,6 +122,75 @@ def test_statistics_are_built_when_read(deep, baseline):
         assert c.sync_ops.get("tolist", 0) >= 1  # reading them is when the device is waited for
         assert sorted(kept) == list(deep.pumer.layers) and all(len(p) == 4 for p in kept[deep.pumer.layers[-1]])
         assert stats.select_seconds > 0 and 0 < stats.flops_ratio < 1
+    finally:
+        remove_pumer(deep)
+
+
+EARLIER = [m for m in sorted(PREFILL_OPS) if get_method(m).score_offset < 0]
+
+
+def _k_proj_calls(model, layer: int, inp, **kw) -> tuple[int, torch.Tensor, list]:
+    """How many times layer ``layer``'s k projection runs in one forward; its logits and the
+    kept positions."""
+    k_proj = model.model.language_model.layers[layer].self_attn.k_proj
+    calls = []
+    model.pumer.prompt = None  # choose anew (a forward without a cache would reuse the last prompt's choice)
+    h = k_proj.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        with torch.no_grad():
+            out = model(**inp, use_cache=kw.get("use_cache", True))
+    finally:
+        h.remove()
+    return len(calls), out.logits, model.pumer.last_stats.kept_positions
+
+
+@pytest.mark.parametrize("method", EARLIER)
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_a_method_scoring_at_an_earlier_layer_reads_that_layer_s_own_keys(deep, baseline, method, use_cache, monkeypatch):
+    """FastV, DART, SparseVLM score at layer L-1 and prune at L: the keys of every slot are the
+    ones layer L-1 projects anyway (its k projection runs once, not once more for the scoring),
+    with or without a cache, and the choice is the one projecting them again gives."""
+    from pumer_llava.hooks.prefill import Prefill
+
+    inp, _ = baseline
+    apply_pumer(deep, ratio=0.25, method=method)
+    try:
+        score_layer = deep.pumer.layers[0] - 1
+        calls, logits, kept = _k_proj_calls(deep, score_layer, inp, use_cache=use_cache)
+        assert calls == 1
+        assert not deep.model.language_model.layers[score_layer].self_attn.k_proj._forward_hooks  # one-shot
+        monkeypatch.setattr(Prefill, "_tap", lambda self, layer, module: None)  # project them again
+        calls_again, logits_again, kept_again = _k_proj_calls(deep, score_layer, inp, use_cache=use_cache)
+    finally:
+        remove_pumer(deep)
+    assert calls_again == 2 and kept_again == kept
+    torch.testing.assert_close(logits, logits_again, rtol=1e-5, atol=1e-5)
+
+
+def test_a_forward_that_raises_mid_prefill_leaves_no_hook(deep, baseline):
+    """The tap is a hook that removes itself when the layer projects; a forward that raises
+    before that point leaves it to the next call (or ``remove_pumer``) to remove."""
+    inp, _ = baseline
+    apply_pumer(deep, ratio=0.25, method="fastv")
+    attn = deep.model.language_model.layers[deep.pumer.layers[0] - 1].self_attn
+
+    def boom(*a):
+        raise RuntimeError("stop")
+
+    try:
+        for finish in ("next forward", "remove_pumer"):
+            h = attn.q_proj.register_forward_pre_hook(boom)  # Llama projects q before k
+            with pytest.raises(RuntimeError, match="stop"), torch.no_grad():
+                deep(**inp, use_cache=True)
+            h.remove()
+            assert len(attn.k_proj._forward_hooks) == 1  # the tap that never fired
+            if finish == "next forward":
+                with torch.no_grad():
+                    deep(**inp, use_cache=True)
+                assert deep.pumer.last_stats.visual_tokens_final == [4, 4]
+            else:
+                remove_pumer(deep)
+            assert not attn.k_proj._forward_hooks
     finally:
         remove_pumer(deep)
 

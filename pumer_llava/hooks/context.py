@@ -183,6 +183,20 @@ class LayerContext(_StageView):
         concatenated (..., Hkv * hd), so that similarity also says how far apart two tokens are."""
         return self._pre.keys(self, flat, rotated)
 
+    def projected_keys(self) -> torch.Tensor:
+        """(B, N, Hkv, hd) every slot's k projection at this layer, before RoPE: the one the
+        layer computed when it already ran (a method that scores at an earlier layer), else the
+        layer's own norm and k projection of the slots (counted in the scoring FLOPs)."""
+        k = self._pre.projected_keys(self)
+        if k is not None:
+            return k
+        parts, hs = self.parts, self.hidden
+        bsz, n, d = hs.shape
+        with torch.no_grad():
+            k = parts.k_proj(parts.norm(hs.to(parts.k_proj.weight.device)))
+        self.add_flops(bsz * n * d * parts.num_kv_heads * parts.head_dim)
+        return k.view(bsz, n, parts.num_kv_heads, parts.head_dim)
+
     def input_embeddings(self) -> torch.Tensor:
         """(B, N) rows of the language model's input embeddings of the current slots (the
         tokens before any layer ran; a merged token: its destination's)."""

@@ -269,7 +269,11 @@ class Prefill:
         # (pos, log_size, n_full, fillers, shared) the reduced cache layers store; ``shared`` is
         # where the static layers of one stage keep the slot bookkeeping they share
         self.cache_view: tuple | None = None
-        self.pending_scores: dict[int, torch.Tensor] = {}
+        # a stage that scores at an earlier layer: that layer's (module, input, kwargs), scored at
+        # the stage's own layer with the k projection the earlier layer computed (``taps``)
+        self.deferred: dict[int, tuple] = {}
+        self.taps: dict[int, torch.Tensor] = {}  # layer -> its k projection of this forward's slots
+        self._tap_handles: list = []
         self.metric: tuple[int, torch.Tensor] | None = None  # (layer, keys) the scoring computed
         self.kept: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # stats key -> (pos, code)
         self.timer = SelectTimer(dev)
@@ -320,10 +324,9 @@ class Prefill:
             self.kept[stage.key] = (tok.pos, tok.code)
             self.timer.stop()
         for stage in self.score_at.get(layer, ()):  # FastV-style: score from this layer's input, drop later
-            if self.reuse is None:
-                self.timer.start()
-                self.pending_scores[stage.index] = self._score(stage, module, hs, self.kw or kwargs)
-                self.timer.stop()
+            if self.reuse is None:  # scored when the stage's layer comes, with this layer's own keys
+                self.deferred[stage.index] = (module, hs, self.kw or kwargs)
+                self._tap(layer, module)
         cache = kwargs.get("past_key_values")
         if cache is not None and self.use_cache and layer >= self.first_reduced:
             reduced_layer(cache, layer).pending = self.cache_view
@@ -609,8 +612,10 @@ class Prefill:
         the rows (G of them across the batch), so no step moves a token's share from one image to
         another; every shape comes from the host plan."""
         method = self.state.method
-        scores = self.pending_scores.pop(stage.index, None)
-        if scores is None and method.score is not None:
+        scores = None
+        if stage.index in self.deferred:
+            scores = self._score(stage, *self.deferred.pop(stage.index))
+        elif method.score is not None:
             scores = self._score(stage, module, hs, kw)
         ctx = self._context(stage, stage.layer, module, hs, kw, scores)
         choice = method.selector(ctx)
@@ -624,13 +629,47 @@ class Prefill:
         choice = self.state.method.before_llm(VisionContext(self, ix, hs))
         return self._select(ix, choice)
 
+    # ------------------------------------------------------------------ the score layer's own keys
+
+    def _tap(self, layer: int, module) -> None:
+        """Keep the k projection ``layer`` computes for this forward's slots (one call, then the
+        hook goes): a stage that scores at an earlier layer reads those keys instead of
+        projecting every slot again."""
+        k_proj = self.state.adapter.attn_parts(module, self.state.text_config).k_proj
+        handle = None
+
+        def keep(mod, args, out):
+            self.taps[layer] = out
+            handle.remove()
+
+        handle = k_proj.register_forward_hook(keep)
+        self._tap_handles.append(handle)
+
+    def close_taps(self) -> None:
+        """Remove the hooks of taps that never fired (a forward that stopped early)."""
+        for h in self._tap_handles:
+            h.remove()
+        self._tap_handles.clear()
+
+    def projected_keys(self, ctx: LayerContext) -> torch.Tensor | None:
+        """(B, N, Hkv, hd) the k projection (before RoPE) the context's layer computed for the
+        current slots, or None when it has not run (the caller projects them itself)."""
+        k = self.taps.get(ctx.layer)
+        if k is None:
+            return None
+        parts = ctx.parts
+        bsz, n = ctx.hidden.shape[:2]
+        if k.shape[:2] != (bsz, n) or k.shape[-1] != parts.num_kv_heads * parts.head_dim:
+            return None  # not this call's slots
+        return k.view(bsz, n, parts.num_kv_heads, parts.head_dim)
+
     # services the contexts offer (see :mod:`.context`)
 
     def attention(self, ctx: LayerContext, rows: str) -> torch.Tensor:
         kind = "text_attention" if rows == "text" else "last_token_attention"
         q_rows = self._query_rows(ctx.slots, kind)
         scores, metric, flops = attention_scores(self.state, self.tokens, q_rows, ctx.module, ctx.hidden, ctx.kwargs,
-                                                 rope=self.rope_now(ctx.kwargs))
+                                                 rope=self.rope_now(ctx.kwargs), keys=self.projected_keys(ctx))
         self.metric = (ctx.layer, metric)
         self.score_flops += flops
         return scores
@@ -639,7 +678,8 @@ class Prefill:
         kind = "text_attention" if rows == "text" else "last_token_attention"
         q_rows = self._query_rows(ctx.slots, kind)
         probs, counts, metric, flops = attention_scores(self.state, self.tokens, q_rows, ctx.module, ctx.hidden,
-                                                        ctx.kwargs, per_row=True, rope=self.rope_now(ctx.kwargs))
+                                                        ctx.kwargs, per_row=True, rope=self.rope_now(ctx.kwargs),
+                                                        keys=self.projected_keys(ctx))
         self.metric = (ctx.layer, metric)
         self.score_flops += flops
         return probs, q_rows.flat.view(probs.shape[0], -1), counts
@@ -682,6 +722,7 @@ class Prefill:
 
     def finish(self, output):
         state = self.state
+        self.close_taps()
         if not self.reduces:
             state.last_stats = stats_unreduced(state, self)
             return None

@@ -102,6 +102,8 @@ class InnerPreHook(_Hook):
 
     def __call__(self, module, args, kwargs):
         state = self.state
+        if isinstance(state.call, Prefill):  # a forward that raised before its end left it open
+            state.call.close_taps()
         state.call = None
         if not state.enabled:
             return None

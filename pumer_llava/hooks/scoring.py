@@ -58,12 +58,14 @@ class QueryRows:
 
 
 def attention_scores(state, tok: Tokens, rows: QueryRows, module, hs: torch.Tensor, kw: dict, per_row: bool = False,
-                     rope: torch.Tensor | None = None):
+                     rope: torch.Tensor | None = None, keys: torch.Tensor | None = None):
     """(B, N) attention the query rows give every current slot, and the head-averaged keys
     (B, N, hd) the layer's own k projection gives (merging measures similarity on them).
     rope: (3, b0, N, hd) cos, sin and ``rope_sin(sin)`` of the current slots when the caller has
-    them stacked, else they come from ``kw``'s position embeddings. The keys come back as
-    (every kv head before RoPE (B, N, Hkv, hd), and after it (B, Hkv, N, hd))."""
+    them stacked, else they come from ``kw``'s position embeddings. keys: (B, N, Hkv, hd) the
+    layer's k projection of every slot when the layer already computed it (then only the query
+    rows are normed and projected). The keys come back as (every kv head before RoPE
+    (B, N, Hkv, hd), and after it (B, Hkv, N, hd))."""
     parts = state.adapter.attn_parts(module, state.text_config)
     w = parts.q_proj.weight
     if w.device.type == "meta":
@@ -72,13 +74,17 @@ def attention_scores(state, tok: Tokens, rows: QueryRows, module, hs: torch.Tens
             "pumer_llava cannot score tokens on offloaded layers: keep reducing layers on a device"
         )
     dev = w.device
-    x = parts.norm(hs.to(dev))  # (B, N, d)
-    bsz, n, d = x.shape
+    bsz, n, d = hs.shape
     flat = rows.flat.to(dev)
     r = flat.shape[0] // bsz
-    x = x.view(bsz * n, d)  # the projections take 2-D rows: no folding of batch dims around each
-    q = parts.q_proj(x.index_select(0, flat)).view(bsz, r, parts.num_heads, parts.head_dim).transpose(1, 2)  # (B, H, R, hd)
-    k = parts.k_proj(x).view(bsz, n, parts.num_kv_heads, parts.head_dim)
+    if keys is None:
+        x = parts.norm(hs.to(dev)).view(bsz * n, d)  # the projections take 2-D rows: no folding of batch dims
+        q_in = x.index_select(0, flat)
+        k = parts.k_proj(x).view(bsz, n, parts.num_kv_heads, parts.head_dim)
+    else:  # the norm is per token: the query rows alone
+        q_in = parts.norm(hs.to(dev).reshape(bsz * n, d).index_select(0, flat))
+        k = keys.to(dev)
+    q = parts.q_proj(q_in).view(bsz, r, parts.num_heads, parts.head_dim).transpose(1, 2)  # (B, H, R, hd)
     pre = k  # (B, N, Hkv, hd) before RoPE: merging averages the heads of the slots it reads
     if rope is None:
         cos, sin = kw["position_embeddings"]
@@ -107,7 +113,7 @@ def attention_scores(state, tok: Tokens, rows: QueryRows, module, hs: torch.Tens
                               rows.count.to(dev), None if key_bias is None else key_bias.to(dev), per_row=per_row,
                               masks=None if rows.masks is None else tuple(m.to(dev) for m in rows.masks))
     hq, hkv = parts.num_heads * parts.head_dim, parts.num_kv_heads * parts.head_dim
-    flops = bsz * (r * d * hq + n * d * hkv + parts.num_heads * r * n * parts.head_dim)
+    flops = bsz * (r * d * hq + (n * d * hkv if keys is None else 0) + parts.num_heads * r * n * parts.head_dim)
     keys = (pre, k)  # every kv head's keys before RoPE (B, N, Hkv, hd) and after it (B, Hkv, N, hd)
     if per_row:
         probs, counts = scores

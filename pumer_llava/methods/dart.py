@@ -55,15 +55,13 @@ class DartOptions(MethodOptions):
 
 def key_norms(ctx) -> torch.Tensor:
     """(B, N) L1 norm of every slot's post-RoPE keys over all key heads of the layer."""
-    parts, hs = ctx.parts, ctx.hidden
-    dev = parts.k_proj.weight.device
-    bsz, n, _ = hs.shape
+    hs = ctx.hidden
+    k = ctx.projected_keys()  # (B, N, Hkv, hd)
+    dev, bsz = k.device, hs.shape[0]
     with torch.no_grad():
-        k = parts.k_proj(parts.norm(hs.to(dev))).view(bsz, n, parts.num_kv_heads, parts.head_dim)
         cos, sin = ctx.position_embeddings
         cos, sin = cos.to(dev).expand(bsz, -1, -1), sin.to(dev).expand(bsz, -1, -1)
         k = apply_rope(k.transpose(1, 2), cos, sin)  # (B, Hkv, N, hd)
-    ctx.add_flops(bsz * n * hs.shape[-1] * parts.num_kv_heads * parts.head_dim)
     return k.float().abs().sum((1, 3)).to(hs.device)
 
 
