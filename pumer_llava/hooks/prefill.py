@@ -615,6 +615,7 @@ class Prefill:
         scores = None
         if stage.index in self.deferred:
             scores = self._score(stage, *self.deferred.pop(stage.index))
+            self.taps.pop(stage.score_layer, None)  # read: no need to hold it for the rest of the prefill
         elif method.score is not None:
             scores = self._score(stage, module, hs, kw)
         ctx = self._context(stage, stage.layer, module, hs, kw, scores)
