@@ -128,7 +128,9 @@ def flop_counter():
     attention kernel, as torch counts the CUDA ones: every matrix product, convolution and
     attention a forward runs, 2 FLOPs per multiply-add, whatever the architecture (gated
     MLPs, grouped-query attention, the vision tower and projector, the scoring a reduction
-    adds). ``get_total_flops()`` may be read inside the block, e.g. from module hooks::
+    adds). Only ATen operators are seen: kernels of other packages (flash-attn's own attention,
+    custom quantized matmuls) are not counted. ``get_total_flops()`` may be read inside the
+    block, e.g. from module hooks::
 
         with flop_counter() as f:
             model(**inputs)
