@@ -104,3 +104,41 @@ def test_each_image_is_scored_by_the_text_after_it():
     with torch.no_grad():
         model(**inp)
     assert model.pumer.last_stats.kept_positions[layer] == [want]
+
+
+@pytest.mark.parametrize("layouts, lean_per_sample", [
+    # the text before each sample's first image counts for no visual token: 3 + 5 rows and 6, padded to 8
+    ((("t3", "i", "t3", "i", "i", "t5"), ("t2", "i", "t6")), 8),
+    # sample 0 ends with an image, which all its text reads: its 5 rows; sample 1's 3 after its image
+    ((("t3", "i", "t2", "i"), ("t4", "i", "t3")), 5),
+])
+def test_pumer_projects_only_the_query_rows_that_score_an_image(monkeypatch, layouts, lean_per_sample):
+    """The text before a sample's first image counts for no visual token: PuMer's scoring skips
+    those rows (fewer q projections and scores) and chooses exactly what all the rows choose."""
+    from pumer_llava.hooks.prefill import Prefill
+
+    model = tiny_llava("qwen2")
+    inp, _ = _multi_image_inputs(layouts)
+    apply_pumer(model, ratio=0.25, method="pumer")
+    orig, rows = Prefill._query_rows, []
+
+    def run(trim: bool):
+        def spy(self, slots, kind, scoring_only=False):
+            q = orig(self, slots, kind, scoring_only and trim)
+            rows.append(q.flat.numel())
+            return q
+
+        monkeypatch.setattr(Prefill, "_query_rows", spy)
+        rows.clear()
+        with torch.no_grad():
+            logits = model(**inp).logits
+        return logits, model.pumer.last_stats.kept_positions, list(rows)
+
+    lean, kept, lean_rows = run(True)
+    full, kept_full, full_rows = run(False)
+    assert kept == kept_full
+    assert (lean - full).abs().max().item() <= 1e-6
+    assert len(lean_rows) == len(model.pumer.layers) == 3
+    text = [sum(1 for item in lay if item != "i" for _ in range(int(item[1:]))) for lay in layouts]
+    assert full_rows == [len(layouts) * max(text)] * 3
+    assert lean_rows == [len(layouts) * lean_per_sample] * 3

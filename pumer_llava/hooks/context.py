@@ -162,7 +162,9 @@ class LayerContext(_StageView):
 
         rows="text": the text after each image reads it (an image with none after it: all the
         prompt's text, the causal mask lifted for its keys; PuMer). rows="last": the last
-        prompt token (FastV, PyramidDrop)."""
+        prompt token (FastV, PyramidDrop). Visual slots' entries are the scores; the query
+        rows that count for no image (text before a sample's first image) are not computed,
+        so text slots' entries average the rows that are."""
         if rows not in ("text", "last"):
             raise ValueError(f"attention rows must be 'text' or 'last', got {rows!r}")
         return self._pre.attention(self, rows)

@@ -526,17 +526,19 @@ class Prefill:
         pairs = pair_within_rows(metric, tx.flat, tx.counts, tx.merge, pad, tx.pair_sel, tx.o_max)
         return pairs.keep, pairs.src, pairs.dst
 
-    def _query_rows(self, slots: StageSlots, kind: str) -> QueryRows:
+    def _query_rows(self, slots: StageSlots, kind: str, scoring_only: bool = False) -> QueryRows:
         """The prompt's query rows at ``slots`` and what every key needs, on the host, then
-        on the device in one copy (see :class:`.scoring.QueryRows`)."""
+        on the device in one copy (see :class:`.scoring.QueryRows`). scoring_only: only the
+        rows that count for some visual key (text before every image of its sample counts
+        for none), for a caller that reads visual slots only."""
         key = ("rows", self.layout.key, tuple(slots.counts), slots.segments, slots.text_counts, self.n_prompt, kind,
-               self.state.text_config.num_attention_heads, self.device)
+               scoring_only, self.state.text_config.num_attention_heads, self.device)
         tc = self.state.text_config
         heads = tc.num_attention_heads
         kv_heads = getattr(tc, "num_key_value_heads", None) or heads
 
         def build():
-            t = to_device(self.device, *self._query_rows_host(slots, kind))
+            t = to_device(self.device, *self._query_rows_host(slots, kind, scoring_only))
             dynamic = t[5].bool() if t[5].numel() else None
             # positions known before the forward: the masks are part of the plan, computed once
             masks = None if dynamic is not None else row_masks(t[2], t[1], t[3], t[4], heads, kv_heads)
@@ -544,7 +546,7 @@ class Prefill:
 
         return cached(key + (kv_heads,), build)
 
-    def _query_rows_host(self, slots: StageSlots, kind: str):
+    def _query_rows_host(self, slots: StageSlots, kind: str, scoring_only: bool = False):
         layout, n_prompt, images = self.layout, self.n_prompt, self.layout.images
         heads = self.state.text_config.num_attention_heads
         text = slots.text_rows(n_prompt) if kind == "text_attention" else None
@@ -566,6 +568,8 @@ class Prefill:
         # PuMer: each image is read by the text after it; an image with none after it by all the text
         scored_after = kind == "text_attention"
         follows = [row_last[im.sample] > im.end for im in images]
+        if scored_after and scoring_only and text is not None:
+            idx, row_pos = self._rows_after_images(idx, row_pos, follows)
         past = self.n0 + 1
         key_pos, key_end, count = [], [], []
         for b, (codes, srcs) in enumerate(zip(slots.code, slots.src)):
@@ -592,6 +596,21 @@ class Prefill:
         # text runs that merged: their slots hold a stand-in position; the device has the real one
         dynamic = [] if slots.exact else [[int(j >= 0) for j in row] for row in slots.seg]
         return flat, row_pos, key_pos, key_end, count, dynamic, [i for row in idx for i in row]
+
+    def _rows_after_images(self, idx: list[list[int]], row_pos: list[list[int]], follows: list[bool]):
+        """The text rows of each sample that come after its first image (the others count for
+        no visual key), padded; a sample with an image that no text follows keeps every row
+        (that image is read by all the text)."""
+        cut = []
+        for b in range(self.layout.bsz):
+            ims = [(im.end, f) for im, f in zip(self.layout.images, follows) if im.sample == b]
+            cut.append(min(e for e, _ in ims) if ims and all(f for _, f in ims) else (-1 if ims else None))
+        rows = [[(s_, p) for s_, p in zip(ir, pr) if p >= 0 and (c is not None and p > c)]
+                for ir, pr, c in zip(idx, row_pos, cut)]
+        r = max(1, max(len(x) for x in rows))
+        idx = [[s_ for s_, _ in x] + [x[0][0] if x else ir[0]] * (r - len(x)) for x, ir in zip(rows, idx)]
+        row_pos = [[p for _, p in x] + [-2] * (r - len(x)) for x in rows]
+        return idx, row_pos
 
     # ------------------------------------------------------------------ deciding (the method's callables)
 
@@ -668,7 +687,7 @@ class Prefill:
 
     def attention(self, ctx: LayerContext, rows: str) -> torch.Tensor:
         kind = "text_attention" if rows == "text" else "last_token_attention"
-        q_rows = self._query_rows(ctx.slots, kind)
+        q_rows = self._query_rows(ctx.slots, kind, scoring_only=True)
         scores, metric, flops = attention_scores(self.state, self.tokens, q_rows, ctx.module, ctx.hidden, ctx.kwargs,
                                                  rope=self.rope_now(ctx.kwargs), keys=self.projected_keys(ctx))
         self.metric = (ctx.layer, metric)
