@@ -374,6 +374,7 @@ def parse_args(argv=None):
                    help="a registered method with some options changed, e.g. pumer-t=pumer:merge_rule=recycle,"
                    "merge_threshold=0.85 (repeatable; replaces the built-in variants)")
     p.add_argument("--no-hybrids", action="store_true", help="skip the VisPruner + PuMer hybrid rows")
+    p.add_argument("--no-variants", action="store_true", help="skip the variant rows (pumer-prune, pumer-bipartite)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="eval/results")
@@ -397,7 +398,7 @@ def main(argv=None) -> dict:
     processor.tokenizer.padding_side = "left"
     records = load_records(args.data, args.limit, conversations=args.conversations)
     methods = args.methods if args.methods is not None else list_methods()
-    variants = VARIANTS if args.variant is None else parse_variants(args.variant)
+    variants = {} if args.no_variants else VARIANTS if args.variant is None else parse_variants(args.variant)
     hybrids = {} if args.no_hybrids else HYBRIDS
     t0 = time.perf_counter()
     results = run(model, processor, records, methods, args.fractions, args.controls, args.control_layer,

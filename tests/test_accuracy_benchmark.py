@@ -195,3 +195,18 @@ def test_conversation_records_ask_each_turn_after_the_earlier_ones(small_proxy, 
     assert "| turn4 |" in md.splitlines()[0] + "|" and "conversation questions" in md
     with pytest.raises(SystemExit, match="does not read --data"):
         accuracy.load_records("x.jsonl", None, conversations=True)
+
+
+def test_the_pumer_score_layer_study_compares_the_two_layers(tmp_path):
+    import pumer_score_layer
+    from pumer_llava import list_methods
+
+    res = pumer_score_layer.main(["--limit", "6", "--fractions", "0.25", "--threads", "1", "--out", str(tmp_path)])
+    rows = {r["name"]: r for r in res["rows"]}
+    assert set(rows) == {"unreduced", "pumer", pumer_score_layer.PREVIOUS}  # no variants, hybrids or controls
+    assert rows["pumer"]["layers"] == rows[pumer_score_layer.PREVIOUS]["layers"] == [1, 2, 4]
+    # the same budgets; the earlier layer's keys are already projected, so the scoring counts fewer FLOPs
+    assert rows["pumer"]["visual_tokens_per_layer"] == rows[pumer_score_layer.PREVIOUS]["visual_tokens_per_layer"]
+    assert rows[pumer_score_layer.PREVIOUS]["flops_ratio"] < rows["pumer"]["flops_ratio"]
+    assert (tmp_path / "accuracy_pumer_score_layer.md").exists()
+    assert pumer_score_layer.PREVIOUS not in list_methods()  # unregistered once the study ran
