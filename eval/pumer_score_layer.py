@@ -2,7 +2,7 @@
 
 PuMer (the default) scores a stage at layer L with layer L's own attention: the stage
 computes that layer's norm, k projection of every token and the text rows' queries before
-the layer runs, which is most of PuMer's selection time. The alternative reads the layer
+the layer runs, about half of PuMer's selection time. The alternative reads the layer
 before (``score_offset=-1``, as FastV does): its keys were projected anyway, so the scoring
 costs a few query rows; this is also where PuMer's reference reducer sits (it reduces with
 the attention of the layer it follows). Both run at PuMer's default layers and budgets.
