@@ -388,8 +388,11 @@ class Prefill:
             full = self._rope_full(pe)
             if full is not None:  # cos, sin and the scoring's rolled sin of the tokens now present, one gather
                 idx = tok.pos.to(full.device)
-                three = full.expand(3, idx.shape[0], *full.shape[2:]).gather(
-                    2, idx.view(1, *idx.shape, 1).expand(3, -1, -1, full.shape[-1]))
+                if idx.shape[0] == 1 and full.shape[1] == 1:  # one row: index_select (a gather over hd is slower)
+                    three = full.index_select(2, idx.view(-1))
+                else:
+                    three = full.expand(3, idx.shape[0], *full.shape[2:]).gather(
+                        2, idx.view(1, *idx.shape, 1).expand(3, -1, -1, full.shape[-1]))
                 cos, sin, _ = three.unbind(0)
                 out["position_embeddings"] = (cos, sin)
                 self.rope = three
@@ -717,7 +720,9 @@ class Prefill:
                 return keys if flat is None else keys.reshape(-1, keys.shape[-1])[flat.to(keys.device)]
             if flat is None:
                 return pre.mean(2)  # (B, N, hd)
-            return pre.reshape(-1, *pre.shape[2:])[flat.to(pre.device)].mean(-2)  # the slots read, heads averaged
+            at = flat.to(pre.device)
+            rows = pre.reshape(-1, *pre.shape[2:]).index_select(0, at.reshape(-1))  # the slots read
+            return rows.view(*at.shape, *pre.shape[2:]).mean(-2)  # heads averaged
         parts = ctx.parts
         with torch.no_grad():
             if flat is None:
