@@ -30,7 +30,7 @@ PREVIOUS = "pumer-previous-layer"
 def main(argv=None) -> dict:
     pumer = get_method("pumer")
     register_method(dataclasses.replace(
-        pumer, name=PREVIOUS, score_offset=-1, min_layer=1,
+        pumer, name=PREVIOUS, score_offset=-1,
         description="PuMer scored with the attention of the layer before each reducing one"), replace=True)
     args = ["--methods", "pumer", PREVIOUS, "--controls", "--no-hybrids", "--no-variants",
             "--fractions", "0.5", "0.25", "0.11", "--batch-size", "48", "--stem", "accuracy_pumer_score_layer"]

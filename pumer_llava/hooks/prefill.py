@@ -604,12 +604,14 @@ class Prefill:
         """The text rows of each sample that come after its first image (the others count for
         no visual key), padded; a sample with an image that no text follows keeps every row
         (that image is read by all the text)."""
-        cut = []
+        cut = []  # per sample: a row counts when its position is past this (padding rows sit at -2)
         for b in range(self.layout.bsz):
             ims = [(im.end, f) for im, f in zip(self.layout.images, follows) if im.sample == b]
-            cut.append(min(e for e, _ in ims) if ims and all(f for _, f in ims) else (-1 if ims else None))
-        rows = [[(s_, p) for s_, p in zip(ir, pr) if p >= 0 and (c is not None and p > c)]
-                for ir, pr, c in zip(idx, row_pos, cut)]
+            if not ims:
+                cut.append(float("inf"))  # no image: no row counts
+            else:
+                cut.append(min(e for e, _ in ims) if all(f for _, f in ims) else -1)
+        rows = [[(s_, p) for s_, p in zip(ir, pr) if p > c] for ir, pr, c in zip(idx, row_pos, cut)]
         r = max(1, max(len(x) for x in rows))
         idx = [[s_ for s_, _ in x] + [x[0][0] if x else ir[0]] * (r - len(x)) for x, ir in zip(rows, idx)]
         row_pos = [[p for _, p in x] + [-2] * (r - len(x)) for x in rows]
