@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from .layout import TEXT, StageSlots, cached, to_device
+from .scoring import layer_keys
 
 
 @dataclass
@@ -192,12 +193,9 @@ class LayerContext(_StageView):
         k = self._pre.projected_keys(self)
         if k is not None:
             return k
-        parts, hs = self.parts, self.hidden
-        bsz, n, d = hs.shape
-        with torch.no_grad():
-            k = parts.k_proj(parts.norm(hs.to(parts.k_proj.weight.device)))
-        self.add_flops(bsz * n * d * parts.num_kv_heads * parts.head_dim)
-        return k.view(bsz, n, parts.num_kv_heads, parts.head_dim)
+        _, k, flops = layer_keys(self.parts, self.hidden)
+        self.add_flops(flops)
+        return k
 
     def input_embeddings(self) -> torch.Tensor:
         """(B, N) rows of the language model's input embeddings of the current slots (the

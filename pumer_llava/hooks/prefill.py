@@ -41,7 +41,7 @@ from .context import LayerContext, StageIndex, TextIndex, VisionContext
 from .layout import FILLER, TEXT, PromptLayout, Segment, StageSlots, cached, text_segments, to_device
 from .masks import layer_mask
 from ..reduce.scoring import apply_rope_rolled, rope_sin, row_masks
-from .scoring import QueryRows, attention_scores, take_rows
+from .scoring import QueryRows, attention_scores, layer_keys, take_rows
 from .stats import stats_reduced, stats_unreduced
 from .tokens import Tokens
 
@@ -725,17 +725,9 @@ class Prefill:
             at = flat.to(pre.device)
             rows = pre.reshape(-1, *pre.shape[2:]).index_select(0, at.reshape(-1))  # the slots read
             return rows.view(*at.shape, *pre.shape[2:]).mean(-2)  # heads averaged
-        parts = ctx.parts
-        with torch.no_grad():
-            if flat is None:
-                x = hs.to(parts.k_proj.weight.device)
-                shape = hs.shape[:2]
-            else:
-                x = hs.reshape(-1, hs.shape[-1])[flat.to(hs.device)].to(parts.k_proj.weight.device)
-                shape = flat.shape
-            k = parts.k_proj(parts.norm(x)).view(*shape, parts.num_kv_heads, parts.head_dim)
-        n = shape.numel() if hasattr(shape, "numel") else int(torch.tensor(shape).prod())
-        self.score_flops += n * hs.shape[-1] * parts.num_kv_heads * parts.head_dim
+        _, k, flops = layer_keys(ctx.parts, hs, flat)
+        self.score_flops += flops
+        shape = k.shape[:-2]
         if rotated:
             cos, sin = ctx.position_embeddings
             bsz, width = hs.shape[:2]

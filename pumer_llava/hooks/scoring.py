@@ -32,6 +32,23 @@ def take_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return t.gather(1, idx.view(*idx.shape, *([1] * (t.ndim - 2))).expand(-1, -1, *t.shape[2:]))
 
 
+def layer_keys(parts, hs: torch.Tensor, flat: torch.Tensor | None = None):
+    """The layer's own norm and k projection (before RoPE) of the slots ``flat`` of hs
+    (B, N, d) (flat (B*N) indices, any shape; None: every slot): (normed rows (M, d), keys
+    (*shape, Hkv, hd), FLOPs of the projection), on the projection's device. Every reader of a
+    layer's keys (scoring, merging, methods that ask for them) projects through here."""
+    dev = parts.k_proj.weight.device
+    bsz, n, d = hs.shape
+    rows = hs.to(dev).reshape(bsz * n, d)
+    shape = (bsz, n) if flat is None else tuple(flat.shape)
+    if flat is not None:
+        rows = rows.index_select(0, flat.to(dev).reshape(-1))
+    with torch.no_grad():
+        x = parts.norm(rows)  # the projections take 2-D rows: no folding of batch dims
+        k = parts.k_proj(x).view(*shape, parts.num_kv_heads, parts.head_dim)
+    return x, k, rows.shape[0] * d * parts.num_kv_heads * parts.head_dim
+
+
 @dataclass(frozen=True)
 class QueryRows:
     """The prompt's query rows at a stage and what each key needs, built on the host
@@ -78,12 +95,11 @@ def attention_scores(state, tok: Tokens, rows: QueryRows, module, hs: torch.Tens
     flat = rows.flat.to(dev)
     r = flat.shape[0] // bsz
     if keys is None:
-        x = parts.norm(hs.to(dev)).view(bsz * n, d)  # the projections take 2-D rows: no folding of batch dims
+        x, k, k_flops = layer_keys(parts, hs)
         q_in = x.index_select(0, flat)
-        k = parts.k_proj(x).view(bsz, n, parts.num_kv_heads, parts.head_dim)
     else:  # the norm is per token: the query rows alone
         q_in = parts.norm(hs.to(dev).reshape(bsz * n, d).index_select(0, flat))
-        k = keys.to(dev)
+        k, k_flops = keys.to(dev), 0
     q = parts.q_proj(q_in).view(bsz, r, parts.num_heads, parts.head_dim).transpose(1, 2)  # (B, H, R, hd)
     pre = k  # (B, N, Hkv, hd) before RoPE: merging averages the heads of the slots it reads
     if rope is None:
@@ -112,8 +128,8 @@ def attention_scores(state, tok: Tokens, rows: QueryRows, module, hs: torch.Tens
     scores = scores_from_rows(q, k, parts.scaling, key_pos.to(dev), row_pos.to(dev), rows.key_end.to(dev),
                               rows.count.to(dev), None if key_bias is None else key_bias.to(dev), per_row=per_row,
                               masks=None if rows.masks is None else tuple(m.to(dev) for m in rows.masks))
-    hq, hkv = parts.num_heads * parts.head_dim, parts.num_kv_heads * parts.head_dim
-    flops = bsz * (r * d * hq + (n * d * hkv if keys is None else 0) + parts.num_heads * r * n * parts.head_dim)
+    hq = parts.num_heads * parts.head_dim
+    flops = bsz * (r * d * hq + parts.num_heads * r * n * parts.head_dim) + k_flops
     keys = (pre, k)  # every kv head's keys before RoPE (B, N, Hkv, hd) and after it (B, Hkv, N, hd)
     if per_row:
         probs, counts = scores
