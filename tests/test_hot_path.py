@@ -218,3 +218,43 @@ def test_an_image_run_is_cut_by_id_and_by_the_fixed_count():
     lay = PromptLayout([[IMAGE_TOKEN] * (2 * N_VIS) + [9, 4, 4]], {IMAGE_TOKEN, 4}, per_image=N_VIS)
     assert [im.count for im in lay.images] == [N_VIS, N_VIS, 2]
     assert lay.stage([1, 2, 1]).width == 1 + 2 + 1 + 1
+
+
+def _layout_by_loop(ids, visual_ids, per_image):
+    """Token by token, as the definition reads: an image is a run of one visual id, cut every
+    ``per_image`` tokens; codes: image index, TEXT, PAD (id -1)."""
+    images, code = [], []
+    for b, row in enumerate(ids):
+        codes, run_id, run_start = [], None, 0
+        for i, t in enumerate(row):
+            if t in visual_ids:
+                if t != run_id:
+                    run_start = i
+                if t != run_id or (per_image and (i - run_start) % per_image == 0):
+                    images.append([b, i, i, 0])
+                images[-1][2:] = [i, images[-1][3] + 1]
+                codes.append(len(images) - 1)
+                run_id = t
+            else:
+                codes.append(PAD if t < 0 else TEXT)
+                run_id = None
+        code.append(codes)
+    return [tuple(im) for im in images], code
+
+
+@pytest.mark.parametrize("per_image", [None, 3])
+def test_the_layout_is_the_token_by_token_definition(per_image):
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        bsz, n = int(torch.randint(1, 5, (1,), generator=g)), int(torch.randint(1, 30, (1,), generator=g))
+        # ids 0..5, with 3 and 4 visual (two kinds side by side), -1 padding
+        ids = (torch.randint(-1, 6, (bsz, n), generator=g)).tolist()
+        lay = PromptLayout(ids, {3, 4}, per_image)
+        images, code = _layout_by_loop(ids, {3, 4}, per_image)
+        assert [(im.sample, im.start, im.end, im.count) for im in lay.images] == images
+        assert lay.code == code and lay.ids == ids
+        assert lay.valid_n == [sum(c != PAD for c in r) for r in code]
+        assert lay.visual_n == [sum(c >= 0 for c in r) for r in code]
+        assert lay.vis_start == [next((i for i, c in enumerate(r) if c >= 0), 0) for r in code]
+    same = PromptLayout([[1, 3, 3, 2]], {3}, None)
+    assert same.key == PromptLayout([[5, 3, 3, 0]], {3}, None).key != PromptLayout([[1, 3, 2, 2]], {3}, None).key
