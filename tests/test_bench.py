@@ -243,6 +243,20 @@ def test_cli_rejects_bad_arguments(capsys, tmp_path):
     assert main(["--model", "tiny", "--methods", "nope", "--quiet", "--batch-sizes", "1"]) == 2
 
 
+def test_every_method_at_the_layers_given(capsys, tmp_path):
+    # random at PuMer's layers: a control that selects for free with PuMer's stages
+    spec = dict(SPEC, methods=("pumer", "random"), batch_sizes=(), gen_repeats=0, repeats=1, memory=False,
+                layers=(1, 3))
+    out = run_benchmark(BenchSpec(**spec), progress=False)
+    reduced = [r for r in out["prefill"] if r["fraction"] < 1]
+    assert [r["method"] for r in reduced] == ["pumer", "random"]
+    assert all(r["reducing_layers"] == [1, 3] for r in reduced)
+    assert out["config"]["layers"] == (1, 3) and "every method reduces at layers 1, 3" in to_markdown(out)
+    assert main(["--model", "tiny", "--methods", "visionzip", "--layers", "2", "--batch-sizes", "1", "--quiet",
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "acts before the language model only: it takes no layers" in capsys.readouterr().err
+
+
 def test_static_cache_generation(capsys):
     spec = dict(SPEC, methods=("pumer",), fractions=(1.0, 0.25), batch_sizes=(2,), repeats=1, gen_repeats=1,
                 memory=False, cache="static")

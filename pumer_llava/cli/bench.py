@@ -102,6 +102,7 @@ class BenchSpec:
     compile: bool = False  # compile generate()'s decoding forward (static cache only)
     image_size: tuple[int, int] | None = None  # (width, height) of the image a folder's processor encodes
     options: dict[str, str] = field(default_factory=dict)  # methods' own options (--option KEY=VALUE)
+    layers: tuple[int, ...] | None = None  # every method's reducing layers (default: each method's own)
 
     def method_kwargs(self, method: str) -> dict[str, Any]:
         """The options ``method`` runs with: each --option it takes, and the run's seed if it has one."""
@@ -440,7 +441,7 @@ def _switch(model, s: Setting, spec: BenchSpec) -> None:
     if s.method == NONE:
         remove_pumer(model)
     else:
-        apply_pumer(model, ratio=s.fraction, method=s.method, **spec.method_kwargs(s.method))
+        apply_pumer(model, ratio=s.fraction, method=s.method, layers=spec.layers, **spec.method_kwargs(s.method))
 
 
 def _prefill(model, inputs, device, llm_clock: _LLMClock) -> dict[str, Any]:
@@ -672,7 +673,7 @@ def _run(spec: BenchSpec, model, processor, progress: bool) -> dict[str, Any]:
 
     settings = [Setting(NONE, 1.0)] + [Setting(m, f) for m in spec.methods for f in spec.fractions]
     for s in settings[1:]:  # validate every setting before any timing
-        apply_pumer(model, ratio=s.fraction, method=s.method, **spec.method_kwargs(s.method))
+        _switch(model, s, spec)
     remove_pumer(model)
 
     def schedule(r: int) -> list[tuple[str, Setting]]:
@@ -970,7 +971,9 @@ def to_markdown(result: dict) -> str:
         f"transformers {e['transformers']}, "
         f"{e['torch_threads']} thread(s). Prompt: {c['prefix_tokens']} text + {c['visual_tokens']} visual + "
         f"{c['suffix_tokens']} text tokens; text model hidden {c['text_hidden']}, {c['text_layers']} layers, "
-        f"MLP {c['text_mlp']}. Medians of {c['repeats']} prefill / {c['gen_repeats']} generate repeats after "
+        f"MLP {c['text_mlp']}"
+        + (f"; every method reduces at layers {', '.join(map(str, c['layers']))}" if c.get("layers") else "")
+        + f". Medians of {c['repeats']} prefill / {c['gen_repeats']} generate repeats after "
         f"warm-up; ratios are medians of per-repeat ratios to the unreduced model run in the same group.",
         "",
         "### Prefill (time to first token), batch 1",
@@ -1158,6 +1161,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="a method's own option (e.g. merge_share=0.25, dominant=54), for every benchmarked method "
                    "that takes it; repeatable")
+    p.add_argument("--layers", type=_ints, default=None,
+                   help="comma-separated decoder layers every method reduces at (default: each method's own); "
+                   "e.g. random at PuMer's layers is a control that selects for free with the same stages")
     p.add_argument("--fractions", type=_floats, default=",".join(f"{f:g}" for f in d.fractions),
                    help="comma-separated kept fractions (1 measures the hooks' overhead)")
     p.add_argument("--batch-sizes", type=_ints, default=",".join(map(str, d.batch_sizes)),
@@ -1211,7 +1217,7 @@ def main(argv: list[str] | None = None) -> int:
         repeats=args.repeats, gen_repeats=args.gen_repeats, warmup=args.warmup, new_tokens=args.new_tokens,
         prefix_tokens=args.prefix_tokens, suffix_tokens=args.suffix_tokens, threads=args.threads,
         memory=not args.no_memory, seed=args.seed, cache=args.cache, image_size=args.image_size,
-        compile=args.compile,
+        compile=args.compile, layers=args.layers,
     )
     try:
         spec.validate()
