@@ -10,8 +10,12 @@ indexing, ``torch.equal``, ``unique``...). Neither shows on a CPU timing, so
 - ``kernels``: the operators that launch work on the device: ``ops`` less views (an op
   whose result aliases its input: ``view``, ``expand``, ``transpose``, slicing...) and
   ops that return no tensor;
-- ``syncs``: operators whose result the host must read (by name, below) plus every
-  ``Tensor.tolist()`` call (which reads memory without dispatching an operator).
+- ``syncs``: operators whose result the host must read (by name, below), every
+  ``Tensor.tolist()`` call (which reads memory without dispatching an operator), and copies
+  between the host and a device that wait for the device (to the host; to a device unless
+  non-blocking from pinned memory);
+- ``host_tensors``: tensors made from Python data (``torch.tensor(...)``): a model on a GPU
+  uploads each one (seen on any device, so a CPU test can pin how many a forward makes).
 
 Used by ``pumer-bench`` (the op and sync columns) and by tests that pin the plug-in's
 overhead::
@@ -48,10 +52,34 @@ _SYNC_PACKETS = (
 _SYNC = {p for p in _SYNC_PACKETS}
 
 
+def _copy_sync(func, args, kwargs) -> bool:
+    """A copy between the host and a device that makes the host wait: to the host always; to a
+    device unless it is non-blocking from pinned memory (a blocking copy waits for the stream,
+    and one from pageable memory may, the driver staging it)."""
+    kwargs = kwargs or {}
+    if func.overloadpacket is _aten._to_copy:
+        src = args[0]
+        dst_dev, blocking = kwargs.get("device") or src.device, not kwargs.get("non_blocking", False)
+    else:  # copy_(dst, src, non_blocking)
+        dst, src = args[0], args[1]
+        if not isinstance(src, torch.Tensor):
+            return False
+        dst_dev = dst.device
+        blocking = not (args[2] if len(args) > 2 else kwargs.get("non_blocking", False))
+    src_dev = src.device
+    if torch.device(dst_dev).type == src_dev.type:
+        return False
+    if torch.device(dst_dev).type == "cpu":
+        return True
+    return src_dev.type == "cpu" and (blocking or not src.is_pinned())
+
+
 def _is_sync(func, args, kwargs) -> bool:
     packet = func.overloadpacket
     if packet in _SYNC:
         return True
+    if packet in (_aten._to_copy, _aten.copy_):
+        return _copy_sync(func, args, kwargs)
     if packet is _aten.repeat_interleave and func is _aten.repeat_interleave.Tensor:
         return (kwargs or {}).get("output_size") is None and (len(args) < 3 or args[2] is None)
     if packet in (_aten.index, _aten.index_put, _aten.index_put_):
@@ -85,11 +113,13 @@ class OpCounter(TorchDispatchMode):
         self.ops = 0
         self.kernels = 0
         self.syncs = 0
+        self.host_tensors = 0
         self.sync_ops: Counter[str] = Counter()
         self._tolist = None
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops += 1
+        self.host_tensors += func.overloadpacket is _aten.lift_fresh
         sync = _is_sync(func, args, kwargs)
         self.kernels += sync or launches_work(func)
         if sync:
@@ -114,7 +144,8 @@ class OpCounter(TorchDispatchMode):
         return super().__exit__(*exc)
 
     def to_dict(self) -> dict:
-        return {"ops": self.ops, "kernels": self.kernels, "syncs": self.syncs, "sync_ops": dict(self.sync_ops)}
+        return {"ops": self.ops, "kernels": self.kernels, "syncs": self.syncs, "sync_ops": dict(self.sync_ops),
+                "host_tensors": self.host_tensors}
 
 
 def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:

@@ -73,8 +73,11 @@ def test_prefill_and_decode_counts(deep, baseline, method):
     # building plans costs Python, a copy per stage (and the views of its parts), the query rows'
     # masks computed once from their positions, no sync
     assert cold.kernels <= pre.kernels + 10 * stages, (cold.kernels, pre.kernels)
+    # nothing to upload from the host once the plans exist (on a GPU each host tensor is a copy),
+    # but the random control's seeded scores (made on the host per sample, uploaded non-blocking)
+    assert pre.host_tensors == pre0.host_tensors + (inp["input_ids"].shape[0] if method == "random" else 0)
     # a decode step: a few ops per stage (positions and sizes appended), none per layer
-    assert dec.syncs == dec0.syncs
+    assert dec.syncs == dec0.syncs and dec.host_tensors == dec0.host_tensors
     assert dec.ops <= DECODE_OPS * dec0.ops, (method, dec.ops / dec0.ops)
     assert dec.kernels <= DECODE_OPS * dec0.kernels, (method, dec.kernels / dec0.kernels)
 
@@ -195,6 +198,19 @@ def test_a_forward_that_raises_mid_prefill_leaves_no_hook(deep, baseline):
         remove_pumer(deep)
 
 
+def test_copies_between_the_host_and_a_device_count_as_syncs():
+    # "meta" stands in for a GPU on a machine without one: a copy to it crosses devices
+    host = torch.arange(4)
+    with OpCounter() as c:
+        host.to("meta")  # blocking: waits for the device's queue
+        host.to("meta", non_blocking=True)  # from pageable memory: the driver may wait too
+        torch.empty(4, device="meta").copy_(host)
+        host.to("cpu")  # no copy
+        host.clone()
+        torch.tensor([1, 2])  # made from Python data: uploaded, on a GPU
+    assert c.syncs == 3 and c.sync_ops == {"_to_copy": 2, "copy_": 1} and c.host_tensors == 1
+
+
 # ----------------------------------------------------------------------------- the host layout
 
 
@@ -258,3 +274,15 @@ def test_the_layout_is_the_token_by_token_definition(per_image):
         assert lay.vis_start == [next((i for i, c in enumerate(r) if c >= 0), 0) for r in code]
     same = PromptLayout([[1, 3, 3, 2]], {3}, None)
     assert same.key == PromptLayout([[5, 3, 3, 0]], {3}, None).key != PromptLayout([[1, 3, 2, 2]], {3}, None).key
+
+
+def test_host_data_goes_to_a_gpu_pinned_and_without_waiting(monkeypatch):
+    from pumer_llava.reduce.host import upload
+
+    calls = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: calls.append("pin") or self)
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, dev, **kw: calls.append((str(dev), kw)) or self)
+    t = torch.arange(3)
+    assert upload(t, "cpu") is t and calls == []
+    upload(t, "cuda:0")
+    assert calls == ["pin", ("cuda:0", {"non_blocking": True})]

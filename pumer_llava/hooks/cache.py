@@ -123,8 +123,8 @@ class StaticSlots:
         if log_size is not None:
             self.log_size = log_size.new_zeros(bsz, slots)
             self.log_size[:, :q] = log_size
-        self.seen = torch.tensor(n_full, device=pos.device)  # logical length
-        self.written = torch.tensor(q, device=pos.device)  # slots written
+        self.seen = pos.new_full((), n_full)  # logical length (filled on the device: no upload)
+        self.written = pos.new_full((), q)  # slots written
         self.host_written = q  # the same on the host, kept by eager steps (checks overflow)
         self.reordered_by = None  # the beam index the rows were last reordered by
         if not torch.compiler.is_compiling():

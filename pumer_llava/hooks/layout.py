@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..reduce.host import upload
+
 TEXT, PAD, FILLER = -1, -2, -3  # ordered so that valid = code >= TEXT and visual = code >= 0
 
 # Plans depend only on the prompt's structure (where text, padding and images are), not on
@@ -242,7 +244,8 @@ class StageSlots:
 
 def to_device(device, *parts) -> list[torch.Tensor]:
     """Int (or bool) lists of one or two dimensions, each rectangular, as long tensors on
-    ``device``, in one host-to-device copy (views of one buffer)."""
+    ``device``, in one host-to-device copy that the host does not wait for (views of one
+    buffer; :func:`..reduce.host.upload`)."""
     flat, shapes = [], []
     for p in parts:
         if p and isinstance(p[0], list):
@@ -252,9 +255,7 @@ def to_device(device, *parts) -> list[torch.Tensor]:
         else:
             shapes.append((len(p),))
             flat.extend(p)
-    t = torch.tensor(flat, dtype=torch.long)
-    if torch.device(device).type != "cpu":
-        t = t.to(device, non_blocking=True)
+    t = upload(torch.tensor(flat, dtype=torch.long), device)
     out, at = [], 0
     for shape in shapes:
         n = shape[0] * (shape[1] if len(shape) > 1 else 1)

@@ -15,7 +15,7 @@ import torch
 
 from ..reduce.match import match_rows
 from ..reduce.scoring import mean_received_attention, query_row_attention
-from .layout import to_device
+from .layout import cached, to_device
 from .tokens import Tokens
 
 
@@ -140,8 +140,11 @@ def tower_map(state, tok: Tokens, emb: torch.Tensor, layout) -> TowerMap:
     bsz, n = tok.code.shape
     fixed = state.adapter.visual_tokens_per_image(state.model_config)
     if fixed and all(c == fixed for c in layout.counts) and sum(layout.counts) == n_rows:
-        flat = [b * n + s for b, row in enumerate(layout.code) for s, c in enumerate(row) if c >= 0]
-        slots, rows = to_device(emb.device, flat, list(range(n_rows)))
+        def build():  # once per prompt structure, as the runtime's plans
+            flat = [b * n + s for b, row in enumerate(layout.code) for s, c in enumerate(row) if c >= 0]
+            return to_device(emb.device, flat, list(range(n_rows)))
+
+        slots, rows = cached(("tower rows", layout.key, n_rows, emb.device), build)
         return TowerMap(calls, (bsz, n), slots, rows, None)
     y = torch.cat([c.projected.reshape(-1, d).to(emb.device) for c in calls])  # (K, d)
     vis = tok.is_vis.to(emb.device)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..reduce.host import upload
 from .base import Method, MethodOptions, single_layer
 
 
@@ -28,7 +29,7 @@ def random_scores(seed: int, ids: list[list[int]], vis_slots: list[list[int]], w
         slots = vis_slots[b]
         if slots:
             out[b, slots] = torch.rand(len(slots), generator=g)
-    return out.to(device)
+    return upload(out, device)  # the host does not wait for the device's queue
 
 
 def score(ctx) -> torch.Tensor:

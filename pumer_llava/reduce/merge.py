@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .host import upload
+
 
 @dataclass
 class MergeResult:
@@ -120,7 +122,7 @@ def match_pairs(metric: torch.Tensor, counts: list[int], r: list[int], invalid: 
     if min(r, default=0) == r_max:
         drop[:, 0::2].scatter_(1, src_a, True)
     else:  # rows with fewer merges: their padding pairs scatter into a trash column
-        gone = torch.tensor([[j >= x for j in range(r_max)] for x in r], dtype=torch.bool).to(dev, non_blocking=True)
+        gone = upload(torch.tensor([[j >= x for j in range(r_max)] for x in r], dtype=torch.bool), dev)
         wide = torch.zeros(bsz, n // 2 + n % 2 + 1, dtype=torch.bool, device=dev)
         wide.scatter_(1, src_a.masked_fill(gone, wide.shape[1] - 1), True)
         drop[:, 0::2] = wide[:, :-1]
