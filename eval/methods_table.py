@@ -46,7 +46,8 @@ def build(default: dict, layer0: dict, speed: dict | None) -> dict:
         sp = summary.get(name, {})
         row["speed"] = {round(float(f) * visual): {"prefill_speedup": sp[f]["prefill_speedup"],
                                                    "flops_speedup": sp[f]["flops_speedup"],
-                                                   "kv_ratio": sp[f]["kv_ratio"]}
+                                                   "kv_ratio": sp[f]["kv_ratio"],
+                                                   "prefill_ops_ratio": sp[f].get("prefill_ops_ratio")}
                         for f in sp if float(f) < 1.0}
         rows.append(row)
     return {"budgets": budgets, "unreduced": acc_d["unreduced"][max(acc_d["unreduced"])]["accuracy"],
@@ -62,7 +63,7 @@ def to_markdown(t: dict) -> str:
     sb = t["speed_budgets"]
     head = (["method", "layers"] + [f"acc {k}/64" for k in b] + [f"acc {k}/64, layer 0" for k in b]
             + [f"FLOPs {b[-1]}/64"] + [f"prefill x {k}/{t['visual_tokens']}" for k in sb]
-            + ([f"KV {sb[-1]}/{t['visual_tokens']}"] if sb else []))
+            + ([f"KV {sb[-1]}/{t['visual_tokens']}", f"prefill ops {sb[-1]}/{t['visual_tokens']}"] if sb else []))
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     order = sorted(t["rows"], key=lambda r: (r["control"], -(r["default"].get(b[-1]) or 0)))
     for r in order:
@@ -72,13 +73,15 @@ def to_markdown(t: dict) -> str:
         cells += [f"{r['flops_ratio'].get(b[-1], float('nan')):.2f}"]
         cells += [f"{r['speed'][k]['prefill_speedup']:.2f}" if k in r["speed"] else "-" for k in sb]
         if sb:
-            cells += [f"{r['speed'][sb[-1]]['kv_ratio']:.2f}" if sb[-1] in r["speed"] else "-"]
+            last = r["speed"].get(sb[-1], {})
+            cells += [f"{last['kv_ratio']:.2f}" if last else "-"]
+            cells += [f"{last['prefill_ops_ratio']:.2f}" if last.get("prefill_ops_ratio") is not None else "-"]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines.append(f"Unreduced proxy accuracy {_pct(t['unreduced'])}%. Accuracy on the proxy LLaVA's test split "
                  "(64 visual tokens); \"layer 0\": every in-LLM method at layer 0, or at layer 1 where it scores the "
-                 "layer before (fastv, dart, sparsevlm); before-LLM methods are the same in both. Prefill speed-up "
-                 "and KV cache (reduced / unreduced) on the CPU scaled preset.")
+                 "layer before (fastv, dart, sparsevlm); before-LLM methods are the same in both. Prefill speed-up, "
+                 "KV cache and prefill operators dispatched (reduced / unreduced) on the CPU scaled preset.")
     return "\n".join(lines) + "\n"
 
 
