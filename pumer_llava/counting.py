@@ -66,12 +66,12 @@ def _copy_sync(func, args, kwargs) -> bool:
             return False
         dst_dev = dst.device
         blocking = not (args[2] if len(args) > 2 else kwargs.get("non_blocking", False))
-    src_dev = src.device
-    if torch.device(dst_dev).type == src_dev.type:
+    src_type, dst_type = src.device.type, torch.device(dst_dev).type
+    if dst_type == src_type:
         return False
-    if torch.device(dst_dev).type == "cpu":
+    if dst_type == "cpu":
         return True
-    return src_dev.type == "cpu" and (blocking or not src.is_pinned())
+    return src_type == "cpu" and (blocking or not src.is_pinned())
 
 
 def _is_sync(func, args, kwargs) -> bool:

@@ -13,7 +13,8 @@ import torch
 
 def upload(t: torch.Tensor, device) -> torch.Tensor:
     """``t`` (on the host) on ``device``: pinned and non-blocking to a CUDA device (torch's
-    pinned-memory cache keeps the buffer until the copy has run), as is elsewhere."""
+    pinned-memory cache keeps the buffer until the copy has run), non-blocking to any other
+    device, ``t`` itself on the CPU."""
     device = torch.device(device)
     if device.type == "cpu":
         return t
